@@ -1,0 +1,247 @@
+"""data2vec 1.0 and 2.0 student/teacher for image, audio and text. Pure PyTorch, no Ray.
+
+    batch ──front end──► local features x (B,T,D)
+      teacher (EMA, eval, no grad): full input ─► encoder ─► top-K layers ─► targets y (B,T,D)
+      student 1.0: x with mask embeddings ─► encoder ─► linear head ─► predictions at masked steps
+      student 2.0: only unmasked tokens of `clone_batch` masked copies ─► encoder ─► noise-filled
+                   full sequence ─► conv decoder ─► predictions at masked steps (one teacher pass)
+    loss = regression(pred, y) over masked, non-padded steps / their count
+
+Masks come in as data (B·C, T) bool, True = masked; `draw_masks` makes them from numpy.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline import masking
+from pipeline.model.config import ModelConfig
+from pipeline.model.ema import ema_decay_at, ema_update
+from pipeline.model.encoder import Encoder
+from pipeline.model.frontends import Decoder, build_frontend, conv_frames, regression_head
+from pipeline.model.objective import check_step, feature_std, make_targets, regression_loss
+from pipeline.tokenizer import MASK_ID
+
+# Sub-modules of each front end that form its *local* encoder (the rest is the context part).
+LOCAL_PARTS = {"image": ("proj",), "audio": ("cnn", "feat_norm", "feat_proj"), "text": ("tokens",)}
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+    target_var: torch.Tensor
+    pred_var: torch.Tensor
+    num_masked: int
+
+
+class Data2Vec(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.frontend = build_frontend(cfg)
+        self.encoder = Encoder(cfg.encoder)
+        D = cfg.encoder.dim
+        if cfg.mode == "d2v1":
+            self.head = regression_head(cfg)
+            if cfg.modality != "text":  # text masks at the token level (<mask> id)
+                self.mask_emb = nn.Parameter(torch.zeros(D).uniform_())
+        else:
+            self.decoder = Decoder(cfg, self.frontend.grid)
+        # ---- teacher: EMA copies of the encoder (+ front-end parts per EMAConfig), always eval.
+        self.teacher_encoder = copy.deepcopy(self.encoder)
+        self.teacher_frontend = None
+        if cfg.ema.ema_local or cfg.ema.ema_context:
+            self.teacher_frontend = copy.deepcopy(self.frontend)
+            if not cfg.ema.ema_local:
+                for name in LOCAL_PARTS[cfg.modality]:
+                    delattr(self.teacher_frontend, name)
+        for p in self.teacher_parameters():
+            p.requires_grad_(False)
+        self._ema_pairs = self._pair_teacher_with_student()
+        self.train()
+
+    # ------------------------------------------------------------------ parameters / EMA
+    def teacher_modules(self) -> list[nn.Module]:
+        return [m for m in (self.teacher_encoder, self.teacher_frontend) if m is not None]
+
+    def teacher_parameters(self):
+        for m in self.teacher_modules():
+            yield from m.parameters()
+
+    def student_parameters(self):
+        teacher = {id(p) for p in self.teacher_parameters()}
+        return [p for p in self.parameters() if id(p) not in teacher]
+
+    def _pair_teacher_with_student(self):
+        pairs = [(t, s) for t, s in zip(self.teacher_encoder.parameters(), self.encoder.parameters())]
+        if self.teacher_frontend is not None:
+            student = dict(self.frontend.named_parameters())
+            pairs += [(t, student[n]) for n, t in self.teacher_frontend.named_parameters()]
+        return pairs
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.teacher_modules():
+            m.eval()  # the teacher never uses dropout
+        return self
+
+    @torch.no_grad()
+    def ema_step(self, step: int) -> float:
+        """Move the teacher towards the student with the decay scheduled for `step`."""
+        e = self.cfg.ema
+        decay = ema_decay_at(step, e.decay, e.end_decay, e.anneal_end_step)
+        t, s = zip(*self._ema_pairs)
+        ema_update(list(t), list(s), decay)
+        return decay
+
+    # ------------------------------------------------------------------ forward
+    def num_tokens(self, batch: dict) -> int:
+        """Sequence length T the masks must have for this batch."""
+        if self.cfg.modality == "image":
+            h, w = self.frontend.grid
+            return h * w
+        if self.cfg.modality == "audio":
+            return int(conv_frames(batch["audio"].shape[-1]))
+        return batch["input_ids"].shape[1]
+
+    @torch.no_grad()
+    def targets(self, batch: dict, x: torch.Tensor | None, pad) -> torch.Tensor:
+        """Teacher pass on the unmasked input → targets (B, T, D) in fp32.
+
+        `x` is the student's local features of the *unmasked* input when the teacher may reuse
+        them (audio: the teacher is fed the student's CNN features, as in the reference)."""
+        fe_t = self.teacher_frontend
+        if self.cfg.ema.ema_local:
+            x, pad = fe_t.local(batch)
+        elif x is None:
+            x, pad = self.frontend.local(batch)
+        x = x.detach()
+        ctx_fe = fe_t if self.cfg.ema.ema_context else self.frontend
+        h = ctx_fe.context(x, pad)
+        h, hpad = ctx_fe.prepend(h, pad)
+        _, layers = self.teacher_encoder(h, hpad, layers=self.cfg.encoder.layer_output)
+        n = self.frontend.num_extra
+        top = [l[:, n:] for l in layers[-self.cfg.target.top_k:]]
+        t = self.cfg.target
+        return make_targets(top, pad, t.layer_norm, t.final_norm)
+
+    def forward(self, batch: dict, mask: torch.Tensor) -> Output:
+        if self.cfg.mode == "d2v1":
+            return self._forward_v1(batch, mask)
+        return self._forward_v2(batch, mask)
+
+    def _forward_v1(self, batch, mask):
+        cfg = self.cfg
+        if cfg.modality == "text":
+            y = self.targets(batch, None, None)  # teacher sees the original ids
+            x, pad = self.frontend.local({"input_ids": batch["input_ids_masked"]})
+            pad = batch["input_ids"] == self.frontend.PAD
+        else:
+            x, pad = self.frontend.local(batch)
+            y = self.targets(batch, x, pad)
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)  # (B,T,D)
+        h = self.frontend.context(x, pad)
+        h, hpad = self.frontend.prepend(h, pad)
+        h, _ = self.encoder(h, hpad)
+        h = h[:, self.frontend.num_extra:]  # (B, T, D)
+        sel = mask if pad is None else mask & ~pad
+        pred = self.head(h[sel])  # (N, D)
+        return self._loss(pred, y[sel])
+
+    def _forward_v2(self, batch, mask):
+        cfg = self.cfg
+        C = cfg.decoder.clone_batch
+        x, pad = self.frontend.local(batch)  # (B, T, D)
+        y = self.targets(batch, x, pad)  # (B, T, D): one teacher pass for C masks
+        B, T, D = x.shape
+        assert mask.shape == (B * C, T), f"mask {tuple(mask.shape)} != ({B}*{C}, {T})"
+        h = self.frontend.context(x, pad).repeat_interleave(C, 0)  # (B·C, T, D)
+        y = y.repeat_interleave(C, 0)
+        pad = None if pad is None else pad.repeat_interleave(C, 0)
+        # Keep the unmasked tokens in their original order: a stable sort puts False first.
+        n_keep = int((~mask[0]).sum())
+        ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :n_keep]  # (B·C, K)
+        vis = torch.gather(h, 1, ids_keep[..., None].expand(-1, -1, D))  # (B·C, K, D)
+        vis_pad = None if pad is None else torch.gather(pad, 1, ids_keep)
+        vis, vis_pad = self.frontend.prepend(vis, vis_pad)
+        enc, _ = self.encoder(vis, vis_pad)  # (B·C, n_extra + K, D)
+        n = self.frontend.num_extra
+        cls_out, enc = enc[:, :n], enc[:, n:]
+        # Decoder input: noise at masked steps, encoder outputs back at their positions.
+        full = torch.randn(B * C, T, D, device=enc.device, dtype=enc.dtype) * cfg.decoder.mask_noise_std
+        full = full.scatter(1, ids_keep[..., None].expand(-1, -1, D), enc)
+        pred = self.decoder(full)  # (B·C, T, D)
+        sel = mask if pad is None else mask & ~pad
+        out = self._loss(pred[sel], y[sel])
+        if n and cfg.decoder.cls_loss > 0:  # image 2.0: CLS regresses the mean target
+            cls_target = y.mean(1)  # (B·C, D)
+            out.loss = out.loss + cfg.decoder.cls_loss * regression_loss(
+                cls_out[:, 0], cls_target, cfg.loss.beta, cfg.loss.scale)
+        return out
+
+    def _loss(self, pred, target) -> Output:
+        loss = regression_loss(pred, target, self.cfg.loss.beta, self.cfg.loss.scale)
+        return Output(loss=loss, target_var=feature_std(target), pred_var=feature_std(pred),
+                      num_masked=int(pred.shape[0]))
+
+    def check(self, out: Output, step: int) -> None:
+        """Collapse guard and finite-loss check (raises RepresentationCollapse / NonFiniteLoss)."""
+        c = self.cfg.collapse
+        check_step(out.loss, float(out.target_var), float(out.pred_var), step,
+                   c.min_target_var, c.min_pred_var, c.warmup_steps)
+
+    # ------------------------------------------------------------------ encoder for probes/export
+    @torch.no_grad()
+    def extract(self, batch: dict, layers: tuple[int, ...] = (-1,), teacher: bool = False) -> torch.Tensor:
+        """Mean-pooled (over real steps) features (B, D), averaged over the chosen layers' block
+        outputs; -1 is the encoder's final output."""
+        fe = self.frontend
+        x, pad = fe.local(batch)
+        h = fe.context(x, pad)
+        h, hpad = fe.prepend(h, pad)
+        enc = self.teacher_encoder if teacher else self.encoder
+        final, outs = enc(h, hpad, layers="block")
+        feats = [final if i == -1 else outs[i] for i in layers]
+        f = torch.stack(feats).mean(0)[:, fe.num_extra:]  # (B, T, D)
+        if pad is None:
+            return f.mean(1)
+        w = (~pad).to(f.dtype)[..., None]
+        return (f * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def draw_masks(cfg: ModelConfig, batch_size: int, T: int, rng: np.random.Generator,
+               lengths: np.ndarray | None = None, input_ids: np.ndarray | None = None) -> dict:
+    """Masks for one batch, as numpy (usable in a Ray Data map task or a collate function).
+
+    Returns {"mask": (B or B·clone_batch, T) bool} and, for text 1.0, {"input_ids_masked"}.
+    `lengths`: valid steps per sample (audio frames / text tokens); None = all T valid.
+    """
+    m = cfg.mask
+    lengths = np.full(batch_size, T) if lengths is None else np.asarray(lengths)
+    if cfg.mode == "d2v2":
+        n = batch_size * cfg.decoder.clone_batch
+        if cfg.modality == "image":
+            h = w = int(round(T ** 0.5))
+            mask = masking.inverse_block_mask(n, (h, w), m.prob, rng, block=m.length, adjust=m.adjust)
+        elif cfg.modality == "audio":
+            mask = masking.inverse_block_mask(n, (T,), m.prob, rng, block=m.length, adjust=m.adjust,
+                                              inverse=False)
+        else:
+            mask = masking.random_mask(n, T, m.prob, rng)
+        return {"mask": mask}
+    if cfg.modality == "image":
+        h = w = int(round(T ** 0.5))
+        return {"mask": masking.beit_block_mask(batch_size, h, w, int(round(m.prob * T)), rng,
+                                                min_block=m.min_block)}
+    if cfg.modality == "audio":
+        return {"mask": masking.span_mask(lengths, T, m.prob, m.length, rng)}
+    mask = masking.token_mask(lengths, T, m.prob, rng, span=m.length)
+    if m.bert_corrupt:
+        corrupted = masking.corrupt_tokens(input_ids, mask, rng, MASK_ID, cfg.frontend.vocab_size)
+    else:
+        corrupted = np.where(mask, MASK_ID, input_ids)
+    return {"mask": mask, "input_ids_masked": corrupted}

@@ -1,0 +1,234 @@
+"""Modality front ends: one small interface, one implementation per modality. No Ray.
+
+Every front end has two parts, so the teacher can own or share each (see EMAConfig):
+    local(inputs)            raw batch → features (B, T, D) and padding (B, T) bool (or None)
+    context(x, pad)          features → features with positions (B, T, D)
+plus `num_extra` leading tokens (an image CLS) added by `prepend`, and `grid` for 2-D decoders.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.model.config import ModelConfig
+
+# wav2vec2 feature encoder: (channels, kernel, stride) → 16 kHz in, 50 Hz (stride 320) out.
+CONV_LAYERS = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
+
+
+def conv_frames(num_samples: torch.Tensor | int):
+    """Frames the CNN yields for `num_samples` waveform samples (e.g. 16000 → 49)."""
+    n = num_samples
+    for k, s in CONV_LAYERS:
+        n = (n - k) // s + 1
+    return n
+
+
+class FrontEnd(nn.Module):
+    num_extra: int = 0
+    grid: tuple[int, int] | None = None
+
+    def local(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def context(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepend(self, x: torch.Tensor, pad: torch.Tensor | None):
+        return x, pad
+
+
+# ----------------------------------------------------------------------------- image
+def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine positions: (h*w, dim)."""
+    gy, gx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def emb(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return torch.from_numpy(np.concatenate([emb(gy), emb(gx)], axis=1)).float()
+
+
+class ImageFrontEnd(FrontEnd):
+    """16×16 (configurable) patch embedding, fixed 2-D sin-cos positions, optional CLS token.
+
+    Input batch["image"]: (B, 3, H, W) float, normalized."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        f, D = cfg.frontend, cfg.encoder.dim
+        self.patch = f.patch_size
+        self.grid = (f.image_size // f.patch_size, f.image_size // f.patch_size)
+        self.proj = nn.Conv2d(3, D, kernel_size=f.patch_size, stride=f.patch_size)
+        self.register_buffer("pos", sincos_2d(D, *self.grid)[None], persistent=False)  # (1, N, D)
+        self.num_extra = 1 if f.cls_token else 0
+        if f.cls_token:
+            self.cls = nn.Parameter(torch.zeros(1, 1, D))
+            nn.init.trunc_normal_(self.cls, std=0.02)
+
+    def local(self, batch):
+        x = self.proj(batch["image"])  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2), None  # (B, N, D)
+
+    def context(self, x, pad):
+        return x + self.pos
+
+    def prepend(self, x, pad):
+        if not self.num_extra:
+            return x, pad
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1), pad
+
+
+# ----------------------------------------------------------------------------- audio
+class _ChannelNorm(nn.Module):
+    """LayerNorm over channels of a (B, C, T) tensor (wav2vec2 `extractor_mode: layer_norm`)."""
+
+    def __init__(self, c: int, affine: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, elementwise_affine=affine)
+
+    def forward(self, x):
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class AudioFrontEnd(FrontEnd):
+    """wav2vec2 CNN (layer-norm variant) → LayerNorm → Linear to D; convolutional positions.
+
+    Input batch["audio"]: (B, L) float 16 kHz, per-clip normalized; batch["lengths"]: (B,) samples.
+    Deviation: data2vec 2.0 audio adds learned-scale ALiBi attention biases; we keep only the
+    convolutional positions (same as data2vec 1.0), which keeps the encoder one code path and
+    exportable to Hugging Face's Data2VecAudio.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        f, D = cfg.frontend, cfg.encoder.dim
+        C = f.conv_channels
+        layers, cin = [], 1
+        for k, s in CONV_LAYERS:
+            layers += [nn.Conv1d(cin, C, k, stride=s, bias=False), _ChannelNorm(C), nn.GELU()]
+            cin = C
+        self.cnn = nn.Sequential(*layers)
+        self.feat_norm = nn.LayerNorm(C)
+        self.feat_proj = nn.Linear(C, D)
+        k = max(3, f.conv_pos_width // f.conv_pos_depth)
+        self.pos_k = k
+        pos = []
+        for _ in range(f.conv_pos_depth):
+            pos += [nn.Conv1d(D, D, k, padding=k // 2, groups=f.conv_pos_groups), _Trim(k),
+                    _ChannelNorm(D, affine=False), nn.GELU()]
+        self.pos_conv = nn.Sequential(*pos)
+
+    def local(self, batch):
+        wav, lengths = batch["audio"], batch.get("lengths")
+        x = self.cnn(wav[:, None, :])  # (B, C, T)
+        x = self.feat_proj(self.feat_norm(x.transpose(1, 2)))  # (B, T, D)
+        pad = None
+        if lengths is not None:
+            n = conv_frames(lengths.long())  # (B,) valid frames
+            pad = torch.arange(x.shape[1], device=x.device)[None, :] >= n[:, None]
+            if not pad.any():
+                pad = None
+        return x, pad
+
+    def context(self, x, pad):
+        if pad is not None:
+            x = x.masked_fill(pad[..., None], 0.0)  # padded frames must not leak through the conv
+        return x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _Trim(nn.Module):
+    """Even conv kernels with padding k//2 yield one extra step (fairseq SamePad)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.extra = 1 if k % 2 == 0 else 0
+
+    def forward(self, x):
+        return x[..., : x.shape[-1] - self.extra] if self.extra else x
+
+
+# ----------------------------------------------------------------------------- text
+class TextFrontEnd(FrontEnd):
+    """RoBERTa-style token + learned position embeddings, then LayerNorm (pad id 1).
+
+    Input batch["input_ids"]: (B, T) long, padded with <pad>=1."""
+
+    PAD = 1
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        f, D = cfg.frontend, cfg.encoder.dim
+        self.tokens = nn.Embedding(f.vocab_size, D, padding_idx=self.PAD)
+        self.positions = nn.Embedding(f.max_positions, D)
+        self.norm = nn.LayerNorm(D)
+        self.drop = nn.Dropout(cfg.encoder.dropout)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        with torch.no_grad():
+            self.tokens.weight[self.PAD].zero_()
+
+    def local(self, batch):
+        ids = batch["input_ids"]
+        pad = ids == self.PAD
+        return self.tokens(ids), (pad if pad.any() else None)
+
+    def context(self, x, pad):
+        T = x.shape[1]
+        return self.drop(self.norm(x + self.positions.weight[:T][None]))
+
+
+def build_frontend(cfg: ModelConfig) -> FrontEnd:
+    return {"image": ImageFrontEnd, "audio": AudioFrontEnd, "text": TextFrontEnd}[cfg.modality](cfg)
+
+
+# ----------------------------------------------------------------------------- 2.0 decoders
+class Decoder(nn.Module):
+    """data2vec 2.0 conv decoder: [Conv → LayerNorm(no affine) → GELU] × L with residuals,
+    then a projection to D. 1-D over time, or 2-D over the patch grid when `grid` is given."""
+
+    def __init__(self, cfg: ModelConfig, grid: tuple[int, int] | None):
+        super().__init__()
+        d, D = cfg.decoder, cfg.encoder.dim
+        self.grid, self.residual = grid, d.residual
+        Conv = nn.Conv2d if grid else nn.Conv1d
+        self.blocks = nn.ModuleList()
+        cin = D
+        for _ in range(d.layers):
+            self.blocks.append(nn.ModuleDict({
+                "conv": Conv(cin, d.dim, d.kernel, padding=d.kernel // 2, groups=d.groups),
+                "norm": nn.LayerNorm(d.dim, elementwise_affine=False)}))
+            cin = d.dim
+        if d.projection_layers == 1:
+            self.proj = nn.Linear(d.dim, D)
+        else:
+            self.proj = nn.Sequential(nn.Linear(d.dim, d.dim * 2), nn.GELU(), nn.Linear(d.dim * 2, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) → (B, T, D); for images T = h*w in row-major grid order."""
+        B, T, D = x.shape
+        y = x.transpose(1, 2)  # (B, D, T)
+        if self.grid:
+            y = y.reshape(B, D, *self.grid)  # (B, D, h, w)
+        residual = y
+        for blk in self.blocks:
+            y = blk["conv"](y)
+            y = F.gelu(blk["norm"](y.movedim(1, -1)).movedim(-1, 1))
+            if self.residual and residual.shape == y.shape:
+                y = y + residual
+            residual = y
+        y = y.flatten(2).transpose(1, 2)  # (B, T, dec_dim)
+        return self.proj(y)
+
+
+def regression_head(cfg: ModelConfig) -> nn.Module:
+    """data2vec 1.0 head: Linear(D, D) (speech/vision), or 2 layers D→2D→D (text)."""
+    D = cfg.encoder.dim
+    if cfg.head_layers == 1:
+        return nn.Linear(D, D)
+    return nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+

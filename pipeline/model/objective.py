@@ -1,0 +1,78 @@
+"""Targets, masked regression loss and the collapse guard. No Ray."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class RepresentationCollapse(RuntimeError):
+    """Target or prediction variance fell below its floor after the warm-up."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss is NaN or infinite."""
+
+
+def instance_norm(x: torch.Tensor, pad: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """Normalize each channel over time, using only real (non-padded) steps. x: (B, T, D)."""
+    if pad is None:
+        mean = x.mean(1, keepdim=True)
+        var = x.var(1, unbiased=False, keepdim=True)
+    else:
+        w = (~pad).to(x.dtype)[..., None]  # (B, T, 1)
+        n = w.sum(1, keepdim=True).clamp(min=1)
+        mean = (x * w).sum(1, keepdim=True) / n
+        var = ((x - mean) ** 2 * w).sum(1, keepdim=True) / n
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def _norm(x, kind, pad):
+    if kind == "instance":
+        return instance_norm(x, pad)
+    if kind == "layer":
+        return F.layer_norm(x, x.shape[-1:])
+    return x
+
+
+def make_targets(layers: list[torch.Tensor], pad: torch.Tensor | None, layer_norm: str,
+                 final_norm: str) -> torch.Tensor:
+    """Average of the given teacher layers (B, T, D) each normalized, then optionally normalized."""
+    y = sum(_norm(l.float(), layer_norm, pad) for l in layers) / len(layers)
+    return _norm(y, final_norm, pad)
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, beta: float,
+                    scale: float | None) -> torch.Tensor:
+    """(N, D) predictions vs targets at masked steps → summed over D, scaled (default 1/√D),
+    averaged over the N masked steps."""
+    pred = pred.float()
+    if beta == 0:
+        per = F.mse_loss(pred, target, reduction="none")
+    else:
+        per = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
+    scale = 1.0 / math.sqrt(pred.shape[-1]) if scale is None else scale
+    return per.sum(-1).sum() * scale / max(pred.shape[0], 1)
+
+
+def feature_std(x: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the std across tokens (fairseq compute_var). x: (N, D)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if x.shape[0] < 2:
+        return torch.zeros((), device=x.device)
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()
+
+
+def check_step(loss: torch.Tensor, target_var: float, pred_var: float, step: int,
+               min_target_var: float, min_pred_var: float, warmup_steps: int) -> None:
+    """Raise a named error instead of training on garbage."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+    if step >= warmup_steps:
+        if target_var < min_target_var:
+            raise RepresentationCollapse(
+                f"target variance {target_var:.4g} < min_target_var={min_target_var} at step {step}")
+        if pred_var < min_pred_var:
+            raise RepresentationCollapse(
+                f"prediction variance {pred_var:.4g} < min_pred_var={min_pred_var} at step {step}")
