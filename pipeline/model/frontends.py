@@ -117,11 +117,10 @@ class AudioFrontEnd(FrontEnd):
         self.feat_proj = nn.Linear(C, D)
         k = max(3, f.conv_pos_width // f.conv_pos_depth)
         self.pos_k = k
-        pos = []
-        for _ in range(f.conv_pos_depth):
-            pos += [nn.Conv1d(D, D, k, padding=k // 2, groups=f.conv_pos_groups), _Trim(k),
-                    _ChannelNorm(D, affine=False), nn.GELU()]
-        self.pos_conv = nn.Sequential(*pos)
+        self.pos_conv = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(D, D, k, padding=k // 2, groups=f.conv_pos_groups), _Trim(k),
+                          _ChannelNorm(D, affine=False), nn.GELU())
+            for _ in range(f.conv_pos_depth))
 
     def local(self, batch):
         wav, lengths = batch["audio"], batch.get("lengths")
@@ -136,9 +135,13 @@ class AudioFrontEnd(FrontEnd):
         return x, pad
 
     def context(self, x, pad):
-        if pad is not None:
-            x = x.masked_fill(pad[..., None], 0.0)  # padded frames must not leak through the conv
-        return x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        keep = None if pad is None else (~pad)[:, None, :].to(x.dtype)  # (B, 1, T)
+        y = x.transpose(1, 2)  # (B, D, T)
+        for layer in self.pos_conv:
+            if keep is not None:
+                y = y * keep  # padded frames must not leak into real ones through the convs
+            y = layer(y)
+        return x + y.transpose(1, 2)
 
 
 class _Trim(nn.Module):
