@@ -7,7 +7,10 @@ import ray
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start a fresh local one."""
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start a fresh local one.
+
+    Train and Tune jobs want `dashboard=True`: Ray Train's placement-group cleanup queries the
+    State API, which the dashboard serves (see ../shared/docs/ray-notes.md §6)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

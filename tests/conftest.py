@@ -14,6 +14,30 @@ def ray_local():
     """One real local Ray cluster for the session (4 logical CPUs on 2 cores is fine for tests)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="warning")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_raw(tmp_path_factory):
+    """Real demo files (a subset: 600 MNIST digits, one clip per voice and digit, all fortunes)."""
+    from jobs.prepare_demo import main
+    out = str(tmp_path_factory.mktemp("demo_raw"))
+    assert main(["--output", out, "--image-limit", "600", "--audio-repeats", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(ray_local, demo_raw, tmp_path_factory):
+    """Each modality's demo data preprocessed by the real pipeline: {modality: dir}."""
+    from pipeline.config import AudioSettings, ImageSettings, PreprocessConfig, TextSettings
+    from pipeline.ingest import run
+    root = tmp_path_factory.mktemp("demo_shards")
+    out = {}
+    for mod, sub, extra in [("image", "train", dict(image=ImageSettings(size=28))),
+                            ("audio", "train", dict(audio=AudioSettings(crop_seconds=2.0))),
+                            ("text", "pretrain", dict(text=TextSettings(max_length=64, vocab_size=2000)))]:
+        out[mod] = str(root / mod)
+        run(PreprocessConfig(modality=mod, input=os.path.join(demo_raw, mod, sub), output=out[mod], **extra))
+    return out

@@ -227,11 +227,12 @@ def preset(modality: str, size: str = "base", mode: str = "d2v2", **frontend) ->
     demo = size == "demo"
     enc = EncoderConfig(dim=dim, depth=depth, heads=heads, dropout=0.0 if demo else 0.1,
                         attn_dropout=0.0 if demo else 0.1)
-    fe = FrontEndConfig(**frontend)
+    demo_frontend = {"image": dict(image_size=28, patch_size=4),
+                     "audio": dict(conv_channels=128, conv_pos_width=38, conv_pos_depth=2),
+                     "text": dict(max_positions=128)}
+    fe = FrontEndConfig(**{**(demo_frontend.get(modality, {}) if demo else {}), **frontend})
     ema_steps = 2000 if demo else None
     if modality == "image":
-        if demo:
-            fe = replace(fe, image_size=frontend.get("image_size", 28), patch_size=frontend.get("patch_size", 4))
         if mode == "d2v1":  # BEiT fork: pre-LN, block outputs, LN each + LN final, smooth L1 β=2
             return ModelConfig(
                 modality="image", mode=mode, frontend=fe,
@@ -253,9 +254,6 @@ def preset(modality: str, size: str = "base", mode: str = "d2v2", **frontend) ->
                                   layers=3 if demo or size == "large" else 6, groups=16,
                                   clone_batch=8 if demo else 16, cls_loss=0.01))
     if modality == "audio":
-        if demo:
-            fe = replace(fe, conv_channels=frontend.get("conv_channels", 128),
-                         conv_pos_width=frontend.get("conv_pos_width", 19 * 2), conv_pos_depth=2)
         if mode == "d2v1":
             return ModelConfig(
                 modality="audio", mode=mode, frontend=fe, encoder=enc,
@@ -271,8 +269,6 @@ def preset(modality: str, size: str = "base", mode: str = "d2v2", **frontend) ->
             decoder=DecoderConfig(dim=128 if demo else (384 if size == "base" else 768), kernel=7,
                                   layers=3 if demo else 4, groups=16, clone_batch=8 if size != "large" else 12))
     if modality == "text":
-        if demo:
-            fe = replace(fe, max_positions=frontend.get("max_positions", 128))
         if mode == "d2v1":
             return ModelConfig(
                 modality="text", mode=mode, frontend=fe, encoder=enc,

@@ -1,0 +1,88 @@
+"""data2vec pretraining on Ray Train (resumable: re-run the same command to continue).
+
+    python -m jobs.pretrain --modality {image,audio,text} --data PREPROCESSED_DIR --output RUN_DIR \\
+        [--preset {demo,base,large}] [--config FILE.yaml] [--set key=value ...] [--max-steps N] \\
+        [--stop-at-step K] [--num-workers W] [--use-gpu] [--tracking-uri URI] [--experiment NAME]
+
+Examples of --set: train.lr=5e-4 model.mode=d2v1 model.mask.prob=0.7 model.ema.decay=0.9995
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from pipeline.config import ConfigError
+
+
+def build_config(argv=None):
+    from pipeline.train.config import parse_sets, resolve
+    from pipeline.train.launch import frontend_from_manifest, read_manifest
+
+    p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modality", required=True, help="image, audio or text")
+    p.add_argument("--data", required=True, help="output folder of jobs.preprocess (shards/ + manifest.json)")
+    p.add_argument("--output", required=True, help="run folder: checkpoints, final/ model, mlflow.db")
+    p.add_argument("--preset", default="demo", help="demo (minutes on a laptop), base or large (the paper's)")
+    p.add_argument("--config", default=None, help="YAML file with `model:` and `train:` sections")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. train.lr=5e-4 (repeatable)")
+    p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps of the run")
+    p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint at this step and exit")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL + bf16 autocast")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///RUN_DIR/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: data2vec)")
+    a = p.parse_args(argv)
+    sets = parse_sets(a.sets)
+    for flag, key in (("max_steps", "train.max_steps"), ("stop_at_step", "train.stop_at_step"),
+                      ("num_workers", "train.num_workers"), ("seed", "train.seed")):
+        if getattr(a, flag) is not None:
+            sets[key] = getattr(a, flag)
+    if a.use_gpu:
+        sets["train.use_gpu"] = True
+    manifest = read_manifest(a.data, a.modality)
+    return resolve(a.modality, a.data, a.output, a.preset, a.config, sets,
+                   model_frontend=frontend_from_manifest(manifest),
+                   tracking_uri=a.tracking_uri, experiment=a.experiment)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = build_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.raycluster import init_ray
+    from pipeline.train.launch import local_cluster_cpus, run_pretraining
+    from pipeline.train.tracking import default_tracking_uri
+
+    fault = None
+    if os.environ.get("D2V_FAIL_AT_STEP"):  # test-only fault injection: one worker dies once
+        fault = {"step": int(os.environ["D2V_FAIL_AT_STEP"]),
+                 "marker": os.path.join(os.path.abspath(cfg.output), ".fault_injected")}
+    init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
+    t0 = time.time()
+    result = run_pretraining(cfg, fault)
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    m = result.metrics or {}
+    uri = cfg.tracking_uri or default_tracking_uri(cfg.output)
+    summary = {"modality": cfg.modality, "mode": cfg.model.mode, "step": m.get("step"),
+               "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
+               "data_wait_fraction": m.get("data_wait_fraction"), "wall_s": round(time.time() - t0, 1),
+               "final": os.path.join(cfg.output, "final") if m.get("step") == cfg.train.max_steps else None,
+               "tracking_uri": uri}
+    print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}; MLflow UI: "
+          f"mlflow ui --backend-store-uri {uri}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

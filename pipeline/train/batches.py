@@ -1,0 +1,78 @@
+"""Numpy batches from Ray Data → model-ready torch tensors + masks. No Ray imports.
+
+Masks are drawn here, in the data path, from an rng seeded by (seed, rank, step, micro-step), so
+a resumed run draws exactly the masks the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.data2vec import draw_masks
+from pipeline.model.frontends import conv_frames
+from pipeline.tokenizer import PAD_ID
+
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet statistics
+IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32)
+COLUMNS = {"image": ["image"], "audio": ["audio"], "text": ["input_ids"]}
+
+
+def image_tensor(column, size: int) -> torch.Tensor:
+    """Sequence of raw HWC uint8 bytes → (B, 3, size, size) float, ImageNet-normalized."""
+    x = np.stack([np.frombuffer(b, np.uint8) for b in column]).reshape(-1, size, size, 3)
+    x = (x.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def audio_tensor(column, max_samples: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length clips → every clip randomly cropped to the batch's shortest (≤ max_samples),
+    then normalized to zero mean / unit variance (fairseq `normalize: true`). Returns (B, L), lengths."""
+    L = min(min(len(a) for a in column), max_samples)
+    out = np.empty((len(column), L), np.float32)
+    for i, a in enumerate(column):
+        a = np.asarray(a, np.float32)
+        off = int(rng.integers(0, len(a) - L + 1))
+        c = a[off: off + L]
+        out[i] = (c - c.mean()) / np.sqrt(c.var() + 1e-5)
+    return torch.from_numpy(out), torch.full((len(column),), L, dtype=torch.long)
+
+
+def text_tensor(column, max_tokens: int) -> torch.Tensor:
+    """Variable-length id rows → (B, T) padded with <pad>; rows longer than max_tokens are cut
+    (keeping </s> last)."""
+    rows = [np.asarray(r, np.int64) for r in column]
+    rows = [r if len(r) <= max_tokens else np.concatenate([r[: max_tokens - 1], r[-1:]]) for r in rows]
+    T = max(len(r) for r in rows)
+    out = np.full((len(rows), T), PAD_ID, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
+def collate(batch: dict, cfg: ModelConfig, rng: np.random.Generator, audio_max_samples: int,
+            text_max_tokens: int) -> tuple[dict, torch.Tensor]:
+    """One numpy batch → (model inputs, mask (B or B·clone_batch, T) bool)."""
+    m = cfg.modality
+    if m == "image":
+        inputs = {"image": image_tensor(batch["image"], cfg.frontend.image_size)}
+        B, T, lengths, ids = inputs["image"].shape[0], (cfg.frontend.image_size // cfg.frontend.patch_size) ** 2, None, None
+    elif m == "audio":
+        wav, lengths = audio_tensor(batch["audio"], audio_max_samples, rng)
+        inputs = {"audio": wav, "lengths": lengths}
+        B, T = wav.shape[0], int(conv_frames(wav.shape[1]))
+        lengths, ids = None, None
+    else:
+        ids_t = text_tensor(batch["input_ids"], min(text_max_tokens, cfg.frontend.max_positions))
+        inputs = {"input_ids": ids_t}
+        B, T = ids_t.shape
+        ids = ids_t.numpy()
+        lengths = (ids != PAD_ID).sum(1)
+    masks = draw_masks(cfg, B, T, rng, lengths=lengths, input_ids=ids)
+    if "input_ids_masked" in masks:
+        inputs["input_ids_masked"] = torch.from_numpy(masks["input_ids_masked"])
+    return inputs, torch.from_numpy(masks["mask"])
+
+
+def step_rng(seed: int, rank: int, step: int, micro: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, rank, step, micro])

@@ -1,0 +1,215 @@
+"""The pretraining run's resolved config: preset → YAML file → `--set key=value` overrides.
+
+    cfg = resolve(modality="image", preset="demo", data=..., output=..., overrides={...})
+
+Everything is validated before Ray starts; a bad value raises ConfigError naming the field
+("train.lr: must be > 0"). `to_dict()` is what workers receive and what MLflow logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.model.config import ModelConfig, preset
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; users mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"train.{name}: {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = 400_000
+    """Total optimizer steps of the run; the LR and EMA schedules depend on it."""
+    stop_at_step: int | None = None
+    """Checkpoint at this step and exit cleanly (a later run with the same output resumes)."""
+    batch_size: int = 16
+    """Samples per worker per micro-batch."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_scale: float = 0.01
+    """Cosine decays to lr × min_lr_scale."""
+    warmup_steps: int = 1000
+    schedule: str = "cosine"
+    """"cosine" (warm-up + cosine) or "tri_stage" (warm-up, hold, exponential decay: 3%/90%/7%)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 4.0
+    """Gradient clipping max norm (0 = off)."""
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+    """Worker crashes tolerated; each restarts from the last checkpoint."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer (0 = no shuffle)."""
+    audio_max_samples: int = 250_000
+    """Audio crops longer than this (16 kHz samples) are randomly cropped."""
+    text_max_tokens: int = 512
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.stop_at_step is None or 1 <= self.stop_at_step <= self.max_steps, "stop_at_step",
+               f"must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_scale <= 1, "min_lr_scale", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.schedule in ("cosine", "tri_stage"), "schedule",
+               f"must be 'cosine' or 'tri_stage', got {self.schedule!r}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        _check(self.weight_decay >= 0 and self.clip_norm >= 0, "clip_norm", "must be >= 0")
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+        _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        _check(self.audio_max_samples >= 4000, "audio_max_samples", "must be >= 4000 (0.25 s)")
+        _check(self.text_max_tokens >= 8, "text_max_tokens", "must be >= 8")
+
+
+# Training defaults per preset size (the model half comes from pipeline.model.config.preset).
+TRAIN_PRESETS = {
+    "demo": dict(max_steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.05,
+                 checkpoint_every=100, log_every=10, audio_max_samples=16_000, text_max_tokens=64,
+                 betas=(0.9, 0.98), clip_norm=4.0),
+    "base": dict(max_steps=400_000, batch_size=16, lr=7.5e-4, warmup_steps=8000, checkpoint_every=2000),
+    "large": dict(max_steps=600_000, batch_size=8, lr=4e-4, warmup_steps=10000, checkpoint_every=2000),
+}
+MODALITY_TRAIN = {  # reference optimization settings per modality (base/large only)
+    "image": dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50_040, clip_norm=4.0),
+    "audio": dict(lr=7.5e-4, betas=(0.9, 0.98), weight_decay=0.01, clip_norm=0.0, audio_max_samples=320_000),
+    "text": dict(lr=2e-4, betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=4000, clip_norm=1.0),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    modality: str
+    data: str
+    output: str
+    preset: str = "demo"
+    tracking_uri: str | None = None
+    experiment: str = "data2vec"
+    model: ModelConfig = None  # type: ignore[assignment]
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"]["betas"] = list(d["train"]["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        t = dict(d.pop("train"))
+        t["betas"] = tuple(t["betas"])
+        return cls(model=ModelConfig.from_dict(d.pop("model")), train=TrainConfig(**t), **d)
+
+
+def _set_path(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for i, k in enumerate(keys[:-1]):
+        if not isinstance(cur.get(k), dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: not a config section (in --set {dotted})")
+        cur = cur[k]
+    if keys[-1] not in cur:
+        raise ConfigError(f"{dotted}: unknown field")
+    cur[keys[-1]] = value
+
+
+def _merge(base: dict, upd: dict, prefix: str = "") -> None:
+    for k, v in upd.items():
+        name = f"{prefix}{k}"
+        if k not in base:
+            raise ConfigError(f"{name}: unknown field")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, name + ".")
+        else:
+            base[k] = v
+
+
+def parse_sets(items: list[str]) -> dict[str, object]:
+    """["train.lr=1e-3", "model.mask.prob=0.7"] → {"train.lr": 0.001, ...} (values parsed as YAML)."""
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"--set {it!r}: expected key=value")
+        k, v = it.split("=", 1)
+        out[k.strip()] = load_yaml(v)
+    return out
+
+
+def resolve(modality: str, data: str, output: str, preset_name: str = "demo", config_file: str | None = None,
+            overrides: dict | None = None, model_frontend: dict | None = None, **top) -> RunConfig:
+    """Build and validate the run config. `model_frontend` carries data-derived settings
+    (vocab size, image size) read from the preprocessed data's manifest."""
+    if modality not in ("image", "audio", "text"):
+        raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
+    if preset_name not in TRAIN_PRESETS:
+        raise ConfigError(f"preset: unknown {preset_name!r}; expected one of {', '.join(TRAIN_PRESETS)}")
+    mode = "d2v2"
+    if overrides and "model.mode" in overrides:
+        mode = overrides["model.mode"]
+    file_cfg = {}
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config: {config_file!r} does not exist")
+        with open(config_file) as f:
+            file_cfg = load_yaml(f.read()) or {}
+        if not isinstance(file_cfg, dict):
+            raise ConfigError(f"config: {config_file!r} must hold a mapping")
+        mode = file_cfg.get("model", {}).get("mode", mode) if "model.mode" not in (overrides or {}) else mode
+    if mode not in ("d2v1", "d2v2"):
+        raise ConfigError(f"model.mode: must be 'd2v1' or 'd2v2', got {mode!r}")
+    model = preset(modality, preset_name, mode, **(model_frontend or {}))
+    train = dict(dataclasses.asdict(TrainConfig()))
+    if preset_name != "demo":
+        train.update(MODALITY_TRAIN[modality])
+    train.update(TRAIN_PRESETS[preset_name])
+    d = {"modality": modality, "data": data, "output": output, "preset": preset_name,
+         "tracking_uri": None, "experiment": "data2vec", "model": model.to_dict(), "train": train}
+    d.update({k: v for k, v in top.items() if v is not None})
+    _merge(d, file_cfg)
+    for k, v in (overrides or {}).items():
+        _set_path(d, k, v)
+    for k in ("modality", "data", "output", "preset"):
+        if d[k] != {"modality": modality, "data": data, "output": output, "preset": preset_name}[k]:
+            raise ConfigError(f"{k}: set it with --{k}, not in the config file")
+    try:
+        return RunConfig.from_dict(d)
+    except TypeError as e:  # wrong type/unknown keyword inside a section
+        raise ConfigError(f"config: {e}") from None
+
+
+def dump(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

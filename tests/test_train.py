@@ -1,0 +1,135 @@
+"""Distributed pretraining on a real local Ray cluster (2 gloo workers) with real MLflow."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import ConfigError
+from pipeline.train.config import TrainConfig, parse_sets, resolve
+from pipeline.train.worker import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--num-workers", "2", "--set", "train.batch_size=8", "--set", "train.log_every=2",
+         "--set", "train.warmup_steps=2"]
+
+
+def pretrain(args):
+    from jobs.pretrain import main
+    return main(args)
+
+
+def mlflow_metrics(run_dir):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(run_dir, "mlflow.db"))
+    run_id = open(os.path.join(run_dir, "mlflow_run_id")).read().strip()
+    run = client.get_run(run_id)
+    return client, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_short_run_each_modality_logs_to_mlflow(demo_shards, tmp_path, modality):
+    out = str(tmp_path / "run")
+    assert pretrain(["--modality", modality, "--data", demo_shards[modality], "--output", out,
+                     "--max-steps", "6", "--set", "train.checkpoint_every=3", *SMALL]) == 0
+    client, run = mlflow_metrics(out)
+    assert run.info.status == "FINISHED"
+    hist = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in hist] == [2, 4, 6] and all(m.value > 0 for m in hist)
+    for key in ("lr", "ema_decay", "target_var", "pred_var", "samples_per_s", "data_wait_fraction"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    assert run.data.params["train.max_steps"] == "6" and run.data.params["modality"] == modality
+    assert run.data.tags["ray.num_workers"] == "2" and run.data.tags["modality"] == modality
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"final", "masks"} <= arts
+    # The final encoder loads without pickle and matches its config.
+    from pipeline.train.checkpoint import load_final
+    model, cfg = load_final(os.path.join(out, "final"))
+    assert cfg["modality"] == modality and cfg["train"]["max_steps"] == 6
+
+
+@pytest.mark.slow
+def test_stop_and_resume_gives_identical_weights(demo_shards, tmp_path):
+    base = ["--modality", "image", "--data", demo_shards["image"], "--max-steps", "8",
+            "--set", "train.checkpoint_every=4", *SMALL]
+    a, b = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert pretrain([*base, "--output", a]) == 0
+    assert pretrain([*base, "--output", b, "--stop-at-step", "4"]) == 0
+    assert not os.path.exists(os.path.join(b, "final"))  # stopped early: no final model yet
+    assert pretrain([*base, "--output", b]) == 0  # the same command resumes
+    wa = load_file(os.path.join(a, "final", "model.safetensors"))
+    wb = load_file(os.path.join(b, "final", "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bit-identical, teacher included
+    # and training did change the weights
+    init_enc = [k for k in wa if k.startswith("encoder.blocks.0.fc1.weight")]
+    assert init_enc and not torch.equal(wa[init_enc[0]], wa["teacher_encoder.blocks.0.fc1.weight"])
+    _, run = mlflow_metrics(b)  # one MLflow run across both invocations
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_worker_crash_restarts_from_checkpoint(demo_shards, tmp_path):
+    out = str(tmp_path / "run")
+    env = {**os.environ, "D2V_FAIL_AT_STEP": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--data",
+                        demo_shards["image"], "--output", out, "--max-steps", "8",
+                        "--set", "train.checkpoint_every=4", *SMALL],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, ".fault_injected"))  # the fault really happened
+    logs = r.stdout + r.stderr
+    assert "injected fault at step 5" in logs and "resumed from step 4" in logs
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 8 and summary["final"]
+
+
+def test_config_errors_name_the_field(demo_shards, tmp_path):
+    base = ["--modality", "image", "--data", demo_shards["image"], "--output", str(tmp_path / "o")]
+    cases = [(["--set", "train.lr=-1"], "train.lr"), (["--set", "model.mask.prob=1.5"], "model.mask.prob"),
+             (["--set", "train.nope=1"], "train.nope"), (["--max-steps", "0"], "train.max_steps"),
+             (["--preset", "huge"], "preset"), (["--set", "model.encoder.heads=5"], "model.encoder.heads")]
+    for extra, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "jobs.pretrain", *base, *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "audio", "--data",
+                        demo_shards["image"], "--output", str(tmp_path / "o")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "holds image data" in r.stderr
+
+
+def test_resolve_layers_file_and_sets(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  mode: d2v1\n  encoder: {dim: 64, heads: 4}\ntrain:\n  lr: 0.0005\n")
+    cfg = resolve("audio", "d", "o", "demo", str(f), parse_sets(["train.lr=2e-4", "model.mask.prob=0.5"]))
+    assert cfg.model.mode == "d2v1" and cfg.model.encoder.dim == 64
+    assert cfg.train.lr == 2e-4 and cfg.model.mask.prob == 0.5
+    assert cfg.model.mask.length == 10  # the d2v1 audio preset's span length
+    with pytest.raises(ConfigError, match="train.stop_at_step"):
+        TrainConfig(max_steps=5, stop_at_step=9)
+
+
+def test_lr_schedules():
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_scale=0.0)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(110, t) == pytest.approx(0.0, abs=1e-12)
+    tri = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_scale=0.01, schedule="tri_stage")
+    assert lr_at(50, tri) == 1.0 and lr_at(110, tri) == pytest.approx(0.01)
+
+
+def test_streaming_dataset_is_not_materialized(demo_shards):
+    """The trainer receives a lazy read_parquet dataset: nothing is executed or pinned up front."""
+    import ray
+    from pipeline.train.batches import COLUMNS
+    ds = ray.data.read_parquet(os.path.join(demo_shards["image"], "shards"), columns=COLUMNS["image"])
+    assert type(ds).__name__ == "Dataset" and not ds._plan.has_computed_output()
+    it = ds.streaming_split(2, equal=True)
+    first = next(iter(it[0].iter_batches(batch_size=4, batch_format="numpy")))
+    assert list(first) == ["image"]
