@@ -30,14 +30,21 @@ def demo_raw(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_shards(ray_local, demo_raw, tmp_path_factory):
-    """Each modality's demo data preprocessed by the real pipeline: {modality: dir}."""
+    """The demo data preprocessed by the real pipeline: {"image": pretraining dir, ...,
+    "image_train"/"image_test": labeled probe splits, ...}."""
     from pipeline.config import AudioSettings, ImageSettings, PreprocessConfig, TextSettings
     from pipeline.ingest import run
     root = tmp_path_factory.mktemp("demo_shards")
     out = {}
-    for mod, sub, extra in [("image", "train", dict(image=ImageSettings(size=28))),
-                            ("audio", "train", dict(audio=AudioSettings(crop_seconds=2.0))),
-                            ("text", "pretrain", dict(text=TextSettings(max_length=64, vocab_size=2000)))]:
-        out[mod] = str(root / mod)
-        run(PreprocessConfig(modality=mod, input=os.path.join(demo_raw, mod, sub), output=out[mod], **extra))
+    settings = {"image": dict(image=ImageSettings(size=28)), "audio": dict(audio=AudioSettings(crop_seconds=2.0)),
+                "text": dict(text=TextSettings(max_length=64, vocab_size=2000))}
+    for mod, pre in (("image", "train"), ("audio", "train"), ("text", "pretrain")):
+        for split in dict.fromkeys((pre, "train", "test")):
+            d = str(root / f"{mod}_{split}")
+            tok = os.path.join(out[mod], "tokenizer.json") if mod == "text" and split != pre else None
+            run(PreprocessConfig(modality=mod, input=os.path.join(demo_raw, mod, split), output=d,
+                                 tokenizer=tok, **settings[mod]))
+            out[f"{mod}_{split}"] = d
+            if split == pre:
+                out[mod] = d
     return out

@@ -101,8 +101,7 @@ def test_topk_targets_match_hand_computation():
         p = x.transpose(1, 2)
         for layer in m.frontend.pos_conv:
             p = layer(p)
-        x = x + p.transpose(1, 2)
-        x = m.teacher_encoder.norm(x)  # post-LN encoders normalize the input once
+        x = m.frontend.pos_norm(x + p.transpose(1, 2))  # post-LN: the input is normalized once
         ffns = []
         for blk in m.teacher_encoder.blocks:
             a = blk.norm1(x + blk.attn(x, None))

@@ -60,9 +60,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        # Post-LN models normalize the input once (fairseq `encoder.layer_norm` before the layers);
-        # pre-LN models normalize the output once at the end.
-        self.norm = nn.LayerNorm(cfg.dim)
+        # Pre-LN models normalize the output once at the end. Post-LN models normalize the input
+        # once instead; that LayerNorm lives in the front end's context part (wav2vec2's
+        # `encoder.layer_norm` after the conv positions, RoBERTa's embedding LayerNorm), which
+        # keeps the layouts identical to Hugging Face's Data2Vec* classes.
+        self.norm = nn.LayerNorm(cfg.dim) if cfg.pre_norm else None
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None,
@@ -70,14 +72,12 @@ class Encoder(nn.Module):
         """x (B,T,D) → (final (B,T,D), per-layer outputs [depth × (B,T,D)]).
 
         layers: None (no per-layer outputs), "ffn" or "block" (see EncoderConfig.layer_output)."""
-        if not self.cfg.pre_norm:
-            x = self.norm(x)
         outs = []
         for blk in self.blocks:
             x, ffn = blk(x, pad)
             if layers is not None:
                 outs.append(ffn if layers == "ffn" else x)
-        if self.cfg.pre_norm:
+        if self.norm is not None:
             x = self.norm(x)
         return x, outs
 

@@ -65,6 +65,8 @@ class ImageFrontEnd(FrontEnd):
         self.grid = (f.image_size // f.patch_size, f.image_size // f.patch_size)
         self.proj = nn.Conv2d(3, D, kernel_size=f.patch_size, stride=f.patch_size)
         self.register_buffer("pos", sincos_2d(D, *self.grid)[None], persistent=False)  # (1, N, D)
+        # Post-LN encoders get their input LayerNorm here (fairseq data2vec 2.0's prenet norm).
+        self.norm = None if cfg.encoder.pre_norm else nn.LayerNorm(D)
         self.num_extra = 1 if f.cls_token else 0
         if f.cls_token:
             self.cls = nn.Parameter(torch.zeros(1, 1, D))
@@ -75,7 +77,8 @@ class ImageFrontEnd(FrontEnd):
         return x.flatten(2).transpose(1, 2), None  # (B, N, D)
 
     def context(self, x, pad):
-        return x + self.pos
+        x = x + self.pos
+        return x if self.norm is None else self.norm(x)
 
     def prepend(self, x, pad):
         if not self.num_extra:
@@ -121,6 +124,7 @@ class AudioFrontEnd(FrontEnd):
             nn.Sequential(nn.Conv1d(D, D, k, padding=k // 2, groups=f.conv_pos_groups), _Trim(k),
                           _ChannelNorm(D, affine=False), nn.GELU())
             for _ in range(f.conv_pos_depth))
+        self.pos_norm = nn.LayerNorm(D)  # wav2vec2 `encoder.layer_norm`, applied after the positions
 
     def local(self, batch):
         wav, lengths = batch["audio"], batch.get("lengths")
@@ -141,7 +145,7 @@ class AudioFrontEnd(FrontEnd):
             if keep is not None:
                 y = y * keep  # padded frames must not leak into real ones through the convs
             y = layer(y)
-        return x + y.transpose(1, 2)
+        return self.pos_norm(x + y.transpose(1, 2))
 
 
 class _Trim(nn.Module):

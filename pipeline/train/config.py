@@ -119,6 +119,8 @@ class RunConfig:
     preset: str = "demo"
     tracking_uri: str | None = None
     experiment: str = "data2vec"
+    parent_run_id: str | None = None
+    """MLflow run to nest this run under (set by sweeps)."""
     model: ModelConfig = None  # type: ignore[assignment]
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -175,6 +177,8 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     (vocab size, image size) read from the preprocessed data's manifest."""
     if modality not in ("image", "audio", "text"):
         raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
+    # Workers run with another cwd (and on other nodes): local paths must be absolute.
+    data, output = (p if "://" in p else os.path.abspath(p) for p in (data, output))
     if preset_name not in TRAIN_PRESETS:
         raise ConfigError(f"preset: unknown {preset_name!r}; expected one of {', '.join(TRAIN_PRESETS)}")
     mode = "d2v2"
@@ -197,7 +201,7 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
         train.update(MODALITY_TRAIN[modality])
     train.update(TRAIN_PRESETS[preset_name])
     d = {"modality": modality, "data": data, "output": output, "preset": preset_name,
-         "tracking_uri": None, "experiment": "data2vec", "model": model.to_dict(), "train": train}
+         "tracking_uri": None, "experiment": "data2vec", "parent_run_id": None, "model": model.to_dict(), "train": train}
     d.update({k: v for k, v in top.items() if v is not None})
     _merge(d, file_cfg)
     for k, v in (overrides or {}).items():

@@ -20,7 +20,8 @@ class MLflowSink(NullSink):
     """One MLflow run per RUN_DIR: its id is stored in RUN_DIR/mlflow_run_id so a resumed run keeps
     logging into the same MLflow run."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_dir: str, run_name: str, params: dict):
+    def __init__(self, tracking_uri: str, experiment: str, run_dir: str, run_name: str, params: dict,
+                 parent_run_id: str | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -28,7 +29,8 @@ class MLflowSink(NullSink):
         mlflow.set_experiment(experiment)
         id_file = os.path.join(run_dir, "mlflow_run_id")
         run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
         self.run_id = self.run.info.run_id
         if run_id is None:
             with open(id_file, "w") as f:

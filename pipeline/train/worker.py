@@ -89,7 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         os.makedirs(cfg.output, exist_ok=True)
         sink = MLflowSink(cfg.tracking_uri or default_tracking_uri(cfg.output), cfg.experiment,
-                          cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", cfg.to_dict())
+                          cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", cfg.to_dict(),
+                          parent_run_id=cfg.parent_run_id)
         sink.set_tags({"git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
                        "preset": cfg.preset, "ray.num_workers": world,
                        "ray.cluster_cpus": config.get("cluster_cpus", "?"), "device": str(device)})

@@ -1,0 +1,99 @@
+"""Linear-probe and kNN accuracy of a frozen pretrained encoder on labeled preprocessed shards.
+
+    python -m jobs.evaluate --checkpoint RUN_DIR/final --train-data LABELED_DIR --test-data LABELED_DIR
+    python -m jobs.evaluate --random-init --checkpoint RUN_DIR/final ...   (same architecture, fresh weights)
+    python -m jobs.evaluate --classical --train-data ... --test-data ...   (pixels / MFCC / TF-IDF baseline)
+
+Prints one JSON line last: {"probe_accuracy", "knn_accuracy", "n_train", "n_test", ...}; logs it to
+the pretraining run in MLflow (RUN_DIR/mlflow_run_id) unless --no-mlflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from pipeline.config import ConfigError
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="RUN_DIR/final of a pretraining run")
+    p.add_argument("--train-data", required=True, help="labeled preprocessed folder for fitting the probe")
+    p.add_argument("--test-data", required=True, help="labeled preprocessed folder for scoring it")
+    p.add_argument("--random-init", action="store_true", help="probe the same architecture at random init")
+    p.add_argument("--classical", action="store_true", help="raw-input baseline instead of an encoder")
+    p.add_argument("--layers", default="-1", help="comma-separated block indices to average; -1 = final")
+    p.add_argument("--teacher", action="store_true", help="probe the EMA teacher's encoder")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI of the pretraining run")
+    p.add_argument("--no-mlflow", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("train_data", "test_data"):
+        d = getattr(a, name)
+        if not os.path.isfile(os.path.join(d, "manifest.json")):
+            raise ConfigError(f"{name.replace('_', '-')}: {d!r} is not a preprocessed folder (no manifest.json)")
+    if not a.classical:
+        if not a.checkpoint or not os.path.isfile(os.path.join(a.checkpoint, "model.safetensors")):
+            raise ConfigError(f"checkpoint: {a.checkpoint!r} has no model.safetensors (pass RUN_DIR/final)")
+    try:
+        a.layers = tuple(int(x) for x in a.layers.split(","))
+    except ValueError:
+        raise ConfigError(f"layers: expected comma-separated integers, got {a.layers!r}") from None
+    return a
+
+
+def evaluate(a) -> dict:
+    from pipeline import probe
+    with open(os.path.join(a.train_data, "manifest.json")) as f:
+        modality = json.load(f)["modality"]
+    t0 = time.time()
+    if a.classical:
+        res = probe.classical_probe(a.train_data, a.test_data, modality)
+        res["encoder"] = "classical"
+    else:
+        kw = dict(random_init=a.random_init, layers=a.layers, teacher=a.teacher)
+        xtr, ytr = probe.extract(a.train_data, a.checkpoint, modality, **kw)
+        xte, yte = probe.extract(a.test_data, a.checkpoint, modality, **kw)
+        res = probe.fit_probes(xtr, ytr, xte, yte)
+        res["encoder"] = "random-init" if a.random_init else ("teacher" if a.teacher else "pretrained")
+    res.update(modality=modality, seconds=round(time.time() - t0, 1))
+    return res
+
+
+def log_to_mlflow(a, res: dict) -> None:
+    run_dir = os.path.dirname(os.path.abspath(a.checkpoint.rstrip("/")))
+    id_file = os.path.join(run_dir, "mlflow_run_id")
+    if a.no_mlflow or a.classical or not os.path.exists(id_file):
+        return
+    import mlflow
+    from pipeline.train.tracking import default_tracking_uri
+    uri = a.tracking_uri
+    if uri is None:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            uri = json.load(f).get("tracking_uri") or default_tracking_uri(run_dir)
+    mlflow.set_tracking_uri(uri)
+    prefix = f"probe.{res['encoder']}."
+    with mlflow.start_run(run_id=open(id_file).read().strip()):
+        mlflow.log_metrics({prefix + k: res[k] for k in ("probe_accuracy", "knn_accuracy")})
+
+
+def main(argv=None) -> int:
+    try:
+        a = parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.raycluster import init_ray
+    init_ray()
+    res = evaluate(a)
+    if a.checkpoint:
+        log_to_mlflow(a, res)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Export a pretrained encoder as a Hugging Face `transformers` model directory. No Ray.
+
+    audio (post-LN, conv positions)  → Data2VecAudioModel
+    text  (post-LN, learned positions) → Data2VecTextModel (+ the tokenizer)
+    image (pre-LN, data2vec 1.0 recipe) → Data2VecVisionModel (BEiT layout)
+
+Where our architecture has no exact counterpart, `NotRepresentable` explains why (e.g. a
+post-LN image encoder — data2vec 2.0's — cannot be expressed in BEiT's pre-LN layout).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from pipeline.model.data2vec import Data2Vec
+from pipeline.model.frontends import CONV_LAYERS
+
+
+class NotRepresentable(ValueError):
+    """The checkpoint's architecture cannot be expressed exactly by the Hugging Face class."""
+
+
+def _qkv(attn, D):
+    w, b = attn.qkv.weight.detach(), attn.qkv.bias.detach()
+    return (w[:D], b[:D]), (w[D:2 * D], b[D:2 * D]), (w[2 * D:], b[2 * D:])
+
+
+def _lin(sd, name, weight, bias=None):
+    sd[f"{name}.weight"] = weight.detach().clone()
+    if bias is not None:
+        sd[f"{name}.bias"] = bias.detach().clone()
+
+
+def _ln(sd, name, ln):
+    _lin(sd, name, ln.weight, ln.bias)
+
+
+def audio_to_hf(model: Data2Vec):
+    from transformers import Data2VecAudioConfig, Data2VecAudioModel
+
+    cfg, fe, enc = model.cfg, model.frontend, model.encoder
+    if enc.cfg.pre_norm:
+        raise NotRepresentable("Data2VecAudio is post-LN; this encoder is pre-LN")
+    D, C = cfg.encoder.dim, cfg.frontend.conv_channels
+    hf_cfg = Data2VecAudioConfig(
+        hidden_size=D, num_hidden_layers=cfg.encoder.depth, num_attention_heads=cfg.encoder.heads,
+        intermediate_size=int(D * cfg.encoder.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-5,
+        hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
+        layerdrop=0.0, conv_dim=(C,) * len(CONV_LAYERS), conv_kernel=tuple(k for k, _ in CONV_LAYERS),
+        conv_stride=tuple(s for _, s in CONV_LAYERS), conv_bias=False, feat_extract_activation="gelu",
+        num_conv_pos_embeddings=len(fe.pos_conv), conv_pos_kernel_size=fe.pos_k,
+        num_conv_pos_embedding_groups=cfg.frontend.conv_pos_groups, mask_time_prob=0.0)
+    sd = {}
+    for i in range(len(CONV_LAYERS)):
+        sd[f"feature_extractor.conv_layers.{i}.conv.weight"] = fe.cnn[3 * i].weight.detach().clone()
+        _ln(sd, f"feature_extractor.conv_layers.{i}.layer_norm", fe.cnn[3 * i + 1].norm)
+    _ln(sd, "feature_projection.layer_norm", fe.feat_norm)
+    _lin(sd, "feature_projection.projection", fe.feat_proj.weight, fe.feat_proj.bias)
+    for i, layer in enumerate(fe.pos_conv):
+        _lin(sd, f"encoder.pos_conv_embed.layers.{i}.conv", layer[0].weight, layer[0].bias)
+    _ln(sd, "encoder.layer_norm", fe.pos_norm)
+    for i, blk in enumerate(enc.blocks):
+        p = f"encoder.layers.{i}"
+        (qw, qb), (kw, kb), (vw, vb) = _qkv(blk.attn, D)
+        _lin(sd, f"{p}.attention.q_proj", qw, qb)
+        _lin(sd, f"{p}.attention.k_proj", kw, kb)
+        _lin(sd, f"{p}.attention.v_proj", vw, vb)
+        _lin(sd, f"{p}.attention.out_proj", blk.attn.proj.weight, blk.attn.proj.bias)
+        _ln(sd, f"{p}.layer_norm", blk.norm1)
+        _lin(sd, f"{p}.feed_forward.intermediate_dense", blk.fc1.weight, blk.fc1.bias)
+        _lin(sd, f"{p}.feed_forward.output_dense", blk.fc2.weight, blk.fc2.bias)
+        _ln(sd, f"{p}.final_layer_norm", blk.norm2)
+    hf = Data2VecAudioModel(hf_cfg)
+    _load(hf, sd, allow_missing={"masked_spec_embed"})
+    return hf
+
+
+def text_to_hf(model: Data2Vec):
+    from transformers import Data2VecTextConfig, Data2VecTextModel
+
+    cfg, fe, enc = model.cfg, model.frontend, model.encoder
+    if enc.cfg.pre_norm:
+        raise NotRepresentable("Data2VecText (RoBERTa) is post-LN; this encoder is pre-LN")
+    D, P = cfg.encoder.dim, cfg.frontend.max_positions
+    hf_cfg = Data2VecTextConfig(
+        vocab_size=cfg.frontend.vocab_size, hidden_size=D, num_hidden_layers=cfg.encoder.depth,
+        num_attention_heads=cfg.encoder.heads, intermediate_size=int(D * cfg.encoder.mlp_ratio),
+        hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=P + 2, type_vocab_size=1, layer_norm_eps=1e-5,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    sd = {"embeddings.word_embeddings.weight": fe.tokens.weight.detach().clone()}
+    # RoBERTa numbers positions from padding_idx + 1 = 2: our position i is its row i + 2.
+    pos = torch.zeros(P + 2, D)
+    pos[2:] = fe.positions.weight.detach()
+    sd["embeddings.position_embeddings.weight"] = pos
+    sd["embeddings.token_type_embeddings.weight"] = torch.zeros(1, D)
+    _ln(sd, "embeddings.LayerNorm", fe.norm)
+    for i, blk in enumerate(enc.blocks):
+        p = f"encoder.layer.{i}"
+        (qw, qb), (kw, kb), (vw, vb) = _qkv(blk.attn, D)
+        _lin(sd, f"{p}.attention.self.query", qw, qb)
+        _lin(sd, f"{p}.attention.self.key", kw, kb)
+        _lin(sd, f"{p}.attention.self.value", vw, vb)
+        _lin(sd, f"{p}.attention.output.dense", blk.attn.proj.weight, blk.attn.proj.bias)
+        _ln(sd, f"{p}.attention.output.LayerNorm", blk.norm1)
+        _lin(sd, f"{p}.intermediate.dense", blk.fc1.weight, blk.fc1.bias)
+        _lin(sd, f"{p}.output.dense", blk.fc2.weight, blk.fc2.bias)
+        _ln(sd, f"{p}.output.LayerNorm", blk.norm2)
+    hf = Data2VecTextModel(hf_cfg, add_pooling_layer=False)
+    _load(hf, sd)
+    return hf
+
+
+def image_to_hf(model: Data2Vec):
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    cfg, fe, enc = model.cfg, model.frontend, model.encoder
+    if not enc.cfg.pre_norm:
+        raise NotRepresentable(
+            "this image encoder is post-LN (the data2vec 2.0 recipe); Hugging Face's Data2VecVision uses "
+            "BEiT's pre-LN blocks, so the weights cannot be mapped exactly. Pretrain with "
+            "--set model.mode=d2v1 (pre-LN, as the data2vec 1.0 vision paper) to export, or use RUN_DIR/final.")
+    if not fe.num_extra:
+        raise NotRepresentable("Data2VecVision always has a CLS token; this encoder has none")
+    D, N = cfg.encoder.dim, fe.pos.shape[1]
+    hf_cfg = Data2VecVisionConfig(
+        image_size=cfg.frontend.image_size, patch_size=cfg.frontend.patch_size, num_channels=3,
+        hidden_size=D, num_hidden_layers=cfg.encoder.depth, num_attention_heads=cfg.encoder.heads,
+        intermediate_size=int(D * cfg.encoder.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-5,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+        use_mask_token=False, use_absolute_position_embeddings=True, use_relative_position_bias=False,
+        use_shared_relative_position_bias=False, layer_scale_init_value=0.0, use_mean_pooling=False)
+    sd = {"embeddings.cls_token": fe.cls.detach().clone()}
+    _lin(sd, "embeddings.patch_embeddings.projection", fe.proj.weight, fe.proj.bias)
+    # Our CLS carries no position; patches get the fixed sin-cos table.
+    sd["embeddings.position_embeddings"] = torch.cat([torch.zeros(1, 1, D), fe.pos.detach().reshape(1, N, D)], 1)
+    for i, blk in enumerate(enc.blocks):
+        p = f"encoder.layer.{i}"
+        (qw, qb), (kw, _kb), (vw, vb) = _qkv(blk.attn, D)
+        _ln(sd, f"{p}.layernorm_before", blk.norm1)
+        _lin(sd, f"{p}.attention.attention.query", qw, qb)
+        # BEiT's key has no bias. Dropping ours is exact: q·(k+b) shifts every score of a query
+        # by the same q·b, and softmax is invariant to that.
+        _lin(sd, f"{p}.attention.attention.key", kw)
+        _lin(sd, f"{p}.attention.attention.value", vw, vb)
+        _lin(sd, f"{p}.attention.output.dense", blk.attn.proj.weight, blk.attn.proj.bias)
+        _ln(sd, f"{p}.layernorm_after", blk.norm2)
+        _lin(sd, f"{p}.intermediate.dense", blk.fc1.weight, blk.fc1.bias)
+        _lin(sd, f"{p}.output.dense", blk.fc2.weight, blk.fc2.bias)
+    _ln(sd, "layernorm", enc.norm)
+    hf = Data2VecVisionModel(hf_cfg, add_pooling_layer=False)
+    _load(hf, sd)
+    return hf
+
+
+def _load(hf, sd: dict, allow_missing: set[str] = frozenset()) -> None:
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in allow_missing and not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise NotRepresentable(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.eval()
+
+
+def export(model: Data2Vec, out: str, tokenizer_json: str | None = None):
+    """Write a `from_pretrained`-loadable directory (and the tokenizer for text)."""
+    make = {"image": image_to_hf, "audio": audio_to_hf, "text": text_to_hf}[model.cfg.modality]
+    hf = make(model)
+    os.makedirs(out, exist_ok=True)
+    hf.save_pretrained(out)
+    if model.cfg.modality == "text" and tokenizer_json:
+        from transformers import PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_json, bos_token="<s>", eos_token="</s>",
+                                      unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+        tok.save_pretrained(out)
+        shutil.copy(tokenizer_json, os.path.join(out, "tokenizer.json"))
+    return hf

@@ -1,0 +1,119 @@
+"""Frozen-encoder probes: Ray Data feature extraction (actor pool) → logistic regression + kNN.
+
+    features = extract(ds, checkpoint)      # (N, D) mean-pooled, chosen layers, Ray actor pool
+    result = fit_probes(train_feats, train_labels, test_feats, test_labels)
+
+Also the classical raw-input baselines (pixels / MFCC statistics / TF-IDF over token ids).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.train.batches import image_tensor, text_tensor
+from pipeline.train.checkpoint import load_final
+
+FEATURE_COLUMNS = {"image": ["image", "label"], "audio": ["audio", "label"], "text": ["input_ids", "label"]}
+
+
+def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int) -> dict:
+    """A numpy batch → model inputs without random cropping (whole clips, padded)."""
+    if modality == "image":
+        return {"image": image_tensor(batch["image"], image_size)}
+    if modality == "audio":
+        clips = [np.asarray(a, np.float32) for a in batch["audio"]]
+        L = max(len(c) for c in clips)
+        out = np.zeros((len(clips), L), np.float32)
+        for i, c in enumerate(clips):
+            out[i, : len(c)] = (c - c.mean()) / np.sqrt(c.var() + 1e-5)
+        return {"audio": torch.from_numpy(out), "lengths": torch.tensor([len(c) for c in clips])}
+    return {"input_ids": text_tensor(batch["input_ids"], max_positions)}
+
+
+class FeatureExtractor:
+    """Ray Data actor-pool UDF: loads the encoder once per actor, batches → mean-pooled features."""
+
+    def __init__(self, checkpoint: str, random_init: bool, layers: tuple[int, ...], teacher: bool, seed: int = 0):
+        torch.set_num_threads(1)
+        model, config = load_final(checkpoint, teacher=teacher)
+        if random_init:  # same architecture, fresh weights: the baseline a probe must beat
+            from pipeline.model.config import ModelConfig
+            from pipeline.model.data2vec import Data2Vec
+            torch.manual_seed(seed)
+            model = Data2Vec(ModelConfig.from_dict(config["model"])).eval()
+        self.model, self.cfg = model, model.cfg
+        self.layers, self.teacher = layers, teacher
+
+    def __call__(self, batch: dict) -> dict:
+        f = self.cfg.frontend
+        inputs = eval_inputs(batch, self.cfg.modality, f.image_size, f.max_positions)
+        feats = self.model.extract(inputs, layers=self.layers, teacher=False)
+        return {"features": feats.numpy().astype(np.float32), "label": batch["label"]}
+
+
+def extract(data_dir: str, checkpoint: str, modality: str, *, random_init: bool = False,
+            layers: tuple[int, ...] = (-1,), teacher: bool = False, batch_size: int = 64,
+            actors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed labeled shards → (features (N, D), labels (N,)) via a Ray Data actor pool."""
+    data_dir, checkpoint = os.path.abspath(data_dir), os.path.abspath(checkpoint)
+    ds = ray.data.read_parquet(os.path.join(data_dir, "shards"), columns=FEATURE_COLUMNS[modality])
+    n = actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    out = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=dict(
+        checkpoint=checkpoint, random_init=random_init, layers=layers, teacher=teacher),
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n))
+    rows = [r for r in out.take_all() if r["label"] is not None]  # unlabeled files can't be probed
+    feats = np.stack([r["features"] for r in rows])
+    labels = np.asarray([r["label"] for r in rows])
+    return feats, labels
+
+
+def fit_probes(xtr, ytr, xte, yte, k: int = 20) -> dict:
+    """Logistic regression on standardized features, and cosine kNN (majority of k)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+    lr.fit(xtr, ytr)
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(xtr)), metric="cosine").fit(xtr, ytr)
+    return {"probe_accuracy": float((lr.predict(xte) == yte).mean()),
+            "knn_accuracy": float((knn.predict(xte) == yte).mean()),
+            "n_train": int(len(ytr)), "n_test": int(len(yte)), "dim": int(xtr.shape[1]),
+            "classes": int(len(set(ytr.tolist())))}
+
+
+def classical_features(data_dir: str, modality: str, vocab: dict | None = None):
+    """Raw-input features for the classical baseline: pixels; MFCC mean+std; token-id TF-IDF rows."""
+    ds = ray.data.read_parquet(os.path.join(data_dir, "shards"), columns=FEATURE_COLUMNS[modality])
+    rows = [r for r in ds.take_all() if r["label"] is not None]
+    labels = np.asarray([r["label"] for r in rows])
+    if modality == "image":
+        return np.stack([np.frombuffer(r["image"], np.uint8).astype(np.float32) / 255 for r in rows]), labels
+    if modality == "audio":
+        import torchaudio
+        mfcc = torchaudio.transforms.MFCC(sample_rate=16000, n_mfcc=20,
+                                          melkwargs={"n_fft": 400, "hop_length": 160, "n_mels": 40})
+        feats = []
+        for r in rows:
+            m = mfcc(torch.as_tensor(np.asarray(r["audio"], np.float32)))  # (20, frames)
+            feats.append(torch.cat([m.mean(1), m.std(1)]).numpy())
+        return np.stack(feats), labels
+    return [" ".join(map(str, r["input_ids"][1:-1])) for r in rows], labels
+
+
+def classical_probe(train_dir: str, test_dir: str, modality: str) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    xtr, ytr = classical_features(train_dir, modality)
+    xte, yte = classical_features(test_dir, modality)
+    if modality == "text":
+        vec = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+        xtr, xte = vec.fit_transform(xtr), vec.transform(xte)
+        from sklearn.linear_model import LogisticRegression
+        clf = LogisticRegression(max_iter=2000, C=10.0).fit(xtr, ytr)
+        return {"probe_accuracy": float((clf.predict(xte) == yte).mean()), "n_train": len(ytr), "n_test": len(yte)}
+    return fit_probes(xtr, ytr, xte, yte)

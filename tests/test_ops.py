@@ -1,0 +1,128 @@
+"""Leaving the laptop: cluster.yaml (Ray's own validator), KubeRay manifest, and a real
+`ray job submit` to a real local head that logs to a real `mlflow server`."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def _ray_pin():
+    req = open(os.path.join(ROOT, "requirements.txt")).read()
+    return re.search(r"^ray\[.*\]==([\d.]+)", req, re.M).group(1)
+
+
+def test_cluster_yaml_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(open(os.path.join(ROOT, "cluster.yaml")))
+    cfg = prepare_config(raw)
+    validate_config(cfg)  # raises jsonschema.ValidationError / ValueError on a bad config
+    nodes = cfg["available_node_types"]
+    assert {"head", "gpu_worker", "cpu_worker"} <= set(nodes) and cfg["head_node_type"] == "head"
+    assert nodes["gpu_worker"]["resources"]["GPU"] >= 1 and nodes["gpu_worker"]["max_workers"] >= 1
+    assert "GPU" not in nodes["cpu_worker"]["resources"]
+    assert any("requirements.txt" in c for c in cfg["setup_commands"])
+    assert any("/mnt/shared" in c for c in cfg["initialization_commands"])  # shared checkpoint storage
+    assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
+    assert _ray_pin() in cfg["docker"]["image"]
+    # A typo is caught by the same validator.
+    bad = prepare_config({**raw, "max_wrkers": 3})
+    with pytest.raises(Exception, match="max_wrkers"):
+        validate_config(bad)
+
+
+def test_kuberay_rayjob_is_consistent():
+    job = yaml.safe_load(open(os.path.join(ROOT, "k8s", "rayjob.yaml")))
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    module = re.search(r"python -m (jobs\.\w+)", spec["entrypoint"]).group(1)
+    assert os.path.isfile(os.path.join(ROOT, *module.split(".")) + ".py")
+    from jobs.pretrain import build_config  # the entrypoint's flags parse (fails on an unknown flag)
+    args = spec["entrypoint"].split("jobs.pretrain", 1)[1].split()
+    with pytest.raises(Exception) as e:
+        build_config(args)  # data dir does not exist here: fails on the manifest, not on argparse
+    assert "manifest.json" in str(e.value)
+    rc = spec["rayClusterSpec"]
+    assert rc["rayVersion"] == _ray_pin()
+    images = {c["image"] for g in [rc["headGroupSpec"], *rc["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1
+    gpu = [g for g in rc["workerGroupSpecs"] if g["groupName"] == "gpu"][0]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    docker_from = next(l for l in open(os.path.join(ROOT, "Dockerfile")) if l.startswith("FROM")).split()[1]
+    assert _ray_pin() in docker_from
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url, timeout=120):
+    import urllib.request
+    t = time.time()
+    while time.time() - t < timeout:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
+           "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("RAY_ADDRESS")
+    gcs, dash, mlf = _free_port(), _free_port(), _free_port()
+    mlflow_srv = subprocess.Popen(
+        [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
+         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--disable-usage-stats", f"--temp-dir={tmp_path}/ray"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        _wait_http(f"http://127.0.0.1:{mlf}/health")
+        out = str(tmp_path / "run")
+        r = subprocess.run(
+            [os.path.join(BIN, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--working-dir", ROOT, "--submission-id", "d2v-test", "--",
+             sys.executable, "-m", "jobs.pretrain", "--modality", "text", "--data", demo_shards["text"],
+             "--output", out, "--max-steps", "4", "--num-workers", "1", "--set", "train.batch_size=8",
+             "--set", "train.log_every=2", "--tracking-uri", f"http://127.0.0.1:{mlf}", "--experiment", "jobs"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        status = subprocess.run([os.path.join(BIN, "ray"), "job", "status", "--address",
+                                 f"http://127.0.0.1:{dash}", "d2v-test"], env=env, capture_output=True, text=True)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        logs = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", f"http://127.0.0.1:{dash}",
+                               "d2v-test"], env=env, capture_output=True, text=True).stdout
+        assert "done: text step 4/4" in logs
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(f"http://127.0.0.1:{mlf}")
+        exp = client.get_experiment_by_name("jobs")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]
+        assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"final", "masks"}
+    finally:
+        for p in (head, mlflow_srv):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=60)
+            except Exception:
+                os.killpg(p.pid, signal.SIGKILL)
