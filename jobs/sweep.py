@@ -80,7 +80,7 @@ def trial(config: dict) -> None:
         result = run_pretraining(cfg)
         if result.error:
             raise RuntimeError(f"trial pretraining failed: {result.error}")
-        final = os.path.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(trial_dir, cfg)
+        final = os.path.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(result, trial_dir, cfg)
         xtr, ytr = probe.extract(s["probe_train"], final, s["modality"], actors=1)
         xte, yte = probe.extract(s["probe_test"], final, s["modality"], actors=1)
         res = probe.fit_probes(xtr, ytr, xte, yte)
@@ -97,14 +97,12 @@ def trial(config: dict) -> None:
                             checkpoint=ray.tune.Checkpoint.from_directory(d))
 
 
-def _round_encoder(trial_dir: str, cfg) -> str:
-    """The encoder at the latest checkpoint of an unfinished run, saved as a loadable final/ dir."""
-    import glob
-
+def _round_encoder(result, trial_dir: str, cfg) -> str:
+    """The encoder at the run's latest checkpoint (an unfinished run), saved as a loadable final/ dir."""
     from pipeline.model.data2vec import Data2Vec
     from pipeline.train.checkpoint import load_state, save_final
-    ckpts = sorted(glob.glob(os.path.join(trial_dir, "ray", "pretrain", "checkpoint_*")))
-    state = load_state(ckpts[-1])
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
     model = Data2Vec(cfg.model)
     model.load_state_dict(state["model"])
     out = os.path.join(trial_dir, f"round_{state['step']}")
@@ -182,7 +180,12 @@ def main(argv=None) -> int:
     per_trial = 1 + 1 + 1  # trial driver + one training worker + its Ray Data feed
     init_ray(num_cpus=max(os.cpu_count() or 1, per_trial * (a.max_concurrent or 1)), dashboard=True)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    concurrent = a.max_concurrent or max(1, cpus // per_trial)
+    # Never more trials than the cluster can feed: each holds a driver CPU and a worker CPU, and
+    # its Ray Data tasks need a free one — a sweep that takes every CPU starves its input and hangs.
+    fit = max(1, cpus // per_trial)
+    concurrent = min(a.max_concurrent or fit, fit)
+    if a.max_concurrent and a.max_concurrent > fit:
+        print(f"sweep: --max-concurrent {a.max_concurrent} lowered to {fit} ({cpus} CPUs, {per_trial} per trial)")
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(a.experiment)

@@ -11,10 +11,10 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray cluster for the session (4 logical CPUs on 2 cores is fine for tests)."""
+    """One real local Ray cluster for the session (6 logical CPUs on 2 cores: logical oversubscription is fine for tests)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="warning")
+    ray.init(address="local", num_cpus=6, include_dashboard=True, logging_level="warning")
     yield ray
     ray.shutdown()
 

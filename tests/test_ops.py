@@ -89,13 +89,23 @@ def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
         [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
          "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A second cluster beside the test session's: every port it opens must be free and explicit.
+    ports = {k: _free_port() for k in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                       "dashboard-agent-grpc-port", "metrics-export-port",
+                                       "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    head_log = open(tmp_path / "head.log", "w")
+    import tempfile
+    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # unix socket paths must stay < 108 bytes
     head = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--disable-usage-stats", f"--temp-dir={tmp_path}/ray"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--disable-usage-stats", f"--temp-dir={short_tmp}", *(f"--{k}={v}" for k, v in ports.items())],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        try:
+            _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        except TimeoutError:
+            raise AssertionError("ray head did not start:\n" + open(tmp_path / "head.log").read()[-3000:])
         _wait_http(f"http://127.0.0.1:{mlf}/health")
         out = str(tmp_path / "run")
         r = subprocess.run(
@@ -106,9 +116,8 @@ def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
              "--set", "train.log_every=2", "--tracking-uri", f"http://127.0.0.1:{mlf}", "--experiment", "jobs"],
             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        status = subprocess.run([os.path.join(BIN, "ray"), "job", "status", "--address",
-                                 f"http://127.0.0.1:{dash}", "d2v-test"], env=env, capture_output=True, text=True)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        from ray.job_submission import JobStatus, JobSubmissionClient
+        assert JobSubmissionClient(f"http://127.0.0.1:{dash}").get_job_status("d2v-test") == JobStatus.SUCCEEDED
         logs = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", f"http://127.0.0.1:{dash}",
                                "d2v-test"], env=env, capture_output=True, text=True).stdout
         assert "done: text step 4/4" in logs
