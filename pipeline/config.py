@@ -16,9 +16,13 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
+def check(cond: bool, name: str, msg: str) -> None:
+    """Raise ConfigError("<name>: <msg>") unless `cond` holds (shared by every config module)."""
     if not cond:
         raise ConfigError(f"{name}: {msg}")
+
+
+_check = check
 
 
 @dataclass(frozen=True, kw_only=True)

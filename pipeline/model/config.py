@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, replace
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check
 
 MODES = ("d2v1", "d2v2")
 NORMS = ("instance", "layer", "none")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"model.{name}: {msg}")
+    check(cond, f"model.{name}", msg)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,17 +25,26 @@ def image_tensor(column, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def audio_tensor(column, max_samples: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Variable-length clips → every clip randomly cropped to the batch's shortest (≤ max_samples),
-    then normalized to zero mean / unit variance (fairseq `normalize: true`). Returns (B, L), lengths."""
-    L = min(min(len(a) for a in column), max_samples)
-    out = np.empty((len(column), L), np.float32)
-    for i, a in enumerate(column):
+def audio_tensor(column, max_samples: int, rng: np.random.Generator,
+                 mode: str = "pad") -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length clips → (B, L) float, per-clip zero mean / unit variance (fairseq
+    `normalize: true`), and their lengths.
+
+    mode "crop": every clip randomly cropped to the batch's shortest (fairseq pretraining, good for
+    long similar-length crops); "pad": clips longer than max_samples randomly cropped, the rest
+    zero-padded to the batch's longest (good for short clips of unequal length)."""
+    clips = []
+    for a in column:
         a = np.asarray(a, np.float32)
+        L = min(len(a), max_samples) if mode == "pad" else min(min(len(c) for c in column), max_samples)
         off = int(rng.integers(0, len(a) - L + 1))
         c = a[off: off + L]
-        out[i] = (c - c.mean()) / np.sqrt(c.var() + 1e-5)
-    return torch.from_numpy(out), torch.full((len(column),), L, dtype=torch.long)
+        clips.append((c - c.mean()) / np.sqrt(c.var() + 1e-5))
+    T = max(len(c) for c in clips)
+    out = np.zeros((len(clips), T), np.float32)
+    for i, c in enumerate(clips):
+        out[i, : len(c)] = c
+    return torch.from_numpy(out), torch.tensor([len(c) for c in clips], dtype=torch.long)
 
 
 def text_tensor(column, max_tokens: int) -> torch.Tensor:
@@ -51,17 +60,17 @@ def text_tensor(column, max_tokens: int) -> torch.Tensor:
 
 
 def collate(batch: dict, cfg: ModelConfig, rng: np.random.Generator, audio_max_samples: int,
-            text_max_tokens: int) -> tuple[dict, torch.Tensor]:
+            text_max_tokens: int, audio_batching: str = "pad") -> tuple[dict, torch.Tensor]:
     """One numpy batch → (model inputs, mask (B or B·clone_batch, T) bool)."""
     m = cfg.modality
     if m == "image":
         inputs = {"image": image_tensor(batch["image"], cfg.frontend.image_size)}
         B, T, lengths, ids = inputs["image"].shape[0], (cfg.frontend.image_size // cfg.frontend.patch_size) ** 2, None, None
     elif m == "audio":
-        wav, lengths = audio_tensor(batch["audio"], audio_max_samples, rng)
+        wav, lengths = audio_tensor(batch["audio"], audio_max_samples, rng, audio_batching)
         inputs = {"audio": wav, "lengths": lengths}
         B, T = wav.shape[0], int(conv_frames(wav.shape[1]))
-        lengths, ids = None, None
+        lengths, ids = conv_frames(lengths).numpy(), None  # valid frames per clip
     else:
         ids_t = text_tensor(batch["input_ids"], min(text_max_tokens, cfg.frontend.max_positions))
         inputs = {"input_ids": ids_t}

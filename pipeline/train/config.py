@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check
 from pipeline.model.config import ModelConfig, preset
 
 
@@ -35,8 +35,7 @@ def load_yaml(text: str):
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"train.{name}: {msg}")
+    check(cond, f"train.{name}", msg)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +70,9 @@ class TrainConfig:
     """Rows in each worker's local shuffle buffer (0 = no shuffle)."""
     audio_max_samples: int = 250_000
     """Audio crops longer than this (16 kHz samples) are randomly cropped."""
+    audio_batching: str = "pad"
+    """"pad" (zero-pad to the batch's longest clip, padding masked) or "crop" (crop every clip to
+    the batch's shortest, as fairseq pretraining does)."""
     text_max_tokens: int = 512
 
     def __post_init__(self):
@@ -94,6 +96,8 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _check(self.audio_max_samples >= 4000, "audio_max_samples", "must be >= 4000 (0.25 s)")
         _check(self.text_max_tokens >= 8, "text_max_tokens", "must be >= 8")
+        _check(self.audio_batching in ("pad", "crop"), "audio_batching",
+               f"must be 'pad' or 'crop', got {self.audio_batching!r}")
 
 
 # Training defaults per preset size (the model half comes from pipeline.model.config.preset).
@@ -106,7 +110,8 @@ TRAIN_PRESETS = {
 }
 MODALITY_TRAIN = {  # reference optimization settings per modality (base/large only)
     "image": dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50_040, clip_norm=4.0),
-    "audio": dict(lr=7.5e-4, betas=(0.9, 0.98), weight_decay=0.01, clip_norm=0.0, audio_max_samples=320_000),
+    "audio": dict(lr=7.5e-4, betas=(0.9, 0.98), weight_decay=0.01, clip_norm=0.0, audio_max_samples=320_000,
+                  audio_batching="crop"),
     "text": dict(lr=2e-4, betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=4000, clip_norm=1.0),
 }
 

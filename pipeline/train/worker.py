@@ -119,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
             window["wait"] += time.perf_counter() - t_wait
             torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31 + micro)  # dropout, decoder noise
             inputs, mask = collate(nb, mcfg, step_rng(t.seed, rank, step, micro), t.audio_max_samples,
-                                   t.text_max_tokens)
+                                   t.text_max_tokens, t.audio_batching)
             if not pictured and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     sink.log_artifact(mask_picture(os.path.join(tmp, "masks.png"), inputs, mask.numpy(),
