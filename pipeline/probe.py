@@ -86,7 +86,7 @@ def fit_probes(xtr, ytr, xte, yte, k: int = 20) -> dict:
             "classes": int(len(set(ytr.tolist())))}
 
 
-def classical_features(data_dir: str, modality: str, vocab: dict | None = None):
+def classical_features(data_dir: str, modality: str):
     """Raw-input features for the classical baseline: pixels; MFCC mean+std; token-id TF-IDF rows."""
     ds = ray.data.read_parquet(os.path.join(data_dir, "shards"), columns=FEATURE_COLUMNS[modality])
     rows = [r for r in ds.take_all() if r["label"] is not None]
