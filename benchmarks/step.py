@@ -73,7 +73,7 @@ class OurStep:
 class HFBaselineStep:
     """data2vec 1.0 for images the way a user would write it on top of `transformers`."""
 
-    def __init__(self, px, patch, dim, depth, heads, batch, top_k=6, decay=0.9998):
+    def __init__(self, px, patch, dim, depth, heads, batch, top_k=6, decay=0.9998, lr=1e-4):
         from transformers import Data2VecVisionConfig, Data2VecVisionModel
 
         cfg = Data2VecVisionConfig(image_size=px, patch_size=patch, hidden_size=dim, num_hidden_layers=depth,
@@ -87,27 +87,39 @@ class HFBaselineStep:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.head = torch.nn.Linear(dim, dim)
-        self.opt = torch.optim.AdamW(list(self.student.parameters()) + list(self.head.parameters()), lr=1e-4)
+        self.opt = torch.optim.AdamW(list(self.student.parameters()) + list(self.head.parameters()), lr=lr)
         self.x = torch.randn(batch, 3, px, px)
         n = (px // patch) ** 2
         m = draw_masks(preset("image", "base", "d2v1"), batch, n, np.random.default_rng(0))["mask"]
         self.mask = torch.from_numpy(m)
         self.top_k, self.decay = min(top_k, depth), decay
 
-    def __call__(self):
+    def __call__(self, x: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> float:
+        """One step on (x (B, 3, H, W), mask (B, T) bool); the fixed random batch when omitted."""
+        x = self.x if x is None else x
+        mask = self.mask if mask is None else mask
         with torch.no_grad():
-            hs = self.teacher(self.x, output_hidden_states=True).hidden_states[-self.top_k:]
+            hs = self.teacher(x, output_hidden_states=True).hidden_states[-self.top_k:]
             y = sum(F.layer_norm(h[:, 1:], h.shape[-1:]) for h in hs) / self.top_k
             y = F.layer_norm(y, y.shape[-1:])
-        h = self.student(self.x, bool_masked_pos=self.mask).last_hidden_state[:, 1:]
-        pred = self.head(h[self.mask])
-        loss = F.smooth_l1_loss(pred, y[self.mask], beta=2.0)
+        h = self.student(x, bool_masked_pos=mask).last_hidden_state[:, 1:]
+        pred = self.head(h[mask])
+        loss = F.smooth_l1_loss(pred, y[mask], beta=2.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         with torch.no_grad():
             for t, s in zip(self.teacher.parameters(), self.student.parameters()):
                 t.mul_(self.decay).add_(s, alpha=1 - self.decay)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled final student outputs over patches (B, D), as our probes pool."""
+        self.student.eval()
+        f = self.student(x).last_hidden_state[:, 1:].mean(1)
+        self.student.train()
+        return f
 
 
 def measure(step, batch: int, steps: int) -> tuple[float, float]:

@@ -70,20 +70,37 @@ def extract(data_dir: str, checkpoint: str, modality: str, *, random_init: bool 
     return feats, labels
 
 
-def fit_probes(xtr, ytr, xte, yte, k: int = 20) -> dict:
-    """Logistic regression on standardized features, and cosine kNN (majority of k)."""
-    from sklearn.linear_model import LogisticRegression
+PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def fit_probes(xtr, ytr, xte, yte, k: int = 20, cs: tuple[float, ...] = PROBE_CS) -> dict:
+    """Logistic regression on standardized features, its inverse regularization C chosen by 3-fold
+    cross-validation on the training split (a fixed C over- or under-fits depending on the feature
+    dimension and set size); and cosine kNN (majority of k)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
-    lr.fit(xtr, ytr)
+    folds = min(3, int(np.unique(ytr, return_counts=True)[1].min()))
+    if len(cs) > 1 and folds >= 2:
+        clf = LogisticRegressionCV(Cs=list(cs), cv=folds, max_iter=2000, scoring="accuracy", l1_ratios=(0.0,),
+                                   use_legacy_attributes=False)
+    else:
+        clf = LogisticRegression(max_iter=2000, C=cs[-1] if len(cs) == 1 else 1.0)
+    lr = make_pipeline(StandardScaler(), clf).fit(xtr, ytr)
     knn = KNeighborsClassifier(n_neighbors=min(k, len(xtr)), metric="cosine").fit(xtr, ytr)
+    c = float(np.ravel(clf.C_)[0]) if hasattr(clf, "C_") else clf.C
     return {"probe_accuracy": float((lr.predict(xte) == yte).mean()),
             "knn_accuracy": float((knn.predict(xte) == yte).mean()),
+            "probe_c": c, "majority_accuracy": float(np.mean(yte == _majority(ytr))),
             "n_train": int(len(ytr)), "n_test": int(len(yte)), "dim": int(xtr.shape[1]),
             "classes": int(len(set(ytr.tolist())))}
+
+
+def _majority(y):
+    vals, counts = np.unique(y, return_counts=True)
+    return vals[counts.argmax()]
 
 
 def classical_features(data_dir: str, modality: str):

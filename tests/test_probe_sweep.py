@@ -18,6 +18,33 @@ def test_fit_probes_on_separable_and_random_features():
     assert good["probe_accuracy"] > 0.95 and good["knn_accuracy"] > 0.95
     assert bad["probe_accuracy"] < 0.5  # chance is 0.25
     assert good["n_train"] == 100 and good["classes"] == 4
+    assert bad["majority_accuracy"] == 0.25  # balanced classes: the majority guess is right 1 time in 4
+
+
+def test_probe_regularization_is_chosen_by_cross_validation():
+    """The probe's C is the grid value with the best 3-fold accuracy on the training split,
+    checked against a hand-written cross-validation loop (few samples, 300 mostly-noise dims:
+    the regime where a fixed C over- or under-fits)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.probe import PROBE_CS
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.array(["a", "b"]), 100)
+    x = rng.normal(size=(200, 300))
+    x[:, :3] += np.where(y == "a", 1.5, -1.5)[:, None]
+    xtr, ytr, xte, yte = x[::2], y[::2], x[1::2], y[1::2]
+    got = fit_probes(xtr, ytr, xte, yte)
+    z = StandardScaler().fit_transform(xtr)
+    scores = []
+    for c in PROBE_CS:
+        accs = [LogisticRegression(C=c, max_iter=2000).fit(z[a], ytr[a]).score(z[b], ytr[b])
+                for a, b in StratifiedKFold(3).split(z, ytr)]
+        scores.append(np.mean(accs))
+    assert got["probe_c"] == PROBE_CS[int(np.argmax(scores))]
+    fixed = fit_probes(xtr, ytr, xte, yte, cs=(got["probe_c"],))
+    assert fixed["probe_c"] == got["probe_c"] and abs(fixed["probe_accuracy"] - got["probe_accuracy"]) < 0.02
 
 
 @pytest.mark.slow

@@ -1,0 +1,154 @@
+"""Closeness to the machine: achieved FLOP/s of a full training step at base width (768 × 12) over
+the matmul FLOP/s this machine reaches, measured in the same run.
+
+    .venv/bin/python -m benchmarks.efficiency [--modalities image,audio,text] [--modes d2v1,d2v2]
+        [--steps 2] [--size base] [--compile]
+
+A step = collate-free forward (teacher targets + student) + backward + AdamW + EMA update, the
+`base` preset of each modality (dropout as in the preset), on synthetic inputs of realistic shape:
+224-px images (16×16 patches), 2-s clips at 16 kHz, 512-token text (at most the preset's positions). FLOPs are counted with torch's
+FlopCounterMode (matmuls, convolutions, attention; forward + backward). The peak is a large GEMM
+(fp32 on CPU; bf16 on CUDA, where steps run under bf16 autocast and `--compile` applies
+torch.compile). Prints a table, then one JSON line: {"cpu_matmul_fraction": the lowest fraction
+over the rows} (or "gpu_mfu" on CUDA, against both the measured GEMM and the H100's 989 TFLOP/s).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pipeline.model.config import preset  # noqa: E402
+from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
+from pipeline.model.frontends import conv_frames  # noqa: E402
+from pipeline.train.config import TrainConfig  # noqa: E402
+from pipeline.train.worker import build_optimizer  # noqa: E402
+
+H100_BF16_DENSE = 989e12  # NVIDIA H100 SXM spec sheet, dense bf16
+# (batch on CPU, batch on GPU) per modality and mode: d2v2 multiplies the student batch by clone_batch.
+BATCH = {("image", "d2v1"): (8, 128), ("image", "d2v2"): (2, 64), ("audio", "d2v1"): (4, 64),
+         ("audio", "d2v2"): (2, 32), ("text", "d2v1"): (4, 64), ("text", "d2v2"): (2, 32)}
+
+
+def matmul_flops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else n
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synthetic(cfg, batch: int, rng: np.random.Generator) -> tuple[dict, torch.Tensor]:
+    """Realistically shaped random inputs and masks for one step."""
+    if cfg.modality == "image":
+        px = cfg.frontend.image_size
+        inputs, T, lengths = {"image": torch.randn(batch, 3, px, px)}, (px // cfg.frontend.patch_size) ** 2, None
+    elif cfg.modality == "audio":
+        L = 32_000
+        inputs = {"audio": torch.randn(batch, L), "lengths": torch.full((batch,), L)}
+        T = int(conv_frames(L))
+        lengths = np.full(batch, T)
+    else:
+        T = min(512, cfg.frontend.max_positions)
+        ids = rng.integers(5, cfg.frontend.vocab_size, (batch, T))
+        inputs, lengths = {"input_ids": torch.from_numpy(ids)}, np.full(batch, T)
+    m = draw_masks(cfg, batch, T, rng, lengths=lengths, input_ids=inputs.get("input_ids", torch.zeros(0)).numpy())
+    if "input_ids_masked" in m:
+        inputs["input_ids_masked"] = torch.from_numpy(m["input_ids_masked"])
+    return inputs, torch.from_numpy(m["mask"])
+
+
+class Step:
+    def __init__(self, modality: str, mode: str, size: str, device: torch.device, compile_: bool):
+        self.cfg = preset(modality, size, mode)
+        self.batch = BATCH[(modality, mode)][device.type == "cuda"]
+        self.model = Data2Vec(self.cfg).to(device)
+        self.opt = build_optimizer(self.model, dataclasses.replace(TrainConfig(), lr=1e-4))
+        self.forward = torch.compile(self.model) if compile_ else self.model
+        inputs, mask = synthetic(self.cfg, self.batch, np.random.default_rng(0))
+        self.inputs = {k: v.to(device) for k, v in inputs.items()}
+        self.mask, self.device, self.i = mask.to(device), device, 0
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def __call__(self):
+        with self.autocast:
+            out = self.forward(self.inputs, self.mask)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.ema_step(self.i)
+        self.i += 1
+
+
+def measure(step: Step, steps: int) -> tuple[float, float]:
+    """(seconds per step, FLOPs per step)."""
+    step()
+    step()  # warm-up (and compilation)
+    with FlopCounterMode(display=False) as fc:
+        step()
+    _sync(step.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(step.device)
+    return (time.perf_counter() - t) / steps, fc.get_total_flops()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--modalities", default="image,audio,text")
+    p.add_argument("--modes", default="d2v1,d2v2")
+    p.add_argument("--size", default="base", help="model preset size: demo, base or large")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per row (after 2 warm-up steps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    peak = matmul_flops(device)
+    what = "bf16" if device.type == "cuda" else f"fp32, {torch.get_num_threads()} threads"
+    print(f"# {device.type} matmul peak: {peak / 1e12:.3f} TFLOP/s ({what}); size {a.size}")
+    print(f"{'modality':8} {'mode':5} {'batch':>5} {'s/step':>7} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>9}")
+    fractions = {}
+    for mod in a.modalities.split(","):
+        for mode in a.modes.split(","):
+            step = Step(mod, mode, a.size, device, a.compile)
+            dt, flops = measure(step, a.steps)
+            frac = flops / dt / peak
+            fractions[f"{mod}_{mode}"] = round(frac, 3)
+            print(f"{mod:8} {mode:5} {step.batch:5d} {dt:7.2f} {flops / 1e9:11.1f} {flops / dt / 1e9:8.1f} "
+                  f"{frac:9.2f}", flush=True)
+            del step
+    key = "gpu_mfu_of_measured_matmul" if device.type == "cuda" else "cpu_matmul_fraction"
+    out = {key: min(fractions.values()), **{f"{key}_{k}": v for k, v in fractions.items()}}
+    if device.type == "cuda":
+        out["gpu_mfu_of_h100_spec"] = round(min(fractions.values()) * peak / H100_BF16_DENSE, 3)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""In-process training and probing on preprocessed shards, without Ray: the "bare PyTorch step"
+the benchmarks compare against, and a fast loop for recipe experiments.
+
+    rows = load_rows("runs/demo/data/image_train", "image")           # columns as Python lists
+    trainer = Trainer(run_config, rows)                               # same collate/optimizer/LR as a worker
+    trainer.train(100)                                                # → seconds spent in steps
+    acc = probe_accuracy(trainer.model, probe_train, probe_test)      # frozen features → LR probe
+
+The step is the worker's step (`pipeline.train.worker`): same `collate`, masks, `build_optimizer`,
+`lr_at`, clipping and EMA update; only the data comes from memory instead of a Ray Data stream.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.model.data2vec import Data2Vec
+from pipeline.probe import eval_inputs, fit_probes
+from pipeline.train.batches import COLUMNS, collate, step_rng
+from pipeline.train.config import RunConfig
+from pipeline.train.worker import build_optimizer, lr_at
+
+
+def load_rows(data_dir: str, modality: str, labeled: bool = False) -> dict[str, list]:
+    """All rows of a preprocessed folder → {column: list}; `labeled` keeps rows with a label."""
+    cols = COLUMNS[modality] + (["label"] if labeled else [])
+    files = sorted(glob.glob(os.path.join(data_dir, "shards", "*.parquet")))
+    tables = [pq.read_table(f, columns=cols) for f in files]
+    out = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
+    if labeled:
+        keep = [i for i, lab in enumerate(out["label"]) if lab is not None]
+        out = {c: [v[i] for i in keep] for c, v in out.items()}
+    return out
+
+
+def batches(rows: dict[str, list], batch_size: int, seed: int):
+    """Endless shuffled numpy batches (epoch after epoch), dropping the last partial batch."""
+    n = len(next(iter(rows.values())))
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i: i + batch_size]
+            yield {c: _column([v[j] for j in idx]) for c, v in rows.items()}
+
+
+def _column(values: list):
+    if isinstance(values[0], (bytes, str)) or values[0] is None:
+        return np.asarray(values, dtype=object)
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = [np.asarray(v) for v in values]
+    return arr
+
+
+class Trainer:
+    """One process, one model: the worker's step on in-memory batches."""
+
+    def __init__(self, cfg: RunConfig, rows: dict[str, list]):
+        self.cfg, t = cfg, cfg.train
+        torch.manual_seed(t.seed)
+        self.model = Data2Vec(cfg.model)
+        self.opt = build_optimizer(self.model, t)
+        self.step = 0
+        self.data = batches(rows, t.batch_size, t.seed)
+
+    def next_inputs(self):
+        t = self.cfg.train
+        return collate(next(self.data), self.cfg.model, step_rng(t.seed, 0, self.step), t.audio_max_samples,
+                       t.text_max_tokens, t.audio_batching)
+
+    def train_step(self, inputs, mask) -> float:
+        t = self.cfg.train
+        self.model.train()
+        out = self.model(inputs, mask)
+        self.model.check(out, self.step)
+        out.loss.backward()
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, t)
+        if t.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.student_parameters(), t.clip_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.ema_step(self.step)
+        self.step += 1
+        return float(out.loss.detach())
+
+    def train(self, steps: int) -> float:
+        """Run `steps` steps (collate included, as in a worker); returns their wall seconds."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.train_step(*self.next_inputs())
+        return time.perf_counter() - t0
+
+
+def features(model: Data2Vec, rows: dict[str, list], layers=(-1,), teacher: bool = False,
+             batch_size: int = 128) -> np.ndarray:
+    """Mean-pooled frozen features (N, D), in-process (the Ray version is pipeline.probe.extract)."""
+    model.eval()
+    f = model.cfg.frontend
+    col = COLUMNS[model.cfg.modality][0]
+    out = []
+    for i in range(0, len(rows[col]), batch_size):
+        b = {col: _column(rows[col][i: i + batch_size])}
+        out.append(model.extract(eval_inputs(b, model.cfg.modality, f.image_size, f.max_positions),
+                                 layers=layers, teacher=teacher).numpy())
+    return np.concatenate(out)
+
+
+def probe_accuracy(model: Data2Vec, train_rows, test_rows, layers=(-1,), teacher: bool = False) -> float:
+    xtr, xte = (features(model, r, layers, teacher) for r in (train_rows, test_rows))
+    return fit_probes(xtr, np.asarray(train_rows["label"]), xte, np.asarray(test_rows["label"]))["probe_accuracy"]

@@ -1,0 +1,95 @@
+"""Input pipeline and Ray overhead: the full Ray Train loop (streaming Ray Data shards, DDP wrapper,
+metrics, checkpoint reports) vs the bare PyTorch step on the same data, side by side.
+
+    .venv/bin/python -m benchmarks.input_pipeline [--data runs/demo/data] [--modalities image,audio,text]
+        [--sizes demo,base] [--steps 60] [--base-steps 8]
+
+For each modality and model size, both sides run the same RunConfig (1 worker, all cores as torch
+threads, batch of the preset) for `steps` steps; samples/s is taken over the second half (the
+first half warms up: Ray start-up, first blocks, allocator). The bare side is the worker's step on
+in-memory batches (benchmarks/harness.py). data-wait = share of the Ray worker's wall time spent
+waiting for its next batch (what the training loop logs as `data_wait_fraction`).
+`base` = the base model preset (768 × 12) on the demo's data (images keep their 28 px, patch 4).
+Prints a table, then one JSON line: {"ray_overhead": worst 1 − ray/bare, "data_wait_fraction": worst}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.harness import Trainer, load_rows  # noqa: E402
+from pipeline.train.config import RunConfig, resolve  # noqa: E402
+from pipeline.train.launch import frontend_from_manifest, read_manifest  # noqa: E402
+
+PRETRAIN_SPLIT = {"image": "train", "audio": "train", "text": "pretrain"}
+
+
+def run_config(mod: str, data: str, size: str, steps: int, output: str) -> RunConfig:
+    pre = os.path.join(data, f"{mod}_{PRETRAIN_SPLIT[mod]}")
+    fe = frontend_from_manifest(read_manifest(pre, mod))
+    if mod == "image" and size != "demo":
+        fe["patch_size"] = 4  # the demo's 28-px digits: 49 patches
+    half = max(1, steps // 2)
+    return resolve(mod, pre, output, size, None, {
+        "train.max_steps": steps, "train.warmup_steps": min(steps, 10), "train.log_every": half,
+        "train.checkpoint_every": steps, "train.max_failures": 0}, model_frontend=fe)
+
+
+def bare_samples_per_s(cfg: RunConfig) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)
+    tr = Trainer(cfg, load_rows(cfg.data, cfg.modality))
+    steps = cfg.train.max_steps
+    tr.train(steps - steps // 2)  # warm-up half
+    return cfg.train.batch_size * (steps // 2) / tr.train(steps // 2)
+
+
+def ray_metrics(cfg: RunConfig) -> dict:
+    from pipeline.train.launch import run_pretraining
+
+    result = run_pretraining(cfg)
+    if result.error:
+        raise RuntimeError(f"{cfg.modality} Ray run failed: {result.error}")
+    return result.metrics  # the last logging window = the second half of the run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="runs/demo/data")
+    p.add_argument("--modalities", default="image,audio,text")
+    p.add_argument("--sizes", default="demo,base")
+    p.add_argument("--steps", type=int, default=60, help="steps per run at the demo size")
+    p.add_argument("--base-steps", type=int, default=8, help="steps per run at base size")
+    a = p.parse_args(argv)
+    from pipeline.raycluster import init_ray
+
+    init_ray(num_cpus=max(os.cpu_count() or 1, 3), dashboard=True)
+    rows = []
+    for size in a.sizes.split(","):
+        for mod in a.modalities.split(","):
+            steps = a.steps if size == "demo" else a.base_steps
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = run_config(mod, a.data, size, steps, tmp)
+                bare = bare_samples_per_s(cfg)
+                m = ray_metrics(cfg)
+            rows.append((size, mod, cfg.train.batch_size, steps, bare, m["samples_per_s"], m["data_wait_fraction"]))
+            print(f"  {size} {mod}: bare {bare:.2f} samples/s, ray {m['samples_per_s']:.2f}, "
+                  f"data-wait {m['data_wait_fraction']:.2%}", flush=True)
+    print(f"\n{'size':5} {'modality':8} {'batch':>5} {'steps':>5} {'bare sps':>9} {'ray sps':>8} "
+          f"{'overhead':>8} {'data-wait':>9}")
+    for size, mod, b, steps, bare, ray_sps, wait in rows:
+        print(f"{size:5} {mod:8} {b:5d} {steps:5d} {bare:9.2f} {ray_sps:8.2f} {1 - ray_sps / bare:8.1%} {wait:9.2%}")
+    print(json.dumps({"ray_overhead": round(max(1 - r[5] / r[4] for r in rows), 3),
+                      "data_wait_fraction": round(max(r[6] for r in rows), 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
