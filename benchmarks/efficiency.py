@@ -7,7 +7,8 @@ the matmul FLOP/s this machine reaches, measured in the same run.
 A step = collate-free forward (teacher targets + student) + backward + AdamW + EMA update, the
 `base` preset of each modality (dropout as in the preset), on synthetic inputs of realistic shape:
 224-px images (16×16 patches), 2-s clips at 16 kHz, 512-token text (at most the preset's positions). FLOPs are counted with torch's
-FlopCounterMode (matmuls, convolutions, attention; forward + backward). The peak is a large GEMM
+FlopCounterMode (matmuls, convolutions, attention; forward + backward; grouped-conv backward
+fixed in benchmarks/flops.py). The peak is the best of 3 timed large GEMMs
 (fp32 on CPU; bf16 on CUDA, where steps run under bf16 autocast and `--compile` applies
 torch.compile). Prints a table, then one JSON line: {"cpu_matmul_fraction": the lowest fraction
 over the rows} (or "gpu_mfu" on CUDA, against both the measured GEMM and the H100's 989 TFLOP/s).
@@ -24,11 +25,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.flops import _sync, counter, matmul_peak  # noqa: E402
 from pipeline.model.config import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
 from pipeline.model.frontends import conv_frames  # noqa: E402
@@ -39,25 +40,6 @@ H100_BF16_DENSE = 989e12  # NVIDIA H100 SXM spec sheet, dense bf16
 # (batch on CPU, batch on GPU) per modality and mode: d2v2 multiplies the student batch by clone_batch.
 BATCH = {("image", "d2v1"): (8, 128), ("image", "d2v2"): (2, 64), ("audio", "d2v1"): (4, 64),
          ("audio", "d2v2"): (2, 32), ("text", "d2v1"): (4, 64), ("text", "d2v2"): (2, 32)}
-
-
-def matmul_flops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else n
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def synthetic(cfg, batch: int, rng: np.random.Generator) -> tuple[dict, torch.Tensor]:
@@ -106,7 +88,7 @@ def measure(step: Step, steps: int) -> tuple[float, float]:
     """(seconds per step, FLOPs per step)."""
     step()
     step()  # warm-up (and compilation)
-    with FlopCounterMode(display=False) as fc:
+    with counter() as fc:
         step()
     _sync(step.device)
     t = time.perf_counter()
@@ -128,7 +110,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    peak = matmul_flops(device)
+    peak = matmul_peak(device)
     what = "bf16" if device.type == "cuda" else f"fp32, {torch.get_num_threads()} threads"
     print(f"# {device.type} matmul peak: {peak / 1e12:.3f} TFLOP/s ({what}); size {a.size}")
     print(f"{'modality':8} {'mode':5} {'batch':>5} {'s/step':>7} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>9}")

@@ -28,12 +28,12 @@ import sys
 import tempfile
 
 import numpy as np
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.efficiency import synthetic  # noqa: E402
+from benchmarks.flops import counter  # noqa: E402
 from benchmarks.input_pipeline import PRETRAIN_SPLIT  # noqa: E402
 from pipeline.model.config import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec  # noqa: E402
@@ -65,7 +65,7 @@ def per_sample(mod: str) -> tuple[float, int]:
     cfg = preset(mod, "base", "d2v2")
     model = Data2Vec(cfg)
     inputs, mask = synthetic(cfg, 1, np.random.default_rng(0))
-    with FlopCounterMode(display=False) as fc:
+    with counter() as fc:
         model(inputs, mask).loss.backward()
     params = sum(p.numel() for p in model.student_parameters() if p.requires_grad)
     return fc.get_total_flops(), params

@@ -5,7 +5,8 @@
 The baseline is what a user would build without us: a `transformers` Data2VecVisionModel student,
 a `copy.deepcopy` EMA teacher updated with a per-parameter Python loop, `output_hidden_states`
 top-K targets, a linear head and smooth L1 on masked patches. All three run the same image
-sizes and widths. FLOPs per step are counted with torch's FlopCounterMode (forward + backward);
+sizes and widths. FLOPs per step are counted with torch's FlopCounterMode (forward + backward;
+benchmarks/flops.py fixes its grouped-conv backward count);
 the CPU's fp32 matmul rate is measured in the same run. Prints a table, then one JSON line:
 {"d1_over_baseline", "d2_over_d1", "cpu_matmul_fraction"} (the fraction is our 1.0 step at ViT-S).
 """
@@ -22,28 +23,18 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline.model.config import EncoderConfig, preset  # noqa: E402
+from benchmarks.flops import counter, matmul_peak  # noqa: E402
+from pipeline.model.config import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
 
 SIZES = {  # name: (image px, patch, width, depth, heads, batch)
     "vit-s": (224, 16, 384, 12, 6, 8),
     "demo": (28, 4, 128, 4, 4, 32),
 }
-
-
-def matmul_flops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
 class OurStep:
@@ -125,7 +116,7 @@ class HFBaselineStep:
 def measure(step, batch: int, steps: int) -> tuple[float, float]:
     """(samples/s, FLOPs per step)."""
     step()  # warm-up
-    with FlopCounterMode(display=False) as fc:
+    with counter() as fc:
         step()
     flops = fc.get_total_flops()
     t = time.perf_counter()
@@ -142,7 +133,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    peak = matmul_flops()
+    peak = matmul_peak()
     print(f"# CPU fp32 matmul: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     print(f"{'size':6} {'variant':22} {'samples/s':>10} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>9}")
     res = {}

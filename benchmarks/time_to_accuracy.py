@@ -2,7 +2,7 @@
 fixed budget — and for a Hugging Face-based 1.0 baseline (images) to reach it too.
 
     .venv/bin/python -m benchmarks.time_to_accuracy [--data runs/demo/data] [--modalities image,audio,text]
-        [--budget1 image=1000,audio=500,text=1000] [--budget2 image=300,audio=200,text=400] [--probes 6]
+        [--budget1 image=1000,audio=400,text=1000] [--budget2 image=300,audio=150,text=400] [--probes 6]
 
 `--data` holds the demo's preprocessed folders (`python -m jobs.demo` writes them to runs/demo/data):
 <modality>_train (pretraining input; text uses text_pretrain), <modality>_train/_test (probe splits).
@@ -44,8 +44,8 @@ from pipeline.train.launch import frontend_from_manifest, read_manifest  # noqa:
 from pipeline.train.worker import lr_at  # noqa: E402
 
 PRETRAIN_SPLIT = {"image": "train", "audio": "train", "text": "pretrain"}
-BUDGET1 = "image=1000,audio=500,text=1000"  # 1.0 steps (batch 32): roughly the 2.0 demo's wall time
-BUDGET2 = "image=300,audio=200,text=400"
+BUDGET1 = "image=1000,audio=400,text=1000"  # 1.0 steps (batch 32): roughly the 2.0 demo's wall time
+BUDGET2 = "image=300,audio=150,text=400"
 LEARNED = 0.05  # probe points above random init that count as "learned" (the quality bar)
 
 
@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--modalities", default="image,audio,text")
     p.add_argument("--budget1", default=BUDGET1, help="data2vec 1.0 (and HF baseline) steps per modality")
     p.add_argument("--budget2", default=BUDGET2, help="data2vec 2.0 maximum steps per modality")
-    p.add_argument("--probes", type=int, default=6, help="probes per curve (plus one at step 0)")
+    p.add_argument("--probes", type=int, default=6, help="probes along the 1.0 and HF curves (plus step 0)")
+    p.add_argument("--probes2", type=int, default=12, help="probes along the 2.0 curve: it stops at the "
+                   "first that reaches the target, so denser probing measures t2 more precisely")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         target = c1[-1][2] if learned else c1[0][2] + LEARNED
         t1 = first_reach(c1, target) if learned else c1[-1][0]  # not learned: t1 > the whole budget
         targets[mod] = target
-        c2 = ours(mod, "d2v2", a.data, b2[mod], probe_rows, a.probes, target)
+        c2 = ours(mod, "d2v2", a.data, b2[mod], probe_rows, a.probes2, target)
         t2 = first_reach(c2, target)
         speed = t1 / t2 if t2 else None
         rows.append((mod, "ours d2v1", c1, t1, None, not learned))

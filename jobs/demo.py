@@ -21,7 +21,7 @@ import time
 from pipeline.config import AudioSettings, ConfigError, ImageSettings, PreprocessConfig, TextSettings
 
 # Pretraining budget per modality at the demo preset (steps of batch 32, one worker per 2 cores).
-DEMO_STEPS = {"image": 200, "audio": 120, "text": 200}
+DEMO_STEPS = {"image": 120, "audio": 60, "text": 100}
 SPLITS = {"image": ("train", "train", "test"), "audio": ("train", "train", "test"),
           "text": ("pretrain", "train", "test")}  # (pretraining input, probe train, probe test)
 

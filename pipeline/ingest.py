@@ -25,7 +25,7 @@ import ray
 from pipeline import storage
 from pipeline.config import SAMPLE_RATE, ConfigError, PreprocessConfig
 from pipeline.decoders import Rejected, decode_audio, decode_image, split_text
-from pipeline.tokenizer import chunk_ids, load_tokenizer, pack_rows, train_tokenizer
+from pipeline.tokenizer import chunk_ids, pack_rows, train_tokenizer
 
 SHARDS = "shards"
 

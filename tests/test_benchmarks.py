@@ -49,6 +49,20 @@ def test_harness_step_matches_a_hand_written_loop(demo_shards):
         assert torch.equal(a, b), name
 
 
+def test_flop_counter_counts_grouped_conv_backward_as_twice_the_forward():
+    """torch's own formula counts ~17× the forward for a 16-group conv backward; ours, 2× by hand:
+    forward = 2 · B · L_out · C_out · (C_in / groups) · k."""
+    from benchmarks.flops import counter
+    B, C, L, k, g = 4, 64, 50, 7, 16
+    conv = torch.nn.Conv1d(C, C, k, padding=k // 2, groups=g)
+    x = torch.randn(B, C, L, requires_grad=True)
+    with counter() as fc:
+        conv(x).sum().backward()
+    forward = 2 * B * L * C * (C // g) * k
+    counts = {str(op): n for op, n in fc.get_flop_counts()["Global"].items()}
+    assert counts == {"aten.convolution": forward, "aten.convolution_backward": 2 * forward}
+
+
 def test_step_and_efficiency_scripts_run():
     from benchmarks.efficiency import main as efficiency
     from benchmarks.step import main as step
@@ -64,7 +78,7 @@ def test_time_to_accuracy_script_runs(demo_shards):
     from benchmarks.time_to_accuracy import main
     data = os.path.dirname(demo_shards["image"])
     text, r = run_main(main, ["--data", data, "--modalities", "image", "--budget1", "image=4",
-                              "--budget2", "image=4", "--probes", "1"])
+                              "--budget2", "image=4", "--probes", "1", "--probes2", "1"])
     assert "time_to_accuracy_speedup_image" in r and "hf_baseline_speedup_image" in r
     assert "hf-baseline d2v1" in text
 

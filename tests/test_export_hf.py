@@ -1,5 +1,4 @@
 """Exported Hugging Face models reproduce our hidden states (fp32, max abs diff <= 1e-4)."""
-import dataclasses
 
 import pytest
 import torch
