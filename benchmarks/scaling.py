@@ -2,7 +2,7 @@
 scaling data2vec 2.0 at base size to 8–64 GPUs from measured per-sample compute and gradient volume.
 
     .venv/bin/python -m benchmarks.scaling [--data runs/demo/data] [--modality image] [--steps 40]
-        [--mfu 0.40] [--gpu-batch image=64,audio=8,text=16]
+        [--mfu 0.40] [--gpu-batch image=64,audio=44,text=16]
 
 Measured: the demo preset (2.0 mode) through `run_pretraining`: 1 worker × all cores vs 2 workers ×
 half the cores each (gloo all-reduce of every gradient each step), same global batch per step,
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--model-modalities", default="image,audio,text")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed GPU model-FLOP utilization")
-    p.add_argument("--gpu-batch", default="image=64,audio=8,text=16", help="per-GPU samples per step")
+    p.add_argument("--gpu-batch", default="image=64,audio=44,text=16",
+                   help="per-GPU samples per step (audio: 44 clips of 2 s ≈ fairseq base's 1.4 M samples per GPU)")
     a = p.parse_args(argv)
     from pipeline.raycluster import init_ray
 
