@@ -1,4 +1,4 @@
-"""The whole product on one machine, end to end, in about ten minutes on 2 CPU cores.
+"""The whole product on one machine, end to end, in about fifteen minutes on 2 CPU cores.
 
     python -m jobs.demo [--data demo_data] [--output runs/demo] [--modalities image,audio,text]
 
