@@ -22,8 +22,20 @@ import torch
 from pipeline.model.data2vec import Data2Vec
 from pipeline.probe import eval_inputs, fit_probes
 from pipeline.train.batches import COLUMNS, collate, step_rng
-from pipeline.train.config import RunConfig
+from pipeline.train.config import RunConfig, resolve
+from pipeline.train.launch import frontend_from_manifest, read_manifest
 from pipeline.train.worker import build_optimizer, lr_at
+
+
+def demo_run_config(data: str, modality: str, output: str, size: str = "demo",
+                    overrides: dict | None = None, **frontend) -> RunConfig:
+    """The run config for pretraining on the demo's preprocessed folders under `data` (as
+    `python -m jobs.demo` lays them out), with the data-derived front-end settings from its manifest."""
+    from jobs.demo import SPLITS
+
+    pre = os.path.join(data, f"{modality}_{SPLITS[modality][0]}")
+    fe = {**frontend_from_manifest(read_manifest(pre, modality)), **frontend}
+    return resolve(modality, pre, output, size, None, overrides, model_frontend=fe)
 
 
 def load_rows(data_dir: str, modality: str, labeled: bool = False) -> dict[str, list]:

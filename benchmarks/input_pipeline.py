@@ -25,22 +25,16 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.harness import Trainer, load_rows  # noqa: E402
-from pipeline.train.config import RunConfig, resolve  # noqa: E402
-from pipeline.train.launch import frontend_from_manifest, read_manifest  # noqa: E402
-
-PRETRAIN_SPLIT = {"image": "train", "audio": "train", "text": "pretrain"}
+from benchmarks.harness import Trainer, demo_run_config, load_rows  # noqa: E402
+from pipeline.train.config import RunConfig  # noqa: E402
 
 
 def run_config(mod: str, data: str, size: str, steps: int, output: str) -> RunConfig:
-    pre = os.path.join(data, f"{mod}_{PRETRAIN_SPLIT[mod]}")
-    fe = frontend_from_manifest(read_manifest(pre, mod))
-    if mod == "image" and size != "demo":
-        fe["patch_size"] = 4  # the demo's 28-px digits: 49 patches
+    patch = {"patch_size": 4} if mod == "image" and size != "demo" else {}  # the demo's 28-px digits: 49 patches
     half = max(1, steps // 2)
-    return resolve(mod, pre, output, size, None, {
+    return demo_run_config(data, mod, output, size, {
         "train.max_steps": steps, "train.warmup_steps": min(steps, 10), "train.log_every": half,
-        "train.checkpoint_every": steps, "train.max_failures": 0}, model_frontend=fe)
+        "train.checkpoint_every": steps, "train.max_failures": 0}, **patch)
 
 
 def bare_samples_per_s(cfg: RunConfig) -> float:

@@ -34,11 +34,9 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.efficiency import synthetic  # noqa: E402
 from benchmarks.flops import counter  # noqa: E402
-from benchmarks.input_pipeline import PRETRAIN_SPLIT  # noqa: E402
+from benchmarks.harness import demo_run_config  # noqa: E402
 from pipeline.model.config import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec  # noqa: E402
-from pipeline.train.config import resolve  # noqa: E402
-from pipeline.train.launch import frontend_from_manifest, read_manifest  # noqa: E402
 
 H100_BF16 = 989e12
 NVLINK_BPS, INTERNODE_BPS = 450e9, 50e9
@@ -48,12 +46,10 @@ GPUS = (1, 8, 16, 32, 64)
 def measured(data: str, mod: str, workers: int, steps: int) -> float:
     from pipeline.train.launch import run_pretraining
 
-    pre = os.path.join(data, f"{mod}_{PRETRAIN_SPLIT[mod]}")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve(mod, pre, tmp, "demo", None, {
+        cfg = demo_run_config(data, mod, tmp, overrides={
             "train.max_steps": steps, "train.num_workers": workers, "train.batch_size": 32 // workers,
-            "train.log_every": steps // 2, "train.checkpoint_every": steps, "train.max_failures": 0},
-            model_frontend=frontend_from_manifest(read_manifest(pre, mod)))
+            "train.log_every": steps // 2, "train.checkpoint_every": steps, "train.max_failures": 0})
         result = run_pretraining(cfg)
     if result.error:
         raise RuntimeError(f"{workers}-worker run failed: {result.error}")

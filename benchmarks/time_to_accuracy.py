@@ -35,15 +35,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.harness import Trainer, load_rows, probe_accuracy  # noqa: E402
+from benchmarks.harness import Trainer, demo_run_config, load_rows, probe_accuracy  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.probe import fit_probes  # noqa: E402
 from pipeline.train.batches import image_tensor  # noqa: E402
-from pipeline.train.config import resolve  # noqa: E402
-from pipeline.train.launch import frontend_from_manifest, read_manifest  # noqa: E402
 from pipeline.train.worker import lr_at  # noqa: E402
 
-PRETRAIN_SPLIT = {"image": "train", "audio": "train", "text": "pretrain"}
 BUDGET1 = "image=1000,audio=400,text=1000"  # 1.0 steps (batch 32): roughly the 2.0 demo's wall time
 BUDGET2 = "image=300,audio=150,text=400"
 LEARNED = 0.05  # probe points above random init that count as "learned" (the quality bar)
@@ -80,11 +77,8 @@ def first_reach(points, target: float) -> float | None:
 
 
 def ours(mod: str, mode: str, data: str, steps: int, probe_rows, probes: int, target=None):
-    pre = os.path.join(data, f"{mod}_{PRETRAIN_SPLIT[mod]}")
-    fe = frontend_from_manifest(read_manifest(pre, mod))
-    cfg = resolve(mod, pre, tempfile.mkdtemp(), "demo", None, {"model.mode": mode, "train.max_steps": steps},
-                  model_frontend=fe)
-    tr = Trainer(cfg, load_rows(pre, mod))
+    cfg = demo_run_config(data, mod, tempfile.mkdtemp(), overrides={"model.mode": mode, "train.max_steps": steps})
+    tr = Trainer(cfg, load_rows(cfg.data, mod))
     print(f"  {mod} {mode}: {steps} steps max", flush=True)
     return curve(lambda: tr.train_step(*tr.next_inputs()), lambda: probe_accuracy(tr.model, *probe_rows),
                  steps, probes, target)
@@ -94,15 +88,13 @@ def hf_baseline(data: str, steps: int, probe_rows, probes: int, target: float):
     """The 1.0 baseline a user would write on `transformers` (benchmarks/step.py), on real digits."""
     from benchmarks.step import HFBaselineStep
 
-    pre = os.path.join(data, "image_train")
-    fe = frontend_from_manifest(read_manifest(pre, "image"))
-    cfg = resolve("image", pre, tempfile.mkdtemp(), "demo", None, {"model.mode": "d2v1", "train.max_steps": steps},
-                  model_frontend=fe)
+    cfg = demo_run_config(data, "image", tempfile.mkdtemp(),
+                          overrides={"model.mode": "d2v1", "train.max_steps": steps})
     m, t = cfg.model, cfg.train
     torch.manual_seed(t.seed)
     base = HFBaselineStep(m.frontend.image_size, m.frontend.patch_size, m.encoder.dim, m.encoder.depth,
                           m.encoder.heads, t.batch_size, top_k=m.target.top_k, decay=m.ema.decay, lr=t.lr)
-    tr = Trainer(cfg, load_rows(pre, "image"))  # only for its batches and masks (same as ours 1.0)
+    tr = Trainer(cfg, load_rows(cfg.data, "image"))  # only for its batches and masks (same as ours 1.0)
     state = {"step": 0}
 
     def step():
