@@ -92,3 +92,30 @@ def test_ray_benchmarks_run(demo_shards):
     assert 0 <= r["data_wait_fraction"] < 1 and np.isfinite(r["ray_overhead"])
     _, r = run_main(scaling, ["--data", data, "--modality", "text", "--steps", "4", "--model-modalities", "text"])
     assert r["two_worker_speedup"] > 0 and 0 < r["efficiency_64_gpus_text"] <= 1
+
+
+def test_text_diagnostics_word_order_rows_and_variance_shares():
+    """The word-order probe rows swap exactly two adjacent, different sub-word tokens in the
+    shifted half and leave the rest (and <s>/</s>) untouched; the R² of per-group means equals a
+    hand computation of 1 - within-group / total sum of squares."""
+    from benchmarks.text_diagnostics import _group_means, _r2, shifted
+
+    rng = np.random.default_rng(0)
+    rows = {"input_ids": [np.array([0, *rng.integers(5, 50, size=int(rng.integers(6, 20))), 2]) for _ in range(400)]
+            + [np.array([0, 7, 7, 7, 2])]}  # too short: dropped
+    out = shifted(rows, seed=3)
+    assert len(out["label"]) == 400 and 0.4 < np.mean(np.array(out["label"]) == "shifted") < 0.6
+    for orig, new, lab in zip(rows["input_ids"], out["input_ids"], out["label"]):
+        diff = np.nonzero(orig != new)[0]
+        assert new[0] == 0 and new[-1] == 2 and sorted(new) == sorted(orig)
+        if lab == "original":
+            assert len(diff) == 0
+        else:
+            assert len(diff) == 2 and diff[1] == diff[0] + 1
+            assert new[diff[0]] == orig[diff[1]] and new[diff[1]] == orig[diff[0]]
+
+    groups = rng.integers(0, 5, size=300)
+    y = rng.normal(size=(300, 3)) + groups[:, None] * np.array([1.0, -2.0, 0.5])
+    within = sum(((y[groups == g] - y[groups == g].mean(0)) ** 2).sum() for g in range(5))
+    total = ((y - y.mean(0)) ** 2).sum()
+    assert _r2(y, _group_means(y, groups)) == pytest.approx(1 - within / total)

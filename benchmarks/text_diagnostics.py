@@ -1,0 +1,185 @@
+"""Why the demo's text encoder does not move a probe, measured: what a 128-d feature can reach,
+what the teacher's targets are made of, and whether pretraining teaches word order.
+
+    .venv/bin/python -m benchmarks.text_diagnostics [--data runs/demo/data] [--steps 600] [--every 300]
+        [--position-init-scale 1.0] [--set model.ema.decay=0.99 ...]
+
+`--data` holds the demo's preprocessed text folders (`python -m jobs.demo` writes them):
+text_pretrain (unlabeled corpus + tokenizer), text_train / text_test (topic labels).
+
+1. Ceilings of the topic probe without pretraining: TF-IDF of token ids (fit on the pretraining
+   corpus) → logistic regression, and its LSA projections to 128 / 512 dimensions (the demo
+   encoder's width / 4× it). A linear 128-d summary of the words is what mean pooling gives a
+   barely trained encoder.
+2. Teacher targets: the share of their variance explained by the token's position alone and by its
+   identity alone (R² of the per-group means), and the student's R² at masked tokens.
+3. Training with the workers' step (benchmarks/harness.py, demo preset, d2v2 unless --set), probing
+   every `--every` steps: the topic probe (mean-pooled final layer) and a word-order probe: each
+   labeled row, with probability ½, gets two adjacent tokens swapped (SentEval's "bigram shift"
+   task at the sub-word level); a linear probe must tell shifted from original.
+Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.harness import Trainer, batches, demo_run_config, features, load_rows  # noqa: E402
+from pipeline.probe import fit_probes  # noqa: E402
+from pipeline.train.batches import collate, step_rng  # noqa: E402
+from pipeline.train.config import parse_sets  # noqa: E402
+
+
+def _docs(rows) -> list[str]:
+    return [" ".join(map(str, ids[1:-1])) for ids in rows["input_ids"]]  # token ids as "words"
+
+
+def ceilings(pre, tr, te, dims=(128, 512)) -> dict[str, float]:
+    """Topic-probe accuracy of TF-IDF on token ids, and of its LSA projections to `dims`."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(token_pattern=r"\S+", sublinear_tf=True).fit(_docs(pre))
+    x_pre, xtr, xte = (vec.transform(_docs(r)) for r in (pre, tr, te))
+    ytr, yte = np.asarray(tr["label"]), np.asarray(te["label"])
+    out = {"tfidf": fit_probes(xtr.toarray(), ytr, xte.toarray(), yte)["probe_accuracy"]}
+    for k in dims:
+        svd = TruncatedSVD(k, random_state=0).fit(x_pre)
+        out[f"lsa{k}"] = fit_probes(svd.transform(xtr), ytr, svd.transform(xte), yte)["probe_accuracy"]
+    return out
+
+
+def shifted(rows, seed: int) -> dict[str, list]:
+    """Word-order probe rows: each row, with probability ½, gets two adjacent (different) sub-word
+    tokens swapped; label "shifted" / "original". <s> and </s> stay in place."""
+    rng = np.random.default_rng(seed)
+    ids_out, labels = [], []
+    for ids in rows["input_ids"]:
+        ids = np.array(ids)
+        spots = [i for i in range(1, len(ids) - 2) if ids[i] != ids[i + 1]]
+        if len(ids) < 6 or not spots:
+            continue
+        flip = bool(rng.random() < 0.5)
+        if flip:
+            i = spots[rng.integers(len(spots))]
+            ids[i], ids[i + 1] = ids[i + 1], ids[i]
+        ids_out.append(ids)
+        labels.append("shifted" if flip else "original")
+    return {"input_ids": ids_out, "label": labels}
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def _group_means(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(y)
+    for g in np.unique(groups):
+        sel = groups == g
+        out[sel] = y[sel].mean(0)
+    return out
+
+
+@torch.no_grad()
+def target_makeup(trainer: Trainer, rows, n_batches: int = 10) -> dict[str, float]:
+    """R² of the teacher targets (real tokens of `n_batches` batches of 64) explained by position
+    alone, by token id alone, and by the student's predictions at masked tokens (first mask)."""
+    model, cfg = trainer.model, trainer.cfg
+    C = cfg.model.decoder.clone_batch
+    got = {}
+    hook = model.decoder.register_forward_hook(lambda mod, i, o: got.__setitem__("pred", o))
+    ys, pos, tok, preds, masked = [], [], [], [], []
+    data = batches(rows, 64, seed=123)
+    try:
+        for k in range(n_batches):
+            inputs, mask = collate(next(data), cfg.model, step_rng(123, 0, k), cfg.train.audio_max_samples,
+                                   cfg.train.text_max_tokens, cfg.train.audio_batching)
+            x, pad = model.frontend.local(inputs)
+            real = ~pad if pad is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+            y = model.targets(inputs, x, pad)  # (B, T, D)
+            model.eval()  # no dropout; the student pass is only read, not trained
+            model(inputs, mask)
+            ys.append(y[real].numpy())
+            pos.append(torch.nonzero(real)[:, 1].numpy())
+            tok.append(inputs["input_ids"][real].numpy())
+            preds.append(got["pred"][::C][real].numpy())
+            masked.append(mask[::C][real].numpy())
+    finally:
+        hook.remove()
+    y, pos, tok, pred, masked = map(np.concatenate, (ys, pos, tok, preds, masked))
+    return {"r2_position": _r2(y, _group_means(y, pos)), "r2_token": _r2(y, _group_means(y, tok)),
+            "r2_student_masked": _r2(y[masked], pred[masked])}
+
+
+def probes(model, topic, order) -> dict[str, float]:
+    out = {}
+    for name, (tr, te) in (("topic", topic), ("word_order", order)):
+        ytr, yte = np.asarray(tr["label"]), np.asarray(te["label"])
+        out[name] = fit_probes(features(model, tr), ytr, features(model, te), yte)["probe_accuracy"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/demo/data")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--every", type=int, default=300)
+    p.add_argument("--position-init-scale", type=float, default=1.0,
+                   help="multiply the learned position embeddings at init (shrinks the position share of the targets)")
+    p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        pre = load_rows(os.path.join(a.data, "text_pretrain"), "text")
+        tr, te = (load_rows(os.path.join(a.data, f"text_{s}"), "text", labeled=True) for s in ("train", "test"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e} (run `python -m jobs.demo --modalities text` first, or pass --data)", file=sys.stderr)
+        return 2
+    overrides = {"train.max_steps": max(a.steps, 1), **parse_sets(a.set)}
+    cfg = demo_run_config(a.data, "text", tempfile.mkdtemp(), overrides=overrides)
+    if cfg.model.mode != "d2v2":
+        print("error: model.mode: the target diagnostics read the 2.0 decoder; use d2v2", file=sys.stderr)
+        return 2
+    topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))
+
+    ceil = ceilings(pre, tr, te)
+    print("topic probe without pretraining: " + ", ".join(f"{k} {v:.3f}" for k, v in ceil.items()), flush=True)
+    trainer = Trainer(cfg, pre)
+    with torch.no_grad():
+        trainer.model.frontend.positions.weight.mul_(a.position_init_scale)
+    curve, seconds = [], 0.0
+
+    def record(step):
+        got = {**probes(trainer.model, topic, order), **target_makeup(trainer, pre)}
+        curve.append({"step": step, "train_s": round(seconds, 1), **{k: round(v, 3) for k, v in got.items()}})
+        print("  " + json.dumps(curve[-1]), flush=True)
+
+    record(0)
+    for s in range(1, a.steps + 1):
+        t0 = time.perf_counter()
+        trainer.train_step(*trainer.next_inputs())
+        seconds += time.perf_counter() - t0
+        if s % a.every == 0 or s == a.steps:
+            record(s)
+
+    print(f"\n{'step':>5} {'train_s':>8} {'topic':>6} {'word_order':>10} {'R2 pos':>7} {'R2 token':>8} {'R2 student':>10}")
+    for c in curve:
+        print(f"{c['step']:5d} {c['train_s']:8.1f} {c['topic']:6.3f} {c['word_order']:10.3f} {c['r2_position']:7.3f} "
+              f"{c['r2_token']:8.3f} {c['r2_student_masked']:10.3f}")
+    print(json.dumps({"ceilings": {k: round(v, 3) for k, v in ceil.items()}, "curve": curve,
+                      "position_init_scale": a.position_init_scale, "overrides": overrides}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
