@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.flops import _sync, counter, matmul_peak  # noqa: E402
+from benchmarks.flops import sync, counter, matmul_peak  # noqa: E402
 from pipeline.model.config import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
 from pipeline.model.frontends import conv_frames  # noqa: E402
@@ -90,11 +90,11 @@ def measure(step: Step, steps: int) -> tuple[float, float]:
     step()  # warm-up (and compilation)
     with counter() as fc:
         step()
-    _sync(step.device)
+    sync(step.device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(step.device)
+    sync(step.device)
     return (time.perf_counter() - t) / steps, fc.get_total_flops()
 
 

@@ -29,7 +29,8 @@ def counter() -> FlopCounterMode:
         torch.ops.aten.convolution_backward: _conv_backward_flop})
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work before reading the clock (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -46,10 +47,10 @@ def matmul_peak(device: torch.device | None = None, trials: int = 3) -> float:
         a @ b
     best = 0.0
     for _ in range(trials):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
     return best

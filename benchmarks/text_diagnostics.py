@@ -35,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.harness import Trainer, batches, demo_run_config, features, load_rows  # noqa: E402
+from benchmarks.harness import Trainer, batches, demo_run_config, load_rows, probe_accuracy  # noqa: E402
 from pipeline.probe import fit_probes  # noqa: E402
 from pipeline.train.batches import collate, step_rng  # noqa: E402
 from pipeline.train.config import parse_sets  # noqa: E402
@@ -123,11 +123,7 @@ def target_makeup(trainer: Trainer, rows, n_batches: int = 10) -> dict[str, floa
 
 
 def probes(model, topic, order) -> dict[str, float]:
-    out = {}
-    for name, (tr, te) in (("topic", topic), ("word_order", order)):
-        ytr, yte = np.asarray(tr["label"]), np.asarray(te["label"])
-        out[name] = fit_probes(features(model, tr), ytr, features(model, te), yte)["probe_accuracy"]
-    return out
+    return {name: probe_accuracy(model, *rows) for name, rows in (("topic", topic), ("word_order", order))}
 
 
 def main(argv=None) -> int:
