@@ -2,20 +2,22 @@
 what the teacher's targets are made of, and whether pretraining teaches word order.
 
     .venv/bin/python -m benchmarks.text_diagnostics [--data runs/demo/data] [--steps 600] [--every 300]
-        [--position-init-scale 1.0] [--set model.ema.decay=0.99 ...]
+        [--position-init-scale 1.0] [--init-embeddings random|cooccurrence] [--set model.ema.decay=0.99 ...]
 
 `--data` holds the demo's preprocessed text folders (`python -m jobs.demo` writes them):
 text_pretrain (unlabeled corpus + tokenizer), text_train / text_test (topic labels).
 
 1. Ceilings of the topic probe without pretraining: TF-IDF of token ids (fit on the pretraining
-   corpus) → logistic regression, and its LSA projections to 128 / 512 dimensions (the demo
-   encoder's width / 4× it). A linear 128-d summary of the words is what mean pooling gives a
-   barely trained encoder.
+   corpus) → logistic regression; its LSA projections to 128 / 512 dimensions (the demo
+   encoder's width / 4× it), a linear summary of the words; and the mean of 128- / 512-d
+   co-occurrence word vectors (PPMI-SVD over the pretraining rows), which is what mean pooling
+   could give once the embeddings encode which words share rows.
 2. Teacher targets: the share of their variance explained by the token's position alone and by its
    identity alone (R² of the per-group means), and the student's R² at masked tokens.
 3. Training with the workers' step (benchmarks/harness.py, demo preset, d2v2 unless --set; the R²
    columns of step 2 only for d2v2, whose decoder they read), probing
-   every `--every` steps: the topic probe (mean-pooled final layer) and a word-order probe: each
+   every `--every` steps: the topic probe (mean-pooled final layer, and the mean of the student's
+   input token embeddings, "topic_emb") and a word-order probe: each
    labeled row, with probability ½, gets two adjacent tokens swapped (SentEval's "bigram shift"
    task at the sub-word level); a linear probe must tell shifted from original.
 Prints a table, then one JSON line.
@@ -45,8 +47,39 @@ def _docs(rows) -> list[str]:
     return [" ".join(map(str, ids[1:-1])) for ids in rows["input_ids"]]  # token ids as "words"
 
 
-def ceilings(pre, tr, te, dims=(128, 512)) -> dict[str, float]:
-    """Topic-probe accuracy of TF-IDF on token ids, and of its LSA projections to `dims`."""
+def ppmi_matrix(rows, vocab_size: int) -> np.ndarray:
+    """Positive pointwise mutual information of token ids co-occurring in a row (document-level
+    window, presence not counts, <s>/</s> left out): PPMI[a, b] = max(0, log(C[a,b]·N / (C[a]·C[b])))
+    with C[a,b] = rows holding both a ≠ b, C[a] = Σ_b C[a,b], N = Σ C; 0 where C[a,b] = 0. (V, V)."""
+    import scipy.sparse as sp
+
+    r, c = [], []
+    for i, ids in enumerate(rows["input_ids"]):
+        uniq = np.unique(np.asarray(ids[1:-1]))
+        r.extend([i] * len(uniq))
+        c.extend(uniq.tolist())
+    x = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(rows["input_ids"]), vocab_size))
+    co = (x.T @ x).toarray()
+    np.fill_diagonal(co, 0)
+    marg = co.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(co * co.sum()) - np.log(np.outer(marg, marg))
+    return np.where(co > 0, np.maximum(pmi, 0.0), 0.0)
+
+
+def cooccurrence_embeddings(rows, vocab_size: int, dim: int) -> np.ndarray:
+    """(V, dim) word vectors from the PPMI matrix's top singular vectors, U·√S (Levy & Goldberg's
+    SVD counterpart of skip-gram with a whole-row window)."""
+    from sklearn.utils.extmath import randomized_svd
+
+    u, s, _ = randomized_svd(ppmi_matrix(rows, vocab_size), dim, random_state=0)
+    return u * np.sqrt(s)
+
+
+def ceilings(pre, tr, te, vocab_size: int, dims=(128, 512)) -> dict[str, float]:
+    """Topic-probe accuracy of TF-IDF on token ids, of its LSA projections to `dims`, and of the
+    mean of `dims`-wide co-occurrence word vectors (what averaged embeddings can reach once they
+    encode which words share rows) — all fit on the unlabeled pretraining corpus."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -55,9 +88,17 @@ def ceilings(pre, tr, te, dims=(128, 512)) -> dict[str, float]:
     ytr, yte = np.asarray(tr["label"]), np.asarray(te["label"])
     out = {"tfidf": fit_probes(xtr.toarray(), ytr, xte.toarray(), yte)["probe_accuracy"]}
     for k in dims:
+        if k >= min(x_pre.shape):  # a corpus too small for this many components
+            continue
         svd = TruncatedSVD(k, random_state=0).fit(x_pre)
         out[f"lsa{k}"] = fit_probes(svd.transform(xtr), ytr, svd.transform(xte), yte)["probe_accuracy"]
+        emb = cooccurrence_embeddings(pre, vocab_size, k)
+        out[f"cooc{k}"] = fit_probes(_bag(emb, tr), ytr, _bag(emb, te), yte)["probe_accuracy"]
     return out
+
+
+def _bag(emb: np.ndarray, rows) -> np.ndarray:
+    return np.stack([emb[np.asarray(ids[1:-1])].mean(0) for ids in rows["input_ids"]])
 
 
 def shifted(rows, seed: int) -> dict[str, list]:
@@ -123,7 +164,11 @@ def target_makeup(trainer: Trainer, rows, n_batches: int = 10) -> dict[str, floa
 
 
 def probes(model, topic, order) -> dict[str, float]:
-    return {name: probe_accuracy(model, *rows) for name, rows in (("topic", topic), ("word_order", order))}
+    out = {name: probe_accuracy(model, *rows) for name, rows in (("topic", topic), ("word_order", order))}
+    emb = model.frontend.tokens.weight.detach().numpy()  # the student's input embeddings, averaged
+    (tr, te), ytr, yte = topic, np.asarray(topic[0]["label"]), np.asarray(topic[1]["label"])
+    out["topic_embedding_bag"] = fit_probes(_bag(emb, tr), ytr, _bag(emb, te), yte)["probe_accuracy"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -133,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=300)
     p.add_argument("--position-init-scale", type=float, default=1.0,
                    help="multiply the learned position embeddings at init (shrinks the position share of the targets)")
+    p.add_argument("--init-embeddings", choices=("random", "cooccurrence"), default="random",
+                   help="cooccurrence: start the token embeddings from the corpus's PPMI-SVD word vectors "
+                        "(scaled to the init's std) — does data2vec keep, improve or erode structured inputs?")
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -146,11 +194,17 @@ def main(argv=None) -> int:
     cfg = demo_run_config(a.data, "text", tempfile.mkdtemp(), overrides=overrides)
     topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))
 
-    ceil = ceilings(pre, tr, te)
+    vocab = cfg.model.frontend.vocab_size
+    ceil = ceilings(pre, tr, te, vocab, dims=(cfg.model.encoder.dim, 4 * cfg.model.encoder.dim))
     print("topic probe without pretraining: " + ", ".join(f"{k} {v:.3f}" for k, v in ceil.items()), flush=True)
     trainer = Trainer(cfg, pre)
     with torch.no_grad():
         trainer.model.frontend.positions.weight.mul_(a.position_init_scale)
+        if a.init_embeddings == "cooccurrence":
+            tok = trainer.model.frontend.tokens.weight
+            emb = torch.as_tensor(cooccurrence_embeddings(pre, vocab, tok.shape[1]), dtype=tok.dtype)
+            tok.copy_(emb * (tok[2:].std() / emb[2:].std()))
+            tok[trainer.model.frontend.PAD].zero_()
     curve, seconds = [], 0.0
 
     def record(step):
@@ -168,13 +222,16 @@ def main(argv=None) -> int:
         if s % a.every == 0 or s == a.steps:
             record(s)
 
-    print(f"\n{'step':>5} {'train_s':>8} {'topic':>6} {'word_order':>10} {'R2 pos':>7} {'R2 token':>8} {'R2 student':>10}")
+    print(f"\n{'step':>5} {'train_s':>8} {'topic':>6} {'topic_emb':>9} {'word_order':>10} {'R2 pos':>7} "
+          f"{'R2 token':>8} {'R2 student':>10}")
     for c in curve:
         r2 = " ".join(f"{c[k]:{w}.3f}" if k in c else f"{'—':>{w}}" for k, w in
                       (("r2_position", 7), ("r2_token", 8), ("r2_student_masked", 10)))
-        print(f"{c['step']:5d} {c['train_s']:8.1f} {c['topic']:6.3f} {c['word_order']:10.3f} {r2}")
+        print(f"{c['step']:5d} {c['train_s']:8.1f} {c['topic']:6.3f} {c['topic_embedding_bag']:9.3f} "
+              f"{c['word_order']:10.3f} {r2}")
     print(json.dumps({"ceilings": {k: round(v, 3) for k, v in ceil.items()}, "curve": curve,
-                      "position_init_scale": a.position_init_scale, "overrides": overrides}))
+                      "position_init_scale": a.position_init_scale, "init_embeddings": a.init_embeddings,
+                      "overrides": overrides}))
     return 0
 
 

@@ -35,20 +35,67 @@ def parse(argv=None):
         d = getattr(a, name)
         if not os.path.isfile(os.path.join(d, "manifest.json")):
             raise ConfigError(f"{name.replace('_', '-')}: {d!r} is not a preprocessed folder (no manifest.json)")
+    config = None
     if not a.classical:
         if not a.checkpoint or not os.path.isfile(os.path.join(a.checkpoint, "model.safetensors")):
             raise ConfigError(f"checkpoint: {a.checkpoint!r} has no model.safetensors (pass RUN_DIR/final)")
+        config = _read_json(os.path.join(a.checkpoint, "config.json"))
+    check_compatible({"train-data": a.train_data, "test-data": a.test_data}, config)
     try:
         a.layers = tuple(int(x) for x in a.layers.split(","))
     except ValueError:
         raise ConfigError(f"layers: expected comma-separated integers, got {a.layers!r}") from None
+    if config is not None:
+        depth = config["model"]["encoder"]["depth"]
+        bad = [i for i in a.layers if not -1 <= i < depth]
+        if bad:
+            raise ConfigError(f"layers: {bad} out of range for an encoder of depth {depth} (0..{depth - 1}, or -1)")
     return a
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_compatible(dirs: dict[str, str], config: dict | None) -> None:
+    """Fail before any work when labeled folders ({"train-data": dir, "test-data": dir}) cannot be
+    probed with this checkpoint's config (None = no encoder): mixed modalities, no labels, another
+    image size, or text tokenized with another tokenizer than the pretraining data."""
+    manifests = {name: _read_json(os.path.join(d, "manifest.json")) for name, d in dirs.items()}
+    modality = (config["model"]["modality"] if config else None) or next(iter(manifests.values()))["modality"]
+    for name, m in manifests.items():
+        what = "the checkpoint is a" if config else "the other split holds"
+        if m["modality"] != modality:
+            raise ConfigError(f"{name}: holds {m['modality']} rows but {what} {modality} " + ("encoder" if config else "rows"))
+        if not m.get("labels"):
+            raise ConfigError(f"{name}: {dirs[name]!r} has no labels; preprocess a folder laid out as "
+                              "DIR/<class>/<file> to get a label column")
+        if config is None:
+            continue
+        s, fe = m["settings"], config["model"]["frontend"]
+        if modality == "image" and s["size"] != fe["image_size"]:
+            raise ConfigError(f"{name}: images are {s['size']} px but the encoder takes {fe['image_size']} px; "
+                              f"preprocess with --image-size {fe['image_size']}")
+        if modality == "text":
+            fix = "preprocess it with --tokenizer PRETRAINING_DATA/tokenizer.json"
+            if s.get("vocab_size") != fe["vocab_size"]:
+                raise ConfigError(f"{name}: tokenized with a {s.get('vocab_size')}-token vocabulary but the "
+                                  f"encoder has {fe['vocab_size']}; {fix}")
+            ours, theirs = (os.path.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
+            if os.path.isfile(ours) and os.path.isfile(theirs) and _read_bytes(ours) != _read_bytes(theirs):
+                raise ConfigError(f"{name}: tokenized with another tokenizer than the pretraining data's "
+                                  f"({theirs}); {fix}")
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def evaluate(a) -> dict:
     from pipeline import probe
-    with open(os.path.join(a.train_data, "manifest.json")) as f:
-        modality = json.load(f)["modality"]
+    modality = _read_json(os.path.join(a.train_data, "manifest.json"))["modality"]
     t0 = time.time()
     if a.classical:
         res = probe.classical_probe(a.train_data, a.test_data, modality)

@@ -119,3 +119,36 @@ def test_text_diagnostics_word_order_rows_and_variance_shares():
     within = sum(((y[groups == g] - y[groups == g].mean(0)) ** 2).sum() for g in range(5))
     total = ((y - y.mean(0)) ** 2).sum()
     assert _r2(y, _group_means(y, groups)) == pytest.approx(1 - within / total)
+
+
+def test_text_diagnostics_script_runs(demo_shards):
+    from benchmarks.text_diagnostics import main
+    data = os.path.dirname(demo_shards["text"])
+    text, r = run_main(main, ["--data", data, "--steps", "2", "--every", "2", "--init-embeddings", "cooccurrence"])
+    assert {"tfidf", "lsa128", "cooc128"} <= set(r["ceilings"]) and [c["step"] for c in r["curve"]] == [0, 2]
+    assert all(0 <= c["topic_embedding_bag"] <= 1 for c in r["curve"]) and "topic_emb" in text
+
+
+def test_text_diagnostics_ppmi_matches_a_hand_count():
+    """Row-level PPMI on a 3-row corpus, against counts done by hand; the SVD word vectors of a
+    corpus with two disjoint topics put each topic's words together."""
+    from benchmarks.text_diagnostics import cooccurrence_embeddings, ppmi_matrix
+
+    # ids 5..8; <s>=0 and </s>=2 are left out; repeats within a row count once.
+    rows = {"input_ids": [[0, 5, 6, 6, 2], [0, 5, 6, 7, 2], [0, 7, 8, 2]]}
+    got = ppmi_matrix(rows, 9)
+    # pairs (a≠b) sharing a row: 5-6: 2, 5-7: 1, 6-7: 1, 7-8: 1 (symmetric) → N = 10
+    co = {(5, 6): 2, (5, 7): 1, (6, 7): 1, (7, 8): 1}
+    marg = {5: 3, 6: 3, 7: 3, 8: 1}
+    for a in range(9):
+        for b in range(9):
+            c = co.get((min(a, b), max(a, b)), 0)
+            want = max(0.0, np.log(c * 10 / (marg[a] * marg[b]))) if c else 0.0
+            assert got[a, b] == pytest.approx(want), (a, b)
+
+    rng = np.random.default_rng(0)
+    topic = [[0, *rng.choice([10, 11, 12, 13], 3), 2] for _ in range(50)] + \
+            [[0, *rng.choice([20, 21, 22, 23], 3), 2] for _ in range(50)]
+    e = cooccurrence_embeddings({"input_ids": topic}, 30, 2)
+    cos = lambda a, b: e[a] @ e[b] / np.linalg.norm(e[a]) / np.linalg.norm(e[b])  # noqa: E731
+    assert cos(10, 11) > 0.9 and cos(20, 21) > 0.9 and abs(cos(10, 20)) < 0.1

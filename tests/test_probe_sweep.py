@@ -103,3 +103,46 @@ def test_sweep_runs_trials_and_nests_mlflow_runs(demo_shards, tmp_path):
     assert "best_probe_accuracy" in parent.data.metrics
     arts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"best_config.json", "probe_vs_params.png"} <= arts
+
+
+def test_evaluate_refuses_data_the_checkpoint_cannot_read(tmp_path, capsys):
+    """Labeled folders that do not fit the checkpoint fail before Ray starts, naming the field and
+    the fix: other modality, no labels, other image size, other vocabulary, other tokenizer."""
+    from jobs.evaluate import main as evaluate
+
+    def folder(name, modality, labels=("a", "b"), tokenizer=None, **settings):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"modality": modality, "labels": list(labels),
+                                                     "settings": settings}))
+        if tokenizer is not None:
+            (d / "tokenizer.json").write_text(tokenizer)
+        return str(d)
+
+    pre = folder("pretrain", "text", labels=(), tokenizer='{"bpe": 1}', vocab_size=300)
+    ckpt = tmp_path / "final"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "config.json").write_text(json.dumps({"data": pre, "model": {
+        "modality": "text", "encoder": {"depth": 4}, "frontend": {"vocab_size": 300, "image_size": 28}}}))
+    good = folder("good", "text", tokenizer='{"bpe": 1}', vocab_size=300)
+    cases = {
+        "image": (folder("img", "image", size=28), "but the checkpoint is a text encoder"),
+        "unlabeled": (folder("unlab", "text", labels=(), tokenizer='{"bpe": 1}', vocab_size=300), "has no labels"),
+        "vocab": (folder("vocab", "text", tokenizer='{"bpe": 2}', vocab_size=500), "500-token vocabulary"),
+        "tokenizer": (folder("tok", "text", tokenizer='{"bpe": 2}', vocab_size=300), "another tokenizer"),
+    }
+    for name, (bad, message) in cases.items():
+        capsys.readouterr()
+        rc = evaluate(["--checkpoint", str(ckpt), "--train-data", good, "--test-data", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: test-data: ") and message in err, (name, err)
+    rc = evaluate(["--checkpoint", str(ckpt), "--train-data", good, "--test-data", good, "--layers", "5"])
+    assert rc == 2 and "layers: [5] out of range" in capsys.readouterr().err
+
+    ckpt_img = json.loads((ckpt / "config.json").read_text())
+    ckpt_img["model"]["modality"] = "image"
+    (ckpt / "config.json").write_text(json.dumps(ckpt_img))
+    small = folder("small", "image", size=32)
+    rc = evaluate(["--checkpoint", str(ckpt), "--train-data", small, "--test-data", small])
+    assert rc == 2 and "images are 32 px but the encoder takes 28 px" in capsys.readouterr().err
