@@ -67,19 +67,20 @@ def ppmi_matrix(rows, vocab_size: int) -> np.ndarray:
     return np.where(co > 0, np.maximum(pmi, 0.0), 0.0)
 
 
-def cooccurrence_embeddings(rows, vocab_size: int, dim: int) -> np.ndarray:
-    """(V, dim) word vectors from the PPMI matrix's top singular vectors, U·√S (Levy & Goldberg's
-    SVD counterpart of skip-gram with a whole-row window)."""
+def cooccurrence_embeddings(ppmi: np.ndarray, dim: int) -> np.ndarray:
+    """(V, dim) word vectors from a PPMI matrix's (`ppmi_matrix`) top singular vectors, U·√S (Levy &
+    Goldberg's SVD counterpart of skip-gram with a whole-row window)."""
     from sklearn.utils.extmath import randomized_svd
 
-    u, s, _ = randomized_svd(ppmi_matrix(rows, vocab_size), dim, random_state=0)
+    u, s, _ = randomized_svd(ppmi, dim, random_state=0)
     return u * np.sqrt(s)
 
 
-def ceilings(pre, tr, te, vocab_size: int, dims=(128, 512)) -> dict[str, float]:
+def ceilings(pre, tr, te, ppmi: np.ndarray, dims=(128, 512)) -> dict[str, float]:
     """Topic-probe accuracy of TF-IDF on token ids, of its LSA projections to `dims`, and of the
     mean of `dims`-wide co-occurrence word vectors (what averaged embeddings can reach once they
-    encode which words share rows) — all fit on the unlabeled pretraining corpus."""
+    encode which words share rows) — all fit on the unlabeled pretraining corpus (`ppmi` is its
+    `ppmi_matrix`)."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -92,7 +93,7 @@ def ceilings(pre, tr, te, vocab_size: int, dims=(128, 512)) -> dict[str, float]:
             continue
         svd = TruncatedSVD(k, random_state=0).fit(x_pre)
         out[f"lsa{k}"] = fit_probes(svd.transform(xtr), ytr, svd.transform(xte), yte)["probe_accuracy"]
-        emb = cooccurrence_embeddings(pre, vocab_size, k)
+        emb = cooccurrence_embeddings(ppmi, k)
         out[f"cooc{k}"] = fit_probes(_bag(emb, tr), ytr, _bag(emb, te), yte)["probe_accuracy"]
     return out
 
@@ -194,15 +195,15 @@ def main(argv=None) -> int:
     cfg = demo_run_config(a.data, "text", tempfile.mkdtemp(), overrides=overrides)
     topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))
 
-    vocab = cfg.model.frontend.vocab_size
-    ceil = ceilings(pre, tr, te, vocab, dims=(cfg.model.encoder.dim, 4 * cfg.model.encoder.dim))
+    ppmi = ppmi_matrix(pre, cfg.model.frontend.vocab_size)
+    ceil = ceilings(pre, tr, te, ppmi, dims=(cfg.model.encoder.dim, 4 * cfg.model.encoder.dim))
     print("topic probe without pretraining: " + ", ".join(f"{k} {v:.3f}" for k, v in ceil.items()), flush=True)
     trainer = Trainer(cfg, pre)
     with torch.no_grad():
         trainer.model.frontend.positions.weight.mul_(a.position_init_scale)
         if a.init_embeddings == "cooccurrence":
             tok = trainer.model.frontend.tokens.weight
-            emb = torch.as_tensor(cooccurrence_embeddings(pre, vocab, tok.shape[1]), dtype=tok.dtype)
+            emb = torch.as_tensor(cooccurrence_embeddings(ppmi, tok.shape[1]), dtype=tok.dtype)
             tok.copy_(emb * (tok[2:].std() / emb[2:].std()))
             tok[trainer.model.frontend.PAD].zero_()
     curve, seconds = [], 0.0

@@ -10,6 +10,7 @@ the pretraining run in MLflow (RUN_DIR/mlflow_run_id) unless --no-mlflow.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ def parse(argv=None):
         if not a.checkpoint or not os.path.isfile(os.path.join(a.checkpoint, "model.safetensors")):
             raise ConfigError(f"checkpoint: {a.checkpoint!r} has no model.safetensors (pass RUN_DIR/final)")
         config = _read_json(os.path.join(a.checkpoint, "config.json"))
-    check_compatible({"train-data": a.train_data, "test-data": a.test_data}, config)
+    a.modality = check_compatible({"train-data": a.train_data, "test-data": a.test_data}, config)
     try:
         a.layers = tuple(int(x) for x in a.layers.split(","))
     except ValueError:
@@ -58,44 +59,48 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(dirs: dict[str, str], config: dict | None) -> None:
+_TOKENIZER_FIX = "preprocess it with --tokenizer PRETRAINING_DATA/tokenizer.json"
+# What to tell the user when labeled data was preprocessed with other data-derived front-end settings
+# (the keys of pipeline.train.launch.frontend_from_manifest) than the checkpoint's.
+_MISMATCH = {
+    "image_size": "images are {have} px but the encoder takes {want} px; preprocess with --image-size {want}",
+    "vocab_size": "tokenized with a {have}-token vocabulary but the encoder has {want}; " + _TOKENIZER_FIX,
+}
+
+
+def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
     """Fail before any work when labeled folders ({"train-data": dir, "test-data": dir}) cannot be
-    probed with this checkpoint's config (None = no encoder): mixed modalities, no labels, another
-    image size, or text tokenized with another tokenizer than the pretraining data."""
+    probed with this checkpoint's config (None = no encoder): mixed modalities, no labels, other
+    data-derived front-end settings (image size, vocabulary), or text tokenized with another
+    tokenizer than the pretraining data. Returns the modality."""
+    from pipeline.train.launch import frontend_from_manifest
+
     manifests = {name: _read_json(os.path.join(d, "manifest.json")) for name, d in dirs.items()}
-    modality = (config["model"]["modality"] if config else None) or next(iter(manifests.values()))["modality"]
+    modality = config["model"]["modality"] if config else next(iter(manifests.values()))["modality"]
+    against = "the checkpoint is a {} encoder" if config else "the other split holds {} rows"
     for name, m in manifests.items():
-        what = "the checkpoint is a" if config else "the other split holds"
         if m["modality"] != modality:
-            raise ConfigError(f"{name}: holds {m['modality']} rows but {what} {modality} " + ("encoder" if config else "rows"))
+            raise ConfigError(f"{name}: holds {m['modality']} rows but {against.format(modality)}")
         if not m.get("labels"):
             raise ConfigError(f"{name}: {dirs[name]!r} has no labels; preprocess a folder laid out as "
                               "DIR/<class>/<file> to get a label column")
         if config is None:
             continue
-        s, fe = m["settings"], config["model"]["frontend"]
-        if modality == "image" and s["size"] != fe["image_size"]:
-            raise ConfigError(f"{name}: images are {s['size']} px but the encoder takes {fe['image_size']} px; "
-                              f"preprocess with --image-size {fe['image_size']}")
-        if modality == "text":
-            fix = "preprocess it with --tokenizer PRETRAINING_DATA/tokenizer.json"
-            if s.get("vocab_size") != fe["vocab_size"]:
-                raise ConfigError(f"{name}: tokenized with a {s.get('vocab_size')}-token vocabulary but the "
-                                  f"encoder has {fe['vocab_size']}; {fix}")
-            ours, theirs = (os.path.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
-            if os.path.isfile(ours) and os.path.isfile(theirs) and _read_bytes(ours) != _read_bytes(theirs):
-                raise ConfigError(f"{name}: tokenized with another tokenizer than the pretraining data's "
-                                  f"({theirs}); {fix}")
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+        fe = config["model"]["frontend"]
+        for key, have in frontend_from_manifest(m).items():
+            if have != fe[key]:
+                raise ConfigError(f"{name}: " + _MISMATCH[key].format(have=have, want=fe[key]))
+        ours, theirs = (os.path.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
+        if modality == "text" and os.path.isfile(ours) and os.path.isfile(theirs) \
+                and not filecmp.cmp(ours, theirs, shallow=False):
+            raise ConfigError(f"{name}: tokenized with another tokenizer than the pretraining data's "
+                              f"({theirs}); {_TOKENIZER_FIX}")
+    return modality
 
 
 def evaluate(a) -> dict:
     from pipeline import probe
-    modality = _read_json(os.path.join(a.train_data, "manifest.json"))["modality"]
+    modality = a.modality
     t0 = time.time()
     if a.classical:
         res = probe.classical_probe(a.train_data, a.test_data, modality)

@@ -149,6 +149,6 @@ def test_text_diagnostics_ppmi_matches_a_hand_count():
     rng = np.random.default_rng(0)
     topic = [[0, *rng.choice([10, 11, 12, 13], 3), 2] for _ in range(50)] + \
             [[0, *rng.choice([20, 21, 22, 23], 3), 2] for _ in range(50)]
-    e = cooccurrence_embeddings({"input_ids": topic}, 30, 2)
+    e = cooccurrence_embeddings(ppmi_matrix({"input_ids": topic}, 30), 2)
     cos = lambda a, b: e[a] @ e[b] / np.linalg.norm(e[a]) / np.linalg.norm(e[b])  # noqa: E731
     assert cos(10, 11) > 0.9 and cos(20, 21) > 0.9 and abs(cos(10, 20)) < 0.1
