@@ -34,7 +34,7 @@ from pipeline.model.config import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
 from pipeline.model.frontends import conv_frames  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
-from pipeline.train.worker import build_optimizer  # noqa: E402
+from pipeline.train.step import build_optimizer  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # NVIDIA H100 SXM spec sheet, dense bf16
 # (batch on CPU, batch on GPU) per modality and mode: d2v2 multiplies the student batch by clone_batch.

@@ -6,8 +6,8 @@ the benchmarks compare against, and a fast loop for recipe experiments.
     trainer.train(100)                                                # → seconds spent in steps
     acc = probe_accuracy(trainer.model, probe_train, probe_test)      # frozen features → LR probe
 
-The step is the worker's step (`pipeline.train.worker`): same `collate`, masks, `build_optimizer`,
-`lr_at`, clipping and EMA update; only the data comes from memory instead of a Ray Data stream.
+The step is the worker's step (`pipeline.train.step.train_step`, with the same `collate` and
+masks); only the data comes from memory instead of a Ray Data stream.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pipeline.probe import eval_inputs, fit_probes
 from pipeline.train.batches import COLUMNS, collate, step_rng
 from pipeline.train.config import RunConfig, resolve
 from pipeline.train.launch import frontend_from_manifest, read_manifest
-from pipeline.train.worker import build_optimizer, lr_at
+from pipeline.train.step import build_optimizer, train_step
 
 
 def demo_run_config(data: str, modality: str, output: str, size: str = "demo",
@@ -86,20 +86,11 @@ class Trainer:
                        t.text_max_tokens, t.audio_batching)
 
     def train_step(self, inputs, mask) -> float:
-        t = self.cfg.train
+        """The product's step (pipeline.train.step.train_step) on one in-memory batch."""
         self.model.train()
-        out = self.model(inputs, mask)
-        self.model.check(out, self.step)
-        out.loss.backward()
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, t)
-        if t.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.student_parameters(), t.clip_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.model.ema_step(self.step)
+        m = train_step(self.model, self.model, self.opt, [(inputs, mask)], self.step, self.cfg.train)
         self.step += 1
-        return float(out.loss.detach())
+        return m["loss"]
 
     def train(self, steps: int) -> float:
         """Run `steps` steps (collate included, as in a worker); returns their wall seconds."""

@@ -39,7 +39,7 @@ from benchmarks.harness import Trainer, demo_run_config, load_rows, probe_accura
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.probe import fit_probes  # noqa: E402
 from pipeline.train.batches import image_tensor  # noqa: E402
-from pipeline.train.worker import lr_at  # noqa: E402
+from pipeline.train.step import lr_at  # noqa: E402
 
 BUDGET1 = "image=1000,audio=400,text=1000"  # 1.0 steps (batch 32): roughly the 2.0 demo's wall time
 BUDGET2 = "image=300,audio=150,text=400"

@@ -2,7 +2,11 @@
 
     python -m jobs.pretrain --modality {image,audio,text} --data PREPROCESSED_DIR --output RUN_DIR \\
         [--preset {demo,base,large}] [--config FILE.yaml] [--set key=value ...] [--max-steps N] \\
-        [--stop-at-step K] [--num-workers W] [--use-gpu] [--tracking-uri URI] [--experiment NAME]
+        [--stop-at-step K] [--num-workers W] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \
+        [--print-config] [--allow-config-change]
+
+--print-config prints the resolved run config as YAML (a valid --config file) and exits before Ray
+starts; --data is then optional (without it, data-derived settings keep the recipe's defaults).
 
 Examples of --set: train.lr=5e-4 model.mode=d2v1 model.mask.prob=0.7 model.ema.decay=0.9995
 """
@@ -20,12 +24,13 @@ from pipeline.config import ConfigError
 def build_config(argv=None):
     from pipeline.train.config import parse_sets, resolve
     from pipeline.train.launch import frontend_from_manifest, read_manifest
+    from pipeline.train.tracking import default_tracking_uri
 
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, help="image, audio or text")
-    p.add_argument("--data", required=True, help="output folder of jobs.preprocess (shards/ + manifest.json)")
-    p.add_argument("--output", required=True, help="run folder: checkpoints, final/ model, mlflow.db")
+    p.add_argument("--data", help="output folder of jobs.preprocess (shards/ + manifest.json); a path or URI")
+    p.add_argument("--output", help="run folder: checkpoints, final/ model, mlflow.db; a path or URI")
     p.add_argument("--preset", default="demo", help="demo (minutes on a laptop), base or large (the paper's)")
     p.add_argument("--config", default=None, help="YAML file with `model:` and `train:` sections")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -34,10 +39,16 @@ def build_config(argv=None):
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint at this step and exit")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL + bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the schedule-relevant config differs from the checkpoint's")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///RUN_DIR/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: data2vec)")
     a = p.parse_args(argv)
+    if not a.print_config and not (a.data and a.output):
+        p.error("--data and --output are required (unless --print-config)")
     sets = parse_sets(a.sets)
     for flag, key in (("max_steps", "train.max_steps"), ("stop_at_step", "train.stop_at_step"),
                       ("num_workers", "train.num_workers"), ("seed", "train.seed")):
@@ -45,15 +56,29 @@ def build_config(argv=None):
             sets[key] = getattr(a, flag)
     if a.use_gpu:
         sets["train.use_gpu"] = True
-    manifest = read_manifest(a.data, a.modality)
-    return resolve(a.modality, a.data, a.output, a.preset, a.config, sets,
-                   model_frontend=frontend_from_manifest(manifest),
-                   tracking_uri=a.tracking_uri, experiment=a.experiment)
+    if a.compile:
+        sets["train.compile"] = True
+    frontend = frontend_from_manifest(read_manifest(a.data, a.modality)) if a.data else {}
+    cfg = resolve(a.modality, a.data or "", a.output or "", a.preset, a.config, sets, model_frontend=frontend,
+                  tracking_uri=a.tracking_uri, experiment=a.experiment)
+    if not a.print_config and cfg.tracking_uri is None and default_tracking_uri(cfg.output) is None:
+        raise ConfigError(f"tracking_uri: --output {cfg.output!r} is not a local folder; pass --tracking-uri "
+                          f"(an MLflow server, or sqlite:///LOCAL/mlflow.db)")
+    return cfg, a
 
 
 def main(argv=None) -> int:
+    from pipeline.train.config import to_yaml
+    from pipeline.train.launch import check_resume
+    from pipeline.train.memory import check_memory
+
     try:
-        cfg = build_config(argv)
+        cfg, args = build_config(argv)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        check_resume(cfg, args.allow_config_change)
+        check_memory(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,10 +86,13 @@ def main(argv=None) -> int:
     from pipeline.train.launch import local_cluster_cpus, run_pretraining
     from pipeline.train.tracking import default_tracking_uri
 
-    fault = None
-    if os.environ.get("D2V_FAIL_AT_STEP"):  # test-only fault injection: one worker dies once
+    fault = {}  # test-only fault injection
+    if os.environ.get("D2V_FAIL_AT_STEP"):  # one worker process dies once at this step
         fault = {"step": int(os.environ["D2V_FAIL_AT_STEP"]),
                  "marker": os.path.join(os.path.abspath(cfg.output), ".fault_injected")}
+    if os.environ.get("D2V_NAN_AT_STEP"):  # "STEP:RANK": that rank's loss turns NaN once at STEP
+        at, _, r = os.environ["D2V_NAN_AT_STEP"].partition(":")
+        fault.update(nan_at_step=int(at), rank=int(r or 0))
     init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
     t0 = time.time()
     result = run_pretraining(cfg, fault)
@@ -76,7 +104,7 @@ def main(argv=None) -> int:
     summary = {"modality": cfg.modality, "mode": cfg.model.mode, "step": m.get("step"),
                "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
                "data_wait_fraction": m.get("data_wait_fraction"), "wall_s": round(time.time() - t0, 1),
-               "final": os.path.join(cfg.output, "final") if m.get("step") == cfg.train.max_steps else None,
+               "final": f"{cfg.output.rstrip('/')}/final" if m.get("step") == cfg.train.max_steps else None,
                "tracking_uri": uri}
     print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}; MLflow UI: "
           f"mlflow ui --backend-store-uri {uri}")

@@ -15,6 +15,18 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def local_path(uri: str) -> str | None:
+    """The local path of a plain path or a file:// URI; None for object stores (s3://, gs://, …)."""
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri[len("file://"):] if uri.startswith("file://") else None
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a path or URI with '/'."""
+    return "/".join([uri.rstrip("/"), *parts])
+
+
 def is_dir(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 

@@ -25,7 +25,7 @@ def test_harness_step_matches_a_hand_written_loop(demo_shards):
     from pipeline.model.data2vec import Data2Vec
     from pipeline.train.batches import collate, step_rng
     from pipeline.train.config import resolve
-    from pipeline.train.worker import build_optimizer, lr_at
+    from pipeline.train.step import build_optimizer, lr_at
 
     cfg = resolve("text", demo_shards["text"], "/tmp/unused", "demo", None,
                   {"train.max_steps": 3, "train.batch_size": 4}, model_frontend={"vocab_size": 2000})

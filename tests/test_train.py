@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import ConfigError
 from pipeline.train.config import TrainConfig, parse_sets, resolve
-from pipeline.train.worker import lr_at
+from pipeline.train.step import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num-workers", "2", "--set", "train.batch_size=8", "--set", "train.log_every=2",

@@ -209,81 +209,9 @@ class ModelConfig:
         return cls(**kw)
 
 
-# ----------------------------------------------------------------------------- presets
-SIZES = {  # (dim, depth, heads)
-    "demo": (128, 4, 4),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-}
-
-
 def preset(modality: str, size: str = "base", mode: str = "d2v2", **frontend) -> ModelConfig:
-    """The reference's recipe for (modality, mode) at a named size; `frontend` overrides e.g.
-    vocab_size or image_size. The demo size scales the recipe down (see README)."""
-    if size not in SIZES:
-        raise ConfigError(f"preset: unknown size {size!r}; expected one of {', '.join(SIZES)}")
-    dim, depth, heads = SIZES[size]
-    demo = size == "demo"
-    enc = EncoderConfig(dim=dim, depth=depth, heads=heads, dropout=0.0 if demo else 0.1,
-                        attn_dropout=0.0 if demo else 0.1)
-    demo_frontend = {"image": dict(image_size=28, patch_size=4),
-                     "audio": dict(conv_channels=128, conv_pos_width=38, conv_pos_depth=2),
-                     "text": dict(max_positions=128)}
-    fe = FrontEndConfig(**{**(demo_frontend.get(modality, {}) if demo else {}), **frontend})
-    ema_steps = 2000 if demo else None
-    if modality == "image":
-        if mode == "d2v1":  # BEiT fork: pre-LN, block outputs, LN each + LN final, smooth L1 β=2
-            return ModelConfig(
-                modality="image", mode=mode, frontend=fe,
-                encoder=replace(enc, pre_norm=True, layer_output="block"),
-                mask=MaskConfig(prob=0.6, min_block=4 if demo else 16),
-                target=TargetConfig(top_k=min(depth, 3 if demo else 6), layer_norm="layer", final_norm="layer"),
-                loss=LossConfig(beta=2.0, scale=1.0 / dim),  # "mean" reduction == sum/D
-                ema=EMAConfig(decay=0.999 if demo else 0.9998, end_decay=0.9999 if demo else 0.9998,
-                              anneal_end_step=ema_steps or 0, ema_local=True, ema_context=True))
-        return ModelConfig(
-            modality="image", mode=mode, frontend=fe, encoder=enc,
-            mask=MaskConfig(prob=0.8, length=3 if not demo else 2, adjust=0.07),
-            target=TargetConfig(top_k=min(depth, 3 if demo else (10 if size == "base" else 18)),
-                                layer_norm="instance", final_norm="layer"),
-            ema=EMAConfig(decay=0.999 if demo else 0.9998, end_decay=0.9999 if demo else 0.99999,
-                          anneal_end_step=ema_steps or (100_000 if size == "base" else 150_000),
-                          ema_local=True, ema_context=True),
-            decoder=DecoderConfig(dim=min(dim, 768) if not demo else 128, kernel=3 if size != "large" else 5,
-                                  layers=3 if demo or size == "large" else 6, groups=16,
-                                  clone_batch=8 if demo else 16, cls_loss=0.01))
-    if modality == "audio":
-        if mode == "d2v1":
-            return ModelConfig(
-                modality="audio", mode=mode, frontend=fe, encoder=enc,
-                mask=MaskConfig(prob=0.65, length=10),
-                target=TargetConfig(top_k=min(depth, 3 if demo else 8), layer_norm="instance"),
-                ema=EMAConfig(decay=0.999, end_decay=0.9999, anneal_end_step=ema_steps or 30_000))
-        return ModelConfig(
-            modality="audio", mode=mode, frontend=fe, encoder=enc,
-            mask=MaskConfig(prob=0.5 if size != "large" else 0.55, length=5, adjust=0.05),
-            target=TargetConfig(top_k=min(depth, 3 if demo else (8 if size == "base" else 16)), layer_norm="instance"),
-            ema=EMAConfig(decay=0.999 if size != "large" else 0.9997, end_decay=0.9999 if demo else 0.99999,
-                          anneal_end_step=ema_steps or (75_000 if size == "base" else 300_000), ema_context=True),
-            decoder=DecoderConfig(dim=128 if demo else (384 if size == "base" else 768), kernel=7,
-                                  layers=3 if demo else 4, groups=16, clone_batch=8 if size != "large" else 12))
-    if modality == "text":
-        if mode == "d2v1":
-            return ModelConfig(
-                modality="text", mode=mode, frontend=fe, encoder=enc,
-                mask=MaskConfig(prob=0.15, length=1, bert_corrupt=True),
-                target=TargetConfig(top_k=min(depth, 3 if demo else 10), layer_norm="layer"),
-                loss=LossConfig(beta=4.0, scale=1.0), head_layers=2,
-                ema=EMAConfig(decay=0.999, end_decay=0.9999, anneal_end_step=ema_steps or 300_000))
-        return ModelConfig(
-            modality="text", mode=mode, frontend=fe, encoder=enc,
-            mask=MaskConfig(prob=0.48 if size != "large" else 0.5, length=1),
-            target=TargetConfig(top_k=min(depth, 3 if demo else depth),
-                                layer_norm="instance" if size != "large" else "layer",
-                                final_norm="none" if size != "large" else "instance"),
-            loss=LossConfig(scale=1.0),
-            ema=EMAConfig(decay=0.999 if demo else 0.9999, end_decay=0.9999 if demo else 0.99999,
-                          anneal_end_step=ema_steps or 100_000),
-            decoder=DecoderConfig(dim=dim, kernel=9, layers=3 if demo else 5, groups=1, residual=False,
-                                  projection_layers=2, clone_batch=4 if demo else 8))
-    raise ConfigError(f"model.modality: must be image, audio or text, got {modality!r}")
+    """The model half of the recipe for (modality, mode, size) (see pipeline/recipes.py);
+    `frontend` carries data-derived settings (image_size, vocab_size) and overrides."""
+    from pipeline.recipes import recipe  # recipes build on the configs defined here
+
+    return recipe(modality, mode, size, **frontend).model

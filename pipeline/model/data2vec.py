@@ -12,6 +12,7 @@ Masks come in as data (B·C, T) bool, True = masked; `draw_masks` makes them fro
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,18 @@ from pipeline.tokenizer import MASK_ID
 
 # Sub-modules of each front end that form its *local* encoder (the rest is the context part).
 LOCAL_PARTS = {"image": ("proj",), "audio": ("cnn", "feat_norm", "feat_proj"), "text": ("tokens",)}
+
+
+@contextmanager
+def _dropout_off(module: nn.Module):
+    """Run `module` in eval mode (no dropout) and restore each sub-module's mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass
@@ -98,6 +111,15 @@ class Data2Vec(nn.Module):
         ema_update(list(t), list(s), decay)
         return decay
 
+    def compile_modules(self) -> None:
+        """torch.compile the heavy modules in place (state-dict keys unchanged). Their input
+        shapes are fixed per batch shape — 2.0 masks hide an exact count of steps — so a run
+        compiles once per input shape; audio's varying lengths become a dynamic dimension after
+        the first recompile."""
+        for m in (self.encoder, self.teacher_encoder, getattr(self, "decoder", None), getattr(self, "head", None)):
+            if m is not None:
+                m.compile()
+
     # ------------------------------------------------------------------ forward
     def num_tokens(self, batch: dict) -> int:
         """Sequence length T the masks must have for this batch."""
@@ -115,13 +137,17 @@ class Data2Vec(nn.Module):
         `x` is the student's local features of the *unmasked* input when the teacher may reuse
         them (audio: the teacher is fed the student's CNN features, as in the reference)."""
         fe_t = self.teacher_frontend
-        if self.cfg.ema.ema_local:
-            x, pad = fe_t.local(batch)
-        elif x is None:
-            x, pad = self.frontend.local(batch)
-        x = x.detach()
-        ctx_fe = fe_t if self.cfg.ema.ema_context else self.frontend
-        h = ctx_fe.context(x, pad)
+        # The teacher never sees dropout, also where it borrows the student's front end (text:
+        # embeddings + their dropout; audio: the conv positions) — fairseq runs the EMA teacher
+        # in eval mode (`self.ema.model.eval()`).
+        with _dropout_off(self.frontend):
+            if self.cfg.ema.ema_local:
+                x, pad = fe_t.local(batch)
+            elif x is None:
+                x, pad = self.frontend.local(batch)
+            x = x.detach()
+            ctx_fe = fe_t if self.cfg.ema.ema_context else self.frontend
+            h = ctx_fe.context(x, pad)
         h, hpad = ctx_fe.prepend(h, pad)
         _, layers = self.teacher_encoder(h, hpad, layers=self.cfg.encoder.layer_output)
         n = self.frontend.num_extra
@@ -149,6 +175,10 @@ class Data2Vec(nn.Module):
         h, _ = self.encoder(h, hpad)
         h = h[:, self.frontend.num_extra:]  # (B, T, D)
         sel = mask if pad is None else mask & ~pad
+        if cfg.modality == "text":
+            # fairseq data2vec_text.py: `masked_indices = src_tokens.eq(self.mask_idx)` — the loss
+            # covers the steps the student sees as <mask>, not the 10% random / 10% kept ones.
+            sel = sel & (batch["input_ids_masked"] == MASK_ID)
         pred = self.head(h[sel])  # (N, D)
         return self._loss(pred, y[sel])
 
@@ -159,9 +189,13 @@ class Data2Vec(nn.Module):
         y = self.targets(batch, x, pad)  # (B, T, D): one teacher pass for C masks
         B, T, D = x.shape
         assert mask.shape == (B * C, T), f"mask {tuple(mask.shape)} != ({B}*{C}, {T})"
-        h = self.frontend.context(x, pad).repeat_interleave(C, 0)  # (B·C, T, D)
         y = y.repeat_interleave(C, 0)
-        pad = None if pad is None else pad.repeat_interleave(C, 0)
+        if self.frontend.mixes_steps:  # audio: conv positions must not carry masked content
+            x, pad = x.repeat_interleave(C, 0), None if pad is None else pad.repeat_interleave(C, 0)
+            h = self.frontend.context(x, pad, mask)  # (B·C, T, D)
+        else:  # fixed/learned absolute positions: compute once, then clone
+            h = self.frontend.context(x, pad).repeat_interleave(C, 0)  # (B·C, T, D)
+            pad = None if pad is None else pad.repeat_interleave(C, 0)
         # Keep the unmasked tokens in their original order: a stable sort puts False first.
         n_keep = int((~mask[0]).sum())
         ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :n_keep]  # (B·C, K)
@@ -178,9 +212,12 @@ class Data2Vec(nn.Module):
         sel = mask if pad is None else mask & ~pad
         out = self._loss(pred[sel], y[sel])
         if n and cfg.decoder.cls_loss > 0:  # image 2.0: CLS regresses the mean target
+            # fairseq data2vec2.py adds d2v_loss(cls_pred, cls_target) * cls_loss * sample_size,
+            # and the trainer divides every loss by sample_size (masked tokens): the CLS term is
+            # cls_loss × the *sum* over the B·C clones of the per-sample loss.
             cls_target = y.mean(1)  # (B·C, D)
-            out.loss = out.loss + cfg.decoder.cls_loss * regression_loss(
-                cls_out[:, 0], cls_target, cfg.loss.beta, cfg.loss.scale)
+            per_sample = regression_loss(cls_out[:, 0], cls_target, cfg.loss.beta, cfg.loss.scale)
+            out.loss = out.loss + cfg.decoder.cls_loss * per_sample * cls_out.shape[0]
         return out
 
     def _loss(self, pred, target) -> Output:

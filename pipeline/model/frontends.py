@@ -2,7 +2,10 @@
 
 Every front end has two parts, so the teacher can own or share each (see EMAConfig):
     local(inputs)            raw batch → features (B, T, D) and padding (B, T) bool (or None)
-    context(x, pad)          features → features with positions (B, T, D)
+    context(x, pad, mask)    features → features with positions (B, T, D); `mask` (B, T) True =
+                             masked: a front end whose positions mix neighbouring steps (audio's
+                             conv positions, `mixes_steps`) zeroes masked steps first, so a kept
+                             step never sees masked content
 plus `num_extra` leading tokens (an image CLS) added by `prepend`, and `grid` for 2-D decoders.
 """
 from __future__ import annotations
@@ -29,11 +32,14 @@ def conv_frames(num_samples: torch.Tensor | int):
 class FrontEnd(nn.Module):
     num_extra: int = 0
     grid: tuple[int, int] | None = None
+    mixes_steps: bool = False
+    """True when `context` mixes neighbouring steps (so it must see the mask)."""
 
     def local(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def context(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    def context(self, x: torch.Tensor, pad: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def prepend(self, x: torch.Tensor, pad: torch.Tensor | None):
@@ -76,7 +82,7 @@ class ImageFrontEnd(FrontEnd):
         x = self.proj(batch["image"])  # (B, D, h, w)
         return x.flatten(2).transpose(1, 2), None  # (B, N, D)
 
-    def context(self, x, pad):
+    def context(self, x, pad, mask=None):  # fixed positions: nothing crosses steps
         x = x + self.pos
         return x if self.norm is None else self.norm(x)
 
@@ -138,12 +144,21 @@ class AudioFrontEnd(FrontEnd):
                 pad = None
         return x, pad
 
-    def context(self, x, pad):
+    mixes_steps = True
+
+    def context(self, x, pad, mask=None):
+        # data2vec 2.0 (fairseq modalities/base.py `contextualized_features` → `apply_mask` with
+        # encoder_zero_mask=True): masked frames are zeroed before the relative (conv) positional
+        # encoder, so a kept frame's positional term depends on kept frames only; the student
+        # then keeps x + positions at its unmasked frames. Padded frames are zeroed before every
+        # conv layer so they never leak into real ones.
         keep = None if pad is None else (~pad)[:, None, :].to(x.dtype)  # (B, 1, T)
         y = x.transpose(1, 2)  # (B, D, T)
+        if mask is not None:
+            y = y * (~mask)[:, None, :].to(x.dtype)
         for layer in self.pos_conv:
             if keep is not None:
-                y = y * keep  # padded frames must not leak into real ones through the convs
+                y = y * keep
             y = layer(y)
         return self.pos_norm(x + y.transpose(1, 2))
 
@@ -184,7 +199,7 @@ class TextFrontEnd(FrontEnd):
         pad = ids == self.PAD
         return self.tokens(ids), (pad if pad.any() else None)
 
-    def context(self, x, pad):
+    def context(self, x, pad, mask=None):  # learned absolute positions: nothing crosses steps
         T = x.shape[1]
         return self.drop(self.norm(x + self.positions.weight[:T][None]))
 

@@ -64,15 +64,38 @@ def feature_std(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.var(dim=0) + 1e-6).mean()
 
 
+HEALTHY, NON_FINITE, TARGET_COLLAPSE, PRED_COLLAPSE = range(4)
+
+
+def step_health(loss: torch.Tensor, target_var: float, pred_var: float, step: int,
+                min_target_var: float, min_pred_var: float, warmup_steps: int) -> tuple[int, float]:
+    """(code, offending value): HEALTHY, or why this step must not train (a number every rank
+    can share in one all-reduce, so all of them stop together)."""
+    if not torch.isfinite(loss):
+        return NON_FINITE, float(loss)
+    if step >= warmup_steps:
+        if target_var < min_target_var:
+            return TARGET_COLLAPSE, target_var
+        if pred_var < min_pred_var:
+            return PRED_COLLAPSE, pred_var
+    return HEALTHY, 0.0
+
+
+def health_error(code: int, value: float, step: int, min_target_var: float, min_pred_var: float,
+                 where: str = "") -> RuntimeError:
+    """The named error for a non-HEALTHY code."""
+    if code == NON_FINITE:
+        return NonFiniteLoss(f"loss is {value} at step {step}{where}")
+    if code == TARGET_COLLAPSE:
+        return RepresentationCollapse(
+            f"target variance {value:.4g} < min_target_var={min_target_var} at step {step}{where}")
+    return RepresentationCollapse(
+        f"prediction variance {value:.4g} < min_pred_var={min_pred_var} at step {step}{where}")
+
+
 def check_step(loss: torch.Tensor, target_var: float, pred_var: float, step: int,
                min_target_var: float, min_pred_var: float, warmup_steps: int) -> None:
     """Raise a named error instead of training on garbage."""
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
-    if step >= warmup_steps:
-        if target_var < min_target_var:
-            raise RepresentationCollapse(
-                f"target variance {target_var:.4g} < min_target_var={min_target_var} at step {step}")
-        if pred_var < min_pred_var:
-            raise RepresentationCollapse(
-                f"prediction variance {pred_var:.4g} < min_pred_var={min_pred_var} at step {step}")
+    code, value = step_health(loss, target_var, pred_var, step, min_target_var, min_pred_var, warmup_steps)
+    if code != HEALTHY:
+        raise health_error(code, value, step, min_target_var, min_pred_var)

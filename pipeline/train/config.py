@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipeline.config import ConfigError, check
-from pipeline.model.config import ModelConfig, preset
+from pipeline.model.config import ModelConfig
+from pipeline.recipes import recipe
 
 
 class _Loader(yaml.SafeLoader):
@@ -74,6 +75,16 @@ class TrainConfig:
     """"pad" (zero-pad to the batch's longest clip, padding masked) or "crop" (crop every clip to
     the batch's shortest, as fairseq pretraining does)."""
     text_max_tokens: int = 512
+    compile: bool = False
+    """torch.compile the model's modules (static mask counts keep shapes fixed: no recompiling)."""
+    on_collapse: str = "raise"
+    """What a NonFiniteLoss / RepresentationCollapse does: "raise" (stop every rank with that
+    error) or "rollback" (restore the last checkpoint, scale the LR by rollback_lr_factor, go on)."""
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    worker_memory_gb: float | None = None
+    """Memory one worker may use, for the pre-flight estimate; None = this machine's RAM shared by
+    the local workers (CPU) or the local GPU's memory."""
 
     def __post_init__(self):
         _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -96,24 +107,13 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _check(self.audio_max_samples >= 4000, "audio_max_samples", "must be >= 4000 (0.25 s)")
         _check(self.text_max_tokens >= 8, "text_max_tokens", "must be >= 8")
+        _check(self.on_collapse in ("raise", "rollback"), "on_collapse",
+               f"must be 'raise' or 'rollback', got {self.on_collapse!r}")
+        _check(self.max_rollbacks >= 0, "max_rollbacks", "must be >= 0")
+        _check(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor", "must be in (0, 1]")
+        _check(self.worker_memory_gb is None or self.worker_memory_gb > 0, "worker_memory_gb", "must be > 0 or null")
         _check(self.audio_batching in ("pad", "crop"), "audio_batching",
                f"must be 'pad' or 'crop', got {self.audio_batching!r}")
-
-
-# Training defaults per preset size (the model half comes from pipeline.model.config.preset).
-TRAIN_PRESETS = {
-    "demo": dict(max_steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.05,
-                 checkpoint_every=100, log_every=10, audio_max_samples=16_000, text_max_tokens=64,
-                 betas=(0.9, 0.98), clip_norm=4.0),
-    "base": dict(max_steps=400_000, batch_size=16, lr=7.5e-4, warmup_steps=8000, checkpoint_every=2000),
-    "large": dict(max_steps=600_000, batch_size=8, lr=4e-4, warmup_steps=10000, checkpoint_every=2000),
-}
-MODALITY_TRAIN = {  # reference optimization settings per modality (base/large only)
-    "image": dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=50_040, clip_norm=4.0),
-    "audio": dict(lr=7.5e-4, betas=(0.9, 0.98), weight_decay=0.01, clip_norm=0.0, audio_max_samples=320_000,
-                  audio_batching="crop"),
-    "text": dict(lr=2e-4, betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=4000, clip_norm=1.0),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,8 +184,6 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
         raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
     # Workers run with another cwd (and on other nodes): local paths must be absolute.
     data, output = (p if "://" in p else os.path.abspath(p) for p in (data, output))
-    if preset_name not in TRAIN_PRESETS:
-        raise ConfigError(f"preset: unknown {preset_name!r}; expected one of {', '.join(TRAIN_PRESETS)}")
     mode = "d2v2"
     if overrides and "model.mode" in overrides:
         mode = overrides["model.mode"]
@@ -200,11 +198,9 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
         mode = file_cfg.get("model", {}).get("mode", mode) if "model.mode" not in (overrides or {}) else mode
     if mode not in ("d2v1", "d2v2"):
         raise ConfigError(f"model.mode: must be 'd2v1' or 'd2v2', got {mode!r}")
-    model = preset(modality, preset_name, mode, **(model_frontend or {}))
-    train = dict(dataclasses.asdict(TrainConfig()))
-    if preset_name != "demo":
-        train.update(MODALITY_TRAIN[modality])
-    train.update(TRAIN_PRESETS[preset_name])
+    r = recipe(modality, mode, preset_name, **(model_frontend or {}))
+    model = r.model
+    train = {**dataclasses.asdict(TrainConfig()), **r.train}
     d = {"modality": modality, "data": data, "output": output, "preset": preset_name,
          "tracking_uri": None, "experiment": "data2vec", "parent_run_id": None, "model": model.to_dict(), "train": train}
     d.update({k: v for k, v in top.items() if v is not None})
@@ -218,6 +214,13 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
         return RunConfig.from_dict(d)
     except TypeError as e:  # wrong type/unknown keyword inside a section
         raise ConfigError(f"config: {e}") from None
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as a `--config` file: `model:` and `train:` sections, every field."""
+    d = cfg.to_dict()
+    head = f"# jobs.pretrain --modality {cfg.modality} --preset {cfg.preset}: every resolved field\n"
+    return head + yaml.safe_dump({"model": d["model"], "train": d["train"]}, sort_keys=False)
 
 
 def dump(cfg: RunConfig) -> str:

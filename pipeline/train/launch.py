@@ -1,5 +1,5 @@
-"""Driver side of pretraining: read the data's manifest, build the streaming dataset and the
-TorchTrainer, run it. The only module here that creates Ray objects."""
+"""Driver side of pretraining: read the data's manifest, check a resume, list the data's chunks
+and run the TorchTrainer. Paths may be local folders or URIs (pyarrow.fs)."""
 from __future__ import annotations
 
 import json
@@ -7,18 +7,20 @@ import os
 
 import ray
 
+from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train.batches import COLUMNS
 from pipeline.train.config import RunConfig
+from pipeline.train.stream import list_chunks
 from pipeline.train.worker import train_loop_per_worker
 
 
 def read_manifest(data: str, modality: str) -> dict:
-    path = os.path.join(data, "manifest.json")
-    if not os.path.isfile(path):
+    """DATA/manifest.json (DATA a path or URI), checked against the modality."""
+    fs, root = storage.resolve(data)
+    if not storage.exists(fs, f"{root}/manifest.json"):
         raise ConfigError(f"data: {data!r} has no manifest.json; run `python -m jobs.preprocess` first")
-    with open(path) as f:
-        m = json.load(f)
+    m = json.loads(storage.read_text(fs, f"{root}/manifest.json"))
     if m.get("modality") != modality:
         raise ConfigError(f"modality: --modality {modality} but {data!r} holds {m.get('modality')} data")
     if not m.get("counts", {}).get("written"):
@@ -36,32 +38,56 @@ def frontend_from_manifest(m: dict) -> dict:
     return {}
 
 
+# Fields that may change between a run and its resume; any other difference changes what is
+# being trained (schedule, batch, model, data) and is refused unless --allow-config-change.
+RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
+                     "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
+                     "train.on_collapse", "train.max_rollbacks", "tracking_uri", "experiment", "parent_run_id"}
+
+
+def check_resume(cfg: RunConfig, allow_change: bool = False) -> None:
+    """Refuse to resume a run whose schedule-relevant config differs from the one it started
+    with, naming the differing fields (before Ray starts)."""
+    from pipeline.train.tracking import flatten
+
+    fs, root = storage.resolve(cfg.output)
+    if not storage.exists(fs, f"{root}/config.json") or not storage.exists(fs, f"{root}/ray/pretrain"):
+        return  # nothing to resume
+    before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
+    now = flatten(cfg.to_dict())
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if diff and not allow_change:
+        shown = ", ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:6])
+        raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"
+                          f"{', …' if len(diff) > 6 else ''}); resuming would change its schedule. Use a new "
+                          f"--output, or pass --allow-config-change to resume anyway")
+
+
 def run_pretraining(cfg: RunConfig, fault: dict | None = None):
     """Run (or resume) the pretraining described by `cfg` on the connected Ray cluster."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    import dataclasses
+
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    out = os.path.abspath(cfg.output) if "://" not in cfg.output else cfg.output
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    # Streamed, never materialized: each worker pulls blocks of its split as it trains.
-    ds = ray.data.read_parquet(os.path.join(cfg.data, "shards"), columns=COLUMNS[cfg.modality])
+    fs, out = storage.resolve(cfg.output)
+    fs.create_dir(out, recursive=True)
+    storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    # Each worker streams its own seeded share of these chunks with Ray Data (stream.py): only
+    # Parquet metadata is read here.
+    chunks = list_chunks(cfg.data, COLUMNS[cfg.modality])
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # same batches on a re-run: exact resume
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "fault": fault, "cluster_cpus": cluster_cpus,
-                           "threads_per_worker": max(1, (os.cpu_count() or 1) // t.num_workers)},
+                           "chunks": [dataclasses.asdict(c) for c in chunks]},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RayRunConfig(name="pretrain", storage_path=os.path.join(out, "ray"),
+        run_config=RayRunConfig(name="pretrain", storage_path=f"{out}/ray", storage_filesystem=fs,
                                 failure_config=FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
-        dataset_config=DataConfig(execution_options=exec_opts),
     )
     return trainer.fit()
 

@@ -27,14 +27,16 @@ class MLflowSink(NullSink):
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_experiment(experiment)
-        id_file = os.path.join(run_dir, "mlflow_run_id")
-        run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
+        from pipeline import storage
+
+        fs, root = storage.resolve(run_dir)
+        id_file = f"{root}/mlflow_run_id"
+        run_id = storage.read_text(fs, id_file).strip() if storage.exists(fs, id_file) else None
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
         self.run_id = self.run.info.run_id
         if run_id is None:
-            with open(id_file, "w") as f:
-                f.write(self.run_id)
+            storage.write_text(fs, id_file, self.run_id)
             flat = flatten(params)
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps params per call
@@ -64,8 +66,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def default_tracking_uri(run_dir: str) -> str:
-    return "sqlite:///" + os.path.join(os.path.abspath(run_dir), "mlflow.db")
+def default_tracking_uri(run_dir: str) -> str | None:
+    """sqlite:///RUN_DIR/mlflow.db for a local (or file://) run folder; None for object stores,
+    where the user passes --tracking-uri (an MLflow server)."""
+    from pipeline.storage import local_path
+
+    local = local_path(run_dir)
+    return None if local is None else "sqlite:///" + os.path.join(local, "mlflow.db")
 
 
 def git_commit() -> str:

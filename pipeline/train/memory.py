@@ -1,0 +1,123 @@
+"""Pre-flight memory estimate of one training step, from the resolved config alone (no Ray, no
+data): refuse a run that cannot fit before it starts, naming the fields to change.
+
+    peak ≈ weights (student + teacher) + gradients + AdamW state (+ DDP buckets)
+         + student activations kept for backward   (sequences × tokens × width × depth)
+         + attention scores                         (sequences × heads × tokens² × depth)
+         + 2.0 decoder activations                  (B·C × all tokens × decoder width × layers)
+         + the teacher's forward (no grad: its top-K layer outputs and targets)
+         + the process itself (PyTorch + a Ray worker)
+
+The constants (floats saved per token per block) were checked against measured peak RSS of real
+steps on CPU (tests/test_memory.py): the estimate is an upper bound within ~2× of the measurement.
+"""
+from __future__ import annotations
+
+import os
+
+from pipeline.config import ConfigError
+from pipeline.model.frontends import conv_frames
+from pipeline.train.config import RunConfig
+
+GB = 1024 ** 3
+PROCESS_BYTES = 0.8 * GB  # torch + numpy + a Ray worker process, before any tensor
+SAVED_PER_TOKEN = 14  # floats × width kept per token per block (qkv, attention out, norms, residuals)
+SAVED_PER_HIDDEN = 3  # floats × MLP width kept per token per block (fc1 out, GELU in/out)
+OVERHEAD = 1.25  # allocator fragmentation, temporaries of the largest op
+
+
+def _param_counts(cfg: RunConfig) -> tuple[int, int]:
+    """(student, teacher) parameter counts, from the model built on the meta device (no memory)."""
+    import torch
+
+    from pipeline.model.data2vec import Data2Vec
+
+    with torch.device("meta"):
+        model = Data2Vec(cfg.model)
+    teacher = sum(p.numel() for p in model.teacher_parameters())
+    return sum(p.numel() for p in model.parameters()) - teacher, teacher
+
+
+def tokens_per_sample(cfg: RunConfig) -> int:
+    """Worst-case sequence length T of one sample (image patches, audio frames, text tokens)."""
+    m, t = cfg.model, cfg.train
+    if m.modality == "image":
+        return (m.frontend.image_size // m.frontend.patch_size) ** 2
+    if m.modality == "audio":
+        return int(conv_frames(t.audio_max_samples))
+    return min(t.text_max_tokens, m.frontend.max_positions)
+
+
+def estimate(cfg: RunConfig) -> dict[str, float]:
+    """Peak bytes of one worker's training step, by part."""
+    m, t = cfg.model, cfg.train
+    D, L, H = m.encoder.dim, m.encoder.depth, m.encoder.heads
+    hidden = int(D * m.encoder.mlp_ratio)
+    T = tokens_per_sample(cfg)
+    extra = 1 if m.modality == "image" and m.frontend.cls_token else 0
+    B = t.batch_size
+    act = 2 if t.use_gpu else 4  # bf16 autocast on GPU
+    if m.mode == "d2v2":
+        seqs, S = B * m.decoder.clone_batch, T - int(round(T * m.mask.prob)) + extra
+    else:
+        seqs, S = B, T + extra
+    per_token = SAVED_PER_TOKEN * D + SAVED_PER_HIDDEN * hidden
+    parts = {"activations": seqs * S * L * per_token * act,
+             "attention": seqs * H * S * S * L * 2 * act}
+    if m.mode == "d2v2":
+        d = m.decoder
+        parts["decoder"] = seqs * T * (D * 3 + d.dim * 4 * d.layers) * act
+    # Teacher (no grad): one block's working set + the kept top-K outputs, targets (fp32).
+    parts["teacher"] = B * (T + extra) * ((m.target.top_k + 3) * D * 4 + per_token * act) + B * H * (T + extra) ** 2 * act
+    student, teacher = _param_counts(cfg)
+    parts["weights+grads+adam"] = student * 4 * (4 + (1 if t.num_workers > 1 else 0)) + teacher * 4
+    # The model's inputs themselves (audio: raw 16 kHz samples)
+    if m.modality == "audio":
+        parts["inputs"] = B * t.audio_max_samples * 4 * 4  # waveform + CNN's first layer maps (÷5 × C/…)
+        parts["activations"] += B * t.audio_max_samples // 5 * m.frontend.conv_channels * 3 * act
+    parts["total"] = sum(parts.values()) * OVERHEAD + PROCESS_BYTES
+    return parts
+
+
+def available_per_worker(cfg: RunConfig) -> tuple[float | None, str]:
+    """(bytes one worker may use, where that number comes from). None: unknown (no local GPU)."""
+    t = cfg.train
+    if t.worker_memory_gb is not None:
+        return t.worker_memory_gb * GB, "train.worker_memory_gb"
+    if t.use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return float(torch.cuda.get_device_properties(0).total_memory), "the local GPU"
+        return None, "no local GPU to measure"
+    if os.environ.get("RAY_ADDRESS"):  # a remote cluster: this machine says nothing about its nodes
+        return None, "a remote cluster (set train.worker_memory_gb)"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # Ray's memory monitor kills at 95% of the node; leave room for the object store and Ray Data.
+    return total * 0.8 / t.num_workers, f"this machine's memory shared by {t.num_workers} worker(s)"
+
+
+def check_memory(cfg: RunConfig) -> dict[str, float]:
+    """Raise ConfigError, naming the fields to change, when a step cannot fit in a worker."""
+    parts = estimate(cfg)
+    have, source = available_per_worker(cfg)
+    if have is not None and parts["total"] > have:
+        m, t = cfg.model, cfg.train
+        T = tokens_per_sample(cfg)
+        knobs = ["train.batch_size", "train.grad_accum (same effective batch in smaller pieces)"]
+        if m.mode == "d2v2":
+            knobs.append("model.decoder.clone_batch")
+        if m.modality == "image":
+            knobs.append(f"model.frontend.patch_size ({T} tokens per image; or preprocess with a smaller --image-size)")
+        elif m.modality == "audio":
+            knobs.append("train.audio_max_samples")
+        else:
+            knobs.append("train.text_max_tokens")
+        knobs += ["model.encoder.dim / depth (or a smaller --preset)", "train.num_workers (on one machine)"]
+        big = max((k for k in parts if k != "total"), key=parts.get)
+        raise ConfigError(
+            f"train.batch_size: a step needs about {parts['total'] / GB:.1f} GiB per worker (largest part: "
+            f"{big} {parts[big] / GB:.1f} GiB; batch {t.batch_size}, {T} tokens per sample, width "
+            f"{m.encoder.dim} × depth {m.encoder.depth}) but {source} gives {have / GB:.1f} GiB. Lower one of: "
+            f"{'; '.join(knobs)}")
+    return parts

@@ -1,0 +1,114 @@
+"""One optimizer step of data2vec pretraining, written once. Ray Train workers, the in-process
+harness (benchmarks/harness.py) and fine-tuning all call `train_step`, so the autocast / compiled
+path is the one everything runs. No Ray here: DDP is plain torch.distributed.
+
+    micro-batches [(inputs, mask)] × grad_accum
+      └ for each: forward (bf16 autocast on GPU) → health check, agreed by every rank →
+                  backward (DDP all-reduces on the last micro-batch only)
+    → clip → optimizer step (LR from the schedule × lr_scale) → EMA teacher update → metrics
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from pipeline.model.data2vec import Data2Vec
+from pipeline.model.objective import HEALTHY, health_error, step_health
+from pipeline.train.config import TrainConfig
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): a pure function, so resume needs no state."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        p = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+    # tri_stage (fairseq, phase_ratio [warm-up, 0.9, rest]): hold for 90% of the run after the
+    # warm-up, then decay exponentially to lr × min_lr_scale.
+    hold_end = min(t.max_steps, t.warmup_steps + int(0.9 * t.max_steps))
+    if step < hold_end:
+        return t.lr
+    p = (step - hold_end) / max(1, t.max_steps - hold_end)
+    return t.lr * max(t.min_lr_scale, 1e-12) ** min(p, 1.0)
+
+
+def build_optimizer(model: Data2Vec, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the student; no weight decay on biases, norms, positions, CLS and mask tokens
+    (data2vec 2.0's `weight_decay_scale: 0` groups)."""
+    decay, no_decay = [], []
+    teacher = {id(p) for p in model.teacher_parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in teacher or not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls", "mask_emb")) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=t.lr, betas=t.betas, eps=t.eps)
+
+
+def autocast_for(device: torch.device) -> Callable[[], object]:
+    """A factory of fresh autocast contexts: bf16 on CUDA, none on CPU (tests enter the CPU bf16
+    path explicitly with `torch.autocast("cpu", dtype=torch.bfloat16)`)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _agree_on_health(model: Data2Vec, out, step: int, rank: int, world: int) -> None:
+    """Every rank learns whether any rank's step is unhealthy and raises the same named error,
+    before any backward: a rank that raised alone would leave the others blocked in all-reduce."""
+    c = model.cfg.collapse
+    code, value = step_health(out.loss.detach(), float(out.target_var), float(out.pred_var), step,
+                              c.min_target_var, c.min_pred_var, c.warmup_steps)
+    where = ""
+    if world > 1:
+        table = torch.zeros(world, 2, dtype=torch.float64, device=out.loss.device)  # (rank, [code, value])
+        table[rank, 0], table[rank, 1] = code, value
+        dist.all_reduce(table)
+        bad = (table[:, 0] > 0).nonzero()
+        if len(bad):
+            r = int(bad[0])
+            code, value, where = int(table[r, 0]), float(table[r, 1]), f" (on rank {r})"
+    if code != HEALTHY:
+        raise health_error(code, value, step, c.min_target_var, c.min_pred_var, where)
+
+
+def train_step(model: Data2Vec, net: torch.nn.Module, opt: torch.optim.Optimizer,
+               micro: list[tuple[dict, torch.Tensor]], step: int, t: TrainConfig, *,
+               lr_scale: float = 1.0, autocast: Callable[[], object] = nullcontext, rank: int = 0,
+               world: int = 1, poison: bool = False) -> dict:
+    """Run one optimizer step over the micro-batches of one accumulation group.
+
+    `model` is the Data2Vec module; `net` is what runs forward (the model itself, or its DDP
+    wrapper). Every micro-batch's loss is divided by the group size, so a group of k micro-batches
+    of b samples is the same step as one batch of k·b samples with the same masks. `poison` makes
+    this step's loss NaN (tests of the health guard). Returns the step's metrics."""
+    lr = lr_at(step, t) * lr_scale
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = tv = pv = 0.0
+    for i, (inputs, mask) in enumerate(micro):
+        last = i == len(micro) - 1
+        # A fresh no_sync() per micro-batch: DDP all-reduces gradients only on the group's last.
+        with (net.no_sync() if world > 1 and not last else nullcontext()):
+            with autocast():
+                out = net(inputs, mask)
+            if poison:
+                out.loss = out.loss * float("nan")
+            _agree_on_health(model, out, step, rank, world)
+            (out.loss / len(micro)).backward()
+        loss += float(out.loss.detach()) / len(micro)
+        tv += float(out.target_var) / len(micro)
+        pv += float(out.pred_var) / len(micro)
+    grad_norm = float("nan")
+    if t.clip_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.student_parameters(), t.clip_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    decay = model.ema_step(step)
+    return {"loss": loss, "target_var": tv, "pred_var": pv, "lr": lr, "ema_decay": decay, "grad_norm": grad_norm}

@@ -1,0 +1,150 @@
+"""Every base/large recipe value against a table copied from fairseq's data2vec configs
+(facebookresearch/fairseq @ 3d262bb, examples/data2vec/config/; file per row group below), and
+`jobs.pretrain --print-config`."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.recipes import demo_patch_size, recipe
+from pipeline.train.config import resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (modality, mode, size) → {dotted field: reference value}. Batch = per GPU (× the GPU count noted).
+REFERENCE = {
+    # vision/pretraining/base_imagenet_d2v1.yaml (batch 128 × 16 GPUs)
+    ("image", "d2v1", "base"): {
+        "train.lr": 5e-4, "train.betas": [0.9, 0.999], "train.eps": 1e-8, "train.weight_decay": 0.05,
+        "train.clip_norm": 3.0, "train.schedule": "cosine", "train.warmup_steps": 12_510,
+        "train.max_steps": 375_300, "train.batch_size": 128, "train.min_lr_scale": 0.0,
+        "model.mask.prob": 75 / 196, "model.mask.min_block": 16, "model.target.top_k": 6,
+        "model.target.layer_norm": "none", "model.target.final_norm": "layer", "model.loss.beta": 2.0,
+        "model.loss.scale": None, "model.ema.decay": 0.999, "model.ema.end_decay": 0.9998,
+        "model.ema.anneal_end_step": 375_300, "model.ema.ema_local": False, "model.ema.ema_context": False,
+        "model.encoder.pre_norm": True, "model.encoder.layer_output": "block", "model.encoder.attn_dropout": 0.05,
+        "model.encoder.dim": 768, "model.encoder.depth": 12, "model.encoder.heads": 12,
+        "model.frontend.patch_size": 16},
+    # v2/base_images_only_task.yaml (16 × 16 GPUs)
+    ("image", "d2v2", "base"): {
+        "train.lr": 1e-3, "train.betas": [0.9, 0.95], "train.eps": 1e-8, "train.weight_decay": 0.05,
+        "train.clip_norm": 4.0, "train.schedule": "cosine", "train.warmup_steps": 50_040,
+        "train.max_steps": 375_300, "train.batch_size": 16, "train.min_lr_scale": 0.0,
+        "model.mask.prob": 0.8, "model.mask.length": 3, "model.mask.adjust": 0.07,
+        "model.decoder.clone_batch": 16, "model.target.top_k": 10, "model.target.layer_norm": "instance",
+        "model.target.final_norm": "layer", "model.loss.beta": 0.0, "model.loss.scale": None,
+        "model.decoder.cls_loss": 0.01, "model.ema.decay": 0.9998, "model.ema.end_decay": 0.99999,
+        "model.ema.anneal_end_step": 100_000, "model.ema.ema_local": True,
+        "model.decoder.dim": 768, "model.decoder.kernel": 3, "model.decoder.groups": 16, "model.decoder.layers": 6,
+        "model.decoder.residual": True, "model.decoder.mask_noise_std": 0.01,
+        "model.encoder.dropout": 0.0, "model.encoder.attn_dropout": 0.0, "model.encoder.dim": 768,
+        "model.encoder.heads": 12, "model.collapse.min_target_var": 0.0, "model.collapse.min_pred_var": 0.0},
+    # v2/large_images_only_task.yaml (8 × 16 GPUs)
+    ("image", "d2v2", "large"): {
+        "train.lr": 4e-4, "train.betas": [0.9, 0.95], "train.eps": 1e-8, "train.weight_decay": 0.05,
+        "train.clip_norm": 4.0, "train.warmup_steps": 50_040, "train.max_steps": 375_300, "train.batch_size": 8,
+        "model.mask.prob": 0.75, "model.mask.length": 3, "model.mask.adjust": 0.1, "model.decoder.clone_batch": 16,
+        "model.target.top_k": 18, "model.ema.decay": 0.9998, "model.ema.end_decay": 0.99999,
+        "model.ema.anneal_end_step": 150_000, "model.decoder.dim": 1024, "model.decoder.kernel": 5,
+        "model.decoder.layers": 3, "model.encoder.dim": 1024, "model.encoder.depth": 24,
+        "model.encoder.heads": 16, "model.encoder.dropout": 0.0},
+    # audio/pretraining/base_librispeech.yaml (max_tokens 3.8M × 16 GPUs)
+    ("audio", "d2v1", "base"): {
+        "train.lr": 5e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
+        "train.clip_norm": 0.0, "train.schedule": "tri_stage", "train.warmup_steps": 12_000,
+        "train.max_steps": 400_000, "train.min_lr_scale": 0.01, "train.audio_max_samples": 320_000,
+        "train.audio_batching": "crop", "model.mask.prob": 0.65, "model.mask.length": 10,
+        "model.target.top_k": 8, "model.target.layer_norm": "instance", "model.loss.beta": 0.0,
+        "model.loss.scale": None, "model.ema.decay": 0.999, "model.ema.end_decay": 0.9999,
+        "model.ema.anneal_end_step": 30_000, "model.ema.ema_local": False, "model.ema.ema_context": False,
+        "model.encoder.dropout": 0.1, "model.encoder.attn_dropout": 0.1, "model.encoder.pre_norm": False,
+        "model.frontend.conv_channels": 512, "model.frontend.conv_pos_width": 95,
+        "model.frontend.conv_pos_depth": 5, "model.frontend.conv_pos_groups": 16,
+        "model.collapse.min_target_var": 0.1, "model.collapse.min_pred_var": 0.01,
+        "model.collapse.warmup_steps": 5000},
+    # v2/base_audio_only_task.yaml (max_tokens 1M × 8 GPUs)
+    ("audio", "d2v2", "base"): {
+        "train.lr": 7.5e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
+        "train.clip_norm": 0.0, "train.schedule": "cosine", "train.warmup_steps": 8000,
+        "train.max_steps": 400_000, "train.min_lr_scale": 0.0, "train.audio_max_samples": 320_000,
+        "model.mask.prob": 0.5, "model.mask.length": 5, "model.mask.adjust": 0.05,
+        "model.decoder.clone_batch": 8, "model.target.top_k": 8, "model.target.layer_norm": "instance",
+        "model.ema.decay": 0.999, "model.ema.end_decay": 0.99999, "model.ema.anneal_end_step": 75_000,
+        "model.ema.ema_local": False, "model.ema.ema_context": True, "model.decoder.dim": 384,
+        "model.decoder.kernel": 7, "model.decoder.groups": 16, "model.decoder.layers": 4,
+        "model.encoder.dropout": 0.1, "model.encoder.attn_dropout": 0.1},
+    # v2/large_audio_only_task.yaml (max_tokens 320k × 48 GPUs)
+    ("audio", "d2v2", "large"): {
+        "train.lr": 4e-4, "train.clip_norm": 1.0, "train.warmup_steps": 10_000, "train.max_steps": 600_000,
+        "model.mask.prob": 0.55, "model.mask.adjust": 0.1, "model.decoder.clone_batch": 12,
+        "model.target.top_k": 16, "model.ema.decay": 0.9997, "model.ema.end_decay": 1.0,
+        "model.ema.anneal_end_step": 300_000, "model.decoder.dim": 768, "model.encoder.dim": 1024},
+    # text/pretraining/base.yaml (max_tokens 8192 = 16 × 512 tokens × 16 GPUs)
+    ("text", "d2v1", "base"): {
+        "train.lr": 2e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
+        "train.clip_norm": 5.0, "train.schedule": "cosine", "train.warmup_steps": 10_000,
+        "train.max_steps": 1_000_000, "train.batch_size": 16, "train.text_max_tokens": 512,
+        "model.mask.prob": 0.35, "model.mask.length": 4, "model.mask.bert_corrupt": False,
+        "model.target.top_k": 10, "model.target.layer_norm": "layer", "model.loss.beta": 4.0,
+        "model.loss.scale": 1.0, "model.head_layers": 2, "model.ema.decay": 0.999,
+        "model.ema.end_decay": 0.9999, "model.ema.anneal_end_step": 300_000, "model.ema.ema_local": False,
+        "model.frontend.max_positions": 512, "model.encoder.dropout": 0.1},
+    # v2/base_text_only_task.yaml (4 × 16 GPUs)
+    ("text", "d2v2", "base"): {
+        "train.lr": 2e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
+        "train.clip_norm": 1.0, "train.schedule": "cosine", "train.warmup_steps": 4000,
+        "train.max_steps": 1_000_000, "train.batch_size": 4, "train.min_lr_scale": 0.0,
+        "model.mask.prob": 0.48, "model.mask.length": 1, "model.decoder.clone_batch": 8,
+        "model.target.top_k": 12, "model.target.layer_norm": "instance", "model.target.final_norm": "none",
+        "model.loss.scale": 1.0, "model.loss.beta": 0.0, "model.ema.decay": 0.9999,
+        "model.ema.end_decay": 0.99999, "model.ema.anneal_end_step": 100_000, "model.decoder.dim": 768,
+        "model.decoder.kernel": 9, "model.decoder.groups": 1, "model.decoder.layers": 5,
+        "model.decoder.residual": False, "model.decoder.projection_layers": 2, "model.encoder.dropout": 0.1},
+    # v2/large_text_only_task.yaml (2 × 32 GPUs)
+    ("text", "d2v2", "large"): {
+        "train.lr": 1e-4, "train.max_steps": 600_000, "train.batch_size": 2, "train.warmup_steps": 4000,
+        "model.mask.prob": 0.5, "model.target.top_k": 24, "model.target.layer_norm": "layer",
+        "model.target.final_norm": "instance", "model.decoder.dim": 768, "model.encoder.dim": 1024,
+        "model.encoder.depth": 24},
+}
+
+
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+@pytest.mark.parametrize("key", sorted(REFERENCE), ids=lambda k: "-".join(k))
+def test_recipe_matches_reference_config(key):
+    modality, mode, size = key
+    fe = {"image": {"image_size": 224}, "text": {"vocab_size": 50_000}}.get(modality, {})
+    cfg = resolve(modality, "data", "out", size, None, {"model.mode": mode}, model_frontend=fe).to_dict()
+    wrong = {k: (_get(cfg, k), v) for k, v in REFERENCE[key].items()
+             if not (_get(cfg, k) == pytest.approx(v) if isinstance(v, float) else _get(cfg, k) == v)}
+    assert not wrong, wrong  # field: (ours, reference)
+
+
+def test_demo_recipe_keeps_the_patch_grid_small_for_any_image_size():
+    for px, patch in ((28, 4), (32, 4), (64, 8), (96, 8), (100, 10), (224, 16), (384, 32)):
+        assert demo_patch_size(px) == patch
+        for mode in ("d2v1", "d2v2"):
+            f = recipe("image", mode, "demo", image_size=px).model.frontend
+            assert f.image_size // f.patch_size <= 14
+
+
+def test_print_config_is_a_config_file_that_resolves_to_itself(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "audio", "--preset", "base",
+                        "--print-config", "--set", "train.lr=3e-4"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["train"]["lr"] == 3e-4 and printed["train"]["warmup_steps"] == 8000
+    assert printed["model"]["decoder"]["clone_batch"] == 8 and "modality" not in printed
+    f = tmp_path / "c.yaml"
+    f.write_text(r.stdout)
+    again = resolve("audio", "data", "out", "base", str(f), {})
+    assert again.to_dict()["model"] == printed["model"]
+    assert again.to_dict()["train"] == {**printed["train"], "betas": list(printed["train"]["betas"])}
