@@ -131,7 +131,7 @@ def audio_d2v1(size: str, fe: dict) -> Recipe:
         # max_tokens 3.8M samples/GPU ≈ 12 clips of 20 s; × 16 GPUs. tri_stage [0.03, 0.9, 0.07].
         dict(max_steps=400_000, batch_size=12, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
              clip_norm=0.0, schedule="tri_stage", warmup_steps=12_000, min_lr_scale=0.01,
-             audio_max_samples=320_000, audio_batching="crop", checkpoint_every=2000))
+             audio_max_samples=320_000, audio_batching="crop", shuffle_buffer=256, checkpoint_every=2000))
 
 
 def audio_d2v2(size: str, fe: dict) -> Recipe:
@@ -159,7 +159,7 @@ def audio_d2v2(size: str, fe: dict) -> Recipe:
         dict(max_steps=400_000 if base else 600_000, batch_size=4 if base else 1, lr=7.5e-4 if base else 4e-4,
              betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_norm=0.0 if base else 1.0, schedule="cosine",
              warmup_steps=8000 if base else 10_000, min_lr_scale=0.0, audio_max_samples=320_000,
-             audio_batching="crop", checkpoint_every=2000))
+             audio_batching="crop", shuffle_buffer=256, checkpoint_every=2000))
 
 
 # ----------------------------------------------------------------------------- text

@@ -60,7 +60,11 @@ def test_stop_and_resume_gives_identical_weights(demo_shards, tmp_path):
     assert pretrain([*base, "--output", a]) == 0
     assert pretrain([*base, "--output", b, "--stop-at-step", "4"]) == 0
     assert not os.path.exists(os.path.join(b, "final"))  # stopped early: no final model yet
-    assert pretrain([*base, "--output", b]) == 0  # the same command resumes
+    # A resume that would change the schedule is refused before Ray starts, naming the field …
+    r = subprocess.run([sys.executable, "-m", "jobs.pretrain", *base, "--output", b, "--set", "train.lr=5e-4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "train.lr: " in r.stderr and "--allow-config-change" in r.stderr, r.stderr
+    assert pretrain([*base, "--output", b]) == 0  # … the same command resumes
     wa = load_file(os.path.join(a, "final", "model.safetensors"))
     wb = load_file(os.path.join(b, "final", "model.safetensors"))
     assert wa.keys() == wb.keys()
@@ -133,3 +137,56 @@ def test_streaming_dataset_is_not_materialized(demo_shards):
     assert isinstance(ds, ray.data.Dataset) and not isinstance(ds, MaterializedDataset)
     first = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))  # streams the first block
     assert list(first) == ["image"]
+
+
+# ------------------------------------------------------------------ scale paths
+def _image_folder_224(demo_raw, root):
+    """The demo's MNIST folder (class per sub-folder) preprocessed with the default 224 px."""
+    from pipeline.config import PreprocessConfig
+    from pipeline.ingest import run
+    out = str(root / "image224")
+    run(PreprocessConfig(modality="image", input=os.path.join(demo_raw, "image", "test"), output=out))
+    return out
+
+
+@pytest.mark.slow
+def test_two_workers_accumulate_on_224px_folders_through_file_uris(demo_raw, ray_local, tmp_path):
+    """The path a new user takes: preprocessing defaults (224 px) + the demo preset + 2 workers ×
+    grad_accum 2, with data and output given as file:// URIs. The demo recipe picks 16-px patches
+    (14 × 14 tokens) so it fits; threads per worker come from the worker's node."""
+    data = _image_folder_224(demo_raw, tmp_path)
+    out = tmp_path / "run"
+    rc = pretrain(["--modality", "image", "--data", f"file://{data}", "--output", f"file://{out}",
+                   "--num-workers", "2", "--max-steps", "3", "--set", "train.batch_size=4",
+                   "--set", "train.grad_accum=2", "--set", "train.log_every=1", "--set", "train.warmup_steps=1"])
+    assert rc == 0
+    client, run = mlflow_metrics(str(out))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    from pipeline.train.worker import node_cpus, threads_for_worker
+    assert run.data.tags["torch.threads_per_worker"] == str(threads_for_worker(node_cpus(), 2))
+    cfg = json.load(open(out / "final" / "config.json"))
+    assert cfg["model"]["frontend"]["patch_size"] == 16 and cfg["train"]["grad_accum"] == 2
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_the_run_or_rolls_back(demo_shards, tmp_path, monkeypatch, capsys):
+    """Rank 1's loss turns NaN at step 3: with on_collapse=raise the run fails at once with
+    NonFiniteLoss naming rank 1 (not after the collective timeout); with rollback it restores
+    step 2's checkpoint, halves the LR and finishes, logging the rollback to MLflow."""
+    import time
+    monkeypatch.setenv("D2V_NAN_AT_STEP", "3:1")
+    base = ["--modality", "image", "--data", demo_shards["image"], "--max-steps", "4",
+            "--set", "train.checkpoint_every=2", "--set", "train.max_failures=0", *SMALL]
+    t0 = time.time()
+    assert pretrain([*base, "--output", str(tmp_path / "raise")]) == 1
+    assert time.time() - t0 < 300
+    err = capsys.readouterr().err
+    assert "NonFiniteLoss" in err and "(on rank 1)" in err, err[-2000:]
+    assert pretrain([*base, "--output", str(tmp_path / "rollback"), "--set", "train.on_collapse=rollback"]) == 0
+    client, run = mlflow_metrics(str(tmp_path / "rollback"))
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "rollback")] == [1.0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "rollback_lr_scale")] == [0.5]
+    assert "NonFiniteLoss" in run.data.tags["rollback.1"]
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert lrs[4] < lr_at(3, resolve("image", "d", "o", "demo", None, parse_sets(
+        ["train.max_steps=4", "train.warmup_steps=2"])).train)  # the LR after the rollback is scaled down

@@ -67,8 +67,9 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 2
     """Worker crashes tolerated; each restarts from the last checkpoint."""
-    shuffle_buffer: int = 256
-    """Rows in each worker's local shuffle buffer (0 = no shuffle)."""
+    shuffle_buffer: int = 1024
+    """Rows of each worker's seeded shuffle window (on top of the per-epoch chunk order; 0 = no
+    shuffle inside windows). Its memory is window × row size: lower it for long audio crops."""
     audio_max_samples: int = 250_000
     """Audio crops longer than this (16 kHz samples) are randomly cropped."""
     audio_batching: str = "pad"

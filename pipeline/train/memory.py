@@ -71,10 +71,9 @@ def estimate(cfg: RunConfig) -> dict[str, float]:
     parts["teacher"] = B * (T + extra) * ((m.target.top_k + 3) * D * 4 + per_token * act) + B * H * (T + extra) ** 2 * act
     student, teacher = _param_counts(cfg)
     parts["weights+grads+adam"] = student * 4 * (4 + (1 if t.num_workers > 1 else 0)) + teacher * 4
-    # The model's inputs themselves (audio: raw 16 kHz samples)
-    if m.modality == "audio":
-        parts["inputs"] = B * t.audio_max_samples * 4 * 4  # waveform + CNN's first layer maps (÷5 × C/…)
-        parts["activations"] += B * t.audio_max_samples // 5 * m.frontend.conv_channels * 3 * act
+    if m.modality == "audio":  # the waveform, and the CNN's maps: 7 layers ≈ 2× the first's length (L/5)
+        parts["inputs"] = B * t.audio_max_samples * 4 * 4
+        parts["activations"] += B * t.audio_max_samples // 5 * m.frontend.conv_channels * 8 * act
     parts["total"] = sum(parts.values()) * OVERHEAD + PROCESS_BYTES
     return parts
 

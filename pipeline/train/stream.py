@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,20 @@ class RankStream:
     def batches_per_epoch(self) -> int:
         return sum(c.rows for c in self.chunks) // self.world // self.batch_size
 
+    def _todo(self, epoch: int, skip_batches: int) -> tuple[list[Chunk], int]:
+        """(chunks still to read, index of the first window) for a start after `skip_batches`."""
+        share = rank_share(self.chunks, self.seed, epoch, self.rank, self.world)
+        first_window = skip_batches * self.batch_size // self.window
+        return _slice(share, first_window * self.window, self.batches_per_epoch() * self.batch_size), first_window
+
+    def rows_to_read(self, epoch: int, skip_batches: int = 0) -> int:
+        return sum(c.rows for c in self._todo(epoch, skip_batches)[0])
+
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
         """The rank's batches of `epoch`, starting after `skip_batches` (drop_last)."""
         import ray
 
-        share = rank_share(self.chunks, self.seed, epoch, self.rank, self.world)
-        n_rows = self.batches_per_epoch() * self.batch_size
-        first_window = skip_batches * self.batch_size // self.window
-        todo = _slice(share, first_window * self.window, n_rows)
+        todo, first_window = self._todo(epoch, skip_batches)
         if not todo:
             return
         ray.data.DataContext.get_current().execution_options.preserve_order = True

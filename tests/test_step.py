@@ -1,0 +1,149 @@
+"""The one training step (pipeline/train/step.py): DDP + gradient accumulation, the health check
+agreed by every rank, bf16 autocast and torch.compile on CPU."""
+import dataclasses
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.model.data2vec import Data2Vec
+from pipeline.model.objective import NonFiniteLoss
+from pipeline.train.batches import collate, step_rng
+from pipeline.train.config import resolve
+from pipeline.train.step import build_optimizer, train_step
+
+B = 4  # samples per micro-batch
+
+
+def _cfg():
+    """Demo image 2.0, made deterministic across batch layouts: no decoder noise, no dropout, and
+    no CLS term (the reference's CLS loss is summed over each micro-batch's samples, so its weight
+    grows with the micro-batch size by design: 2 × 2 micro-batches of B ≠ 1 batch of 4·B there)."""
+    return resolve("image", "d", "o", "demo", None, {"train.lr": 1e-3, "train.warmup_steps": 1,
+                                                     "model.decoder.mask_noise_std": 0.0,
+                                                     "model.decoder.cls_loss": 0.0})
+
+
+def _micro_batches(cfg, n: int, seed: int = 0):
+    """n micro-batches of B images with their masks (numpy-made, as the data path makes them)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        imgs = np.empty(B, dtype=object)
+        imgs[:] = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8).tobytes() for _ in range(B)]
+        out.append(collate({"image": imgs}, cfg.model, step_rng(0, 0, 0, i), 16000, 64))
+    return out
+
+
+def _cat(micro):
+    """Micro-batches → one batch with the same samples and masks (mask rows follow their samples)."""
+    return ({"image": torch.cat([x["image"] for x, _ in micro])}, torch.cat([m for _, m in micro]))
+
+
+def _ddp_worker(rank, world, init_file, result_file, steps):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(_cfg(), train=dataclasses.replace(_cfg().train, grad_accum=2))
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(model, cfg.train)
+    for step in range(steps):
+        micro = _micro_batches(cfg, 4, seed=step)  # the global batch: 4 micro-batches of B
+        mine = micro[rank * 2: rank * 2 + 2]  # rank r: micro-batches 2r, 2r+1 (grad_accum 2)
+        train_step(model, net, opt, mine, step, cfg.train, rank=rank, world=world)
+        assert all(p.grad is None for p in model.student_parameters())  # nothing leaks into the next step
+    if rank == 0:
+        torch.save(model.state_dict(), result_file)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_accumulation_equal_one_rank_with_the_whole_batch(tmp_path):
+    """2 DDP ranks (gloo) × grad_accum 2 × B give the same weights as 1 process with batch 4·B
+    (same samples, same masks), within float tolerance — and entering no_sync() twice is gone."""
+    steps = 3
+    result = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), result, steps), nprocs=2, join=True)
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    for step in range(steps):
+        train_step(model, model, opt, [_cat(_micro_batches(cfg, 4, seed=step))], step, cfg.train)
+    ddp = torch.load(result, weights_only=True)
+    ref = model.state_dict()
+    moved = 0
+    for k, v in ref.items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        moved += k.startswith("encoder.") and not torch.equal(v, ref[k.replace("encoder.", "teacher_encoder.", 1)])
+    assert moved  # training did move the student away from the teacher
+
+
+def _nan_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(model, cfg.train)
+    micro = _micro_batches(cfg, 1, seed=rank)
+    try:
+        train_step(model, net, opt, micro, 0, cfg.train, rank=rank, world=world, poison=rank == 1)
+        msg = "no error"
+    except NonFiniteLoss as e:
+        msg = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_that_error(tmp_path):
+    """Only rank 1's loss is NaN: both ranks raise NonFiniteLoss naming rank 1 (no rank is left
+    waiting in an all-reduce until the collective timeout)."""
+    mp.spawn(_nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, )
+    for rank in (0, 1):
+        msg = open(tmp_path / f"rank{rank}.txt").read()
+        assert "loss is nan at step 0 (on rank 1)" in msg, (rank, msg)
+
+
+def test_bf16_autocast_step_on_cpu_stays_close_to_fp32():
+    cfg = _cfg()
+    losses = {}
+    for name, ctx in (("fp32", None), ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+        torch.manual_seed(0)
+        model = Data2Vec(cfg.model)
+        opt = build_optimizer(model, cfg.train)
+        kw = {"autocast": ctx} if ctx else {}
+        losses[name] = [train_step(model, model, opt, [_cat(_micro_batches(cfg, 2, seed=s))], s, cfg.train,
+                                   **kw)["loss"] for s in range(4)]
+    assert all(np.isfinite(losses["bf16"]))
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_and_compiles_once():
+    """train.compile: a few steps of the compiled model give the eager losses (tolerance) and
+    no step after the second compiles a new graph (masks hide a fixed count: static shapes)."""
+    from torch._dynamo.utils import counters
+
+    cfg = _cfg()
+    batches = [_cat(_micro_batches(cfg, 1, seed=s)) for s in range(5)]
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Data2Vec(cfg.model)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            model.compile_modules()
+        opt = build_optimizer(model, cfg.train)
+        losses[compiled], graphs = [], []
+        for s, b in enumerate(batches):
+            losses[compiled].append(train_step(model, model, opt, [b], s, cfg.train)["loss"])
+            graphs.append(counters["stats"]["unique_graphs"])
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3, atol=1e-4)
+    assert graphs[0] > 0 and graphs[-1] == graphs[1], graphs

@@ -1,0 +1,52 @@
+"""Per-rank seeded streams (pipeline/train/stream.py): mixed classes, equal shares, exact resume."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.train.stream import RankStream, list_chunks, rank_share
+
+
+def _class_sorted_folder(root, n_per_class=300, classes=("a", "b", "c", "d")):
+    """Shards as preprocessing writes a class-per-folder set: rows sorted by class."""
+    os.makedirs(root / "shards")
+    labels = [c for c in classes for _ in range(n_per_class)]
+    ids = np.arange(len(labels))
+    half = len(labels) // 2
+    for i, (a, b) in enumerate(((0, half), (half, len(labels)))):
+        pq.write_table(pa.table({"label": labels[a:b], "row": ids[a:b]}), root / "shards" / f"part-{i}.parquet",
+                       row_group_size=300)
+    return str(root)
+
+
+def test_class_sorted_folder_streams_mixed_batches_differently_each_epoch(ray_local, tmp_path):
+    data = _class_sorted_folder(tmp_path)
+    chunks = list_chunks(data, ["label", "row"])
+    assert sum(c.rows for c in chunks) == 1200 and max(c.rows for c in chunks) <= 64
+    streams = [RankStream(chunks, ["label", "row"], 32, 1024, seed=0, rank=r, world=2) for r in (0, 1)]
+    e0 = [list(s.epoch(0)) for s in streams]
+    assert [len(b) for b in e0] == [18, 18]  # 600 rows per rank → 18 full batches each
+    rows = [np.concatenate([b["row"] for b in bs]) for bs in e0]
+    assert not set(rows[0]) & set(rows[1])  # the ranks' shares are disjoint
+    mixed = [len(set(b["label"])) > 1 for bs in e0 for b in bs]
+    assert np.mean(mixed) > 0.9, np.mean(mixed)  # sorted folders arrive mixed, not class by class
+    e1 = np.concatenate([b["row"] for b in streams[0].epoch(1)])
+    assert not np.array_equal(e1, rows[0])  # another order each epoch …
+    again = np.concatenate([b["row"] for b in RankStream(chunks, ["label", "row"], 32, 1024, 0, 0, 2).epoch(0)])
+    np.testing.assert_array_equal(again, rows[0])  # … and the same order for the same seed
+
+
+def test_resume_reads_from_the_next_batch_without_rereading_the_epoch(ray_local, tmp_path):
+    data = _class_sorted_folder(tmp_path)
+    chunks = list_chunks(data, ["label", "row"])
+    s = RankStream(chunks, ["label", "row"], 16, 64, seed=3, rank=1, world=2)
+    full = [b["row"] for b in s.epoch(2)]
+    for skip in (1, 4, 9, 30):
+        resumed = [b["row"] for b in s.epoch(2, skip_batches=skip)]
+        assert len(resumed) == len(full) - skip
+        for a, b in zip(resumed, full[skip:]):
+            np.testing.assert_array_equal(a, b)
+    # Only the window holding the next batch is read again, not the epoch's start.
+    share_rows = sum(c.rows for c in rank_share(chunks, 3, 2, 1, 2))
+    assert s.rows_to_read(2, 30) <= share_rows - 30 * 16 + 64 < share_rows
