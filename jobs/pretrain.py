@@ -95,9 +95,18 @@ def main(argv=None) -> int:
         fault.update(nan_at_step=int(at), rank=int(r or 0))
     init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
     t0 = time.time()
-    result = run_pretraining(cfg, fault)
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    from ray.train import TrainingFailedError
+
+    try:
+        result = run_pretraining(cfg, fault)
+        error = result.error
+    except TrainingFailedError as e:
+        error = e
+    if error:
+        # The worker's own exception is the last line of Ray's report, e.g. "…NonFiniteLoss: loss
+        # is nan at step 2 (on rank 1)".
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        print(f"error: training failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
         return 1
     m = result.metrics or {}
     uri = cfg.tracking_uri or default_tracking_uri(cfg.output)

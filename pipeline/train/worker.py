@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
                 pos["rollbacks"] += 1
                 pos["lr_scale"] *= t.rollback_lr_factor
                 sink.log_metrics({"rollback": pos["rollbacks"], "rollback_lr_scale": pos["lr_scale"]}, step)
-                sink.set_tags({f"rollback.{pos['rollbacks']}": f"step {step} → {pos['step']}: {e}"})
+                sink.set_tags({f"rollback.{pos['rollbacks']}": f"step {step} → {pos['step']}: {type(e).__name__}: {e}"})
                 if rank == 0:
                     print(f"[rank 0] {type(e).__name__} at step {step}: rolled back to step {pos['step']}, "
                           f"LR × {pos['lr_scale']:g} (rollback {pos['rollbacks']}/{t.max_rollbacks})", flush=True)
