@@ -61,6 +61,10 @@ def build_config(argv=None):
     frontend = frontend_from_manifest(read_manifest(a.data, a.modality)) if a.data else {}
     cfg = resolve(a.modality, a.data or "", a.output or "", a.preset, a.config, sets, model_frontend=frontend,
                   tracking_uri=a.tracking_uri, experiment=a.experiment)
+    for k, v in frontend.items():  # a --config/--set value may not contradict the data
+        if getattr(cfg.model.frontend, k) != v:
+            raise ConfigError(f"model.frontend.{k}: {getattr(cfg.model.frontend, k)} in the config but the data "
+                              f"in {a.data!r} has {v}; drop it from the config (it comes from the data)")
     if not a.print_config and cfg.tracking_uri is None and default_tracking_uri(cfg.output) is None:
         raise ConfigError(f"tracking_uri: --output {cfg.output!r} is not a local folder; pass --tracking-uri "
                           f"(an MLflow server, or sqlite:///LOCAL/mlflow.db)")
@@ -90,9 +94,9 @@ def main(argv=None) -> int:
     if os.environ.get("D2V_FAIL_AT_STEP"):  # one worker process dies once at this step
         fault = {"step": int(os.environ["D2V_FAIL_AT_STEP"]),
                  "marker": os.path.join(os.path.abspath(cfg.output), ".fault_injected")}
-    if os.environ.get("D2V_NAN_AT_STEP"):  # "STEP:RANK": that rank's loss turns NaN once at STEP
-        at, _, r = os.environ["D2V_NAN_AT_STEP"].partition(":")
-        fault.update(nan_at_step=int(at), rank=int(r or 0))
+    if os.environ.get("D2V_NAN_AT_STEP"):  # "STEP:RANK[:TIMES]": that rank's loss turns NaN at STEP
+        at, r, times = ([int(x) for x in os.environ["D2V_NAN_AT_STEP"].split(":")] + [None, None])[:3]
+        fault.update(nan_at_step=at, rank=r or 0, times=times or 1)
     init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
     t0 = time.time()
     from ray.train import TrainingFailedError

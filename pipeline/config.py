@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MODALITIES = ("image", "audio", "text")
+ROW_GROUP_ROWS = 64  # Parquet row group of the shards = the unit training reads and shuffles
 SAMPLE_RATE = 16_000  # every audio shard is mono float32 at 16 kHz (data2vec's speech rate)
 
 

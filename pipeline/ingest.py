@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import storage
-from pipeline.config import SAMPLE_RATE, ConfigError, PreprocessConfig
+from pipeline.config import ROW_GROUP_ROWS, SAMPLE_RATE, ConfigError, PreprocessConfig
 from pipeline.decoders import Rejected, decode_audio, decode_image, split_text
 from pipeline.tokenizer import chunk_ids, pack_rows, train_tokenizer
 
@@ -266,7 +266,9 @@ def run(cfg: PreprocessConfig) -> dict:
             TextTokenize, fn_constructor_kwargs=dict(tokenizer_json=tokenizer_json, **common),
             batch_size=bs, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_cpus))
-    ds.write_parquet(f"{out_root}/{SHARDS}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+    # Small row groups: training reads (and shuffles) shards row group by row group.
+    ds.write_parquet(f"{out_root}/{SHARDS}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file,
+                     row_group_size=ROW_GROUP_ROWS)
 
     rejected = _merge_rejects(out_fs, out_root)
     import pyarrow.dataset as pads

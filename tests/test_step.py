@@ -2,7 +2,6 @@
 agreed by every rank, bf16 autocast and torch.compile on CPU."""
 import dataclasses
 import os
-import tempfile
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.train.stream import RankStream, list_chunks, rank_share
+from pipeline.train.stream import RankStream, _uri, list_chunks, rank_share
 
 
 def _class_sorted_folder(root, n_per_class=300, classes=("a", "b", "c", "d")):
@@ -50,3 +50,11 @@ def test_resume_reads_from_the_next_batch_without_rereading_the_epoch(ray_local,
     # Only the window holding the next batch is read again, not the epoch's start.
     share_rows = sum(c.rows for c in rank_share(chunks, 3, 2, 1, 2))
     assert s.rows_to_read(2, 30) <= share_rows - 30 * 16 + 64 < share_rows
+
+
+def test_chunk_paths_keep_the_uri_scheme_host_and_query():
+    assert _uri("/data/prep", "/data/prep", "/data/prep/shards/a.parquet") == "/data/prep/shards/a.parquet"
+    assert _uri("file:///data/prep", "/data/prep", "/data/prep/shards/a.parquet") == "file:///data/prep/shards/a.parquet"
+    assert (_uri("s3://b/prep/?endpoint_override=minio:9000", "b/prep", "b/prep/shards/a.parquet")
+            == "s3://b/prep/shards/a.parquet?endpoint_override=minio:9000")
+    assert _uri("hdfs://nn:8020/prep", "/prep", "/prep/shards/a.parquet") == "hdfs://nn:8020/prep/shards/a.parquet"

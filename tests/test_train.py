@@ -97,7 +97,8 @@ def test_config_errors_name_the_field(demo_shards, tmp_path):
     base = ["--modality", "image", "--data", demo_shards["image"], "--output", str(tmp_path / "o")]
     cases = [(["--set", "train.lr=-1"], "train.lr"), (["--set", "model.mask.prob=1.5"], "model.mask.prob"),
              (["--set", "train.nope=1"], "train.nope"), (["--max-steps", "0"], "train.max_steps"),
-             (["--preset", "huge"], "preset"), (["--set", "model.encoder.heads=5"], "model.encoder.heads")]
+             (["--preset", "huge"], "preset"), (["--set", "model.encoder.heads=5"], "model.encoder.heads"),
+             (["--set", "model.frontend.image_size=56"], "model.frontend.image_size")]
     for extra, needle in cases:
         r = subprocess.run([sys.executable, "-m", "jobs.pretrain", *base, *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
@@ -166,15 +167,24 @@ def test_two_workers_accumulate_on_224px_folders_through_file_uris(demo_raw, ray
     assert run.data.tags["torch.threads_per_worker"] == str(threads_for_worker(node_cpus(), 2))
     cfg = json.load(open(out / "final" / "config.json"))
     assert cfg["model"]["frontend"]["patch_size"] == 16 and cfg["train"]["grad_accum"] == 2
+    import pyarrow.parquet as pq
+    from pipeline.config import ROW_GROUP_ROWS
+    from pipeline.train.checkpoint import load_final
+    for f in os.listdir(os.path.join(data, "shards")):  # preprocessing writes small row groups
+        meta = pq.ParquetFile(os.path.join(data, "shards", f)).metadata
+        assert max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) <= ROW_GROUP_ROWS
+    model, _ = load_final(f"file://{out}/final", teacher=True)  # final/ loads from a URI too
+    assert model.frontend.grid == (14, 14)
 
 
 @pytest.mark.slow
 def test_nan_on_one_rank_stops_the_run_or_rolls_back(demo_shards, tmp_path, monkeypatch, capsys):
-    """Rank 1's loss turns NaN at step 3: with on_collapse=raise the run fails at once with
+    """Rank 1's loss turns NaN at step 3 (twice): with on_collapse=raise the run fails at once with
     NonFiniteLoss naming rank 1 (not after the collective timeout); with rollback it restores
-    step 2's checkpoint, halves the LR and finishes, logging the rollback to MLflow."""
+    step 2's checkpoint twice, the LR cut compounding (× 0.5, × 0.25), and finishes, logging each
+    rollback to MLflow."""
     import time
-    monkeypatch.setenv("D2V_NAN_AT_STEP", "3:1")
+    monkeypatch.setenv("D2V_NAN_AT_STEP", "3:1:2")
     base = ["--modality", "image", "--data", demo_shards["image"], "--max-steps", "4",
             "--set", "train.checkpoint_every=2", "--set", "train.max_failures=0", *SMALL]
     t0 = time.time()
@@ -184,9 +194,9 @@ def test_nan_on_one_rank_stops_the_run_or_rolls_back(demo_shards, tmp_path, monk
     assert "NonFiniteLoss" in err and "(on rank 1)" in err, err[-2000:]
     assert pretrain([*base, "--output", str(tmp_path / "rollback"), "--set", "train.on_collapse=rollback"]) == 0
     client, run = mlflow_metrics(str(tmp_path / "rollback"))
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "rollback")] == [1.0]
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "rollback_lr_scale")] == [0.5]
-    assert "NonFiniteLoss" in run.data.tags["rollback.1"]
+    assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "rollback")) == [1.0, 2.0]
+    assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "rollback_lr_scale")) == [0.25, 0.5]
+    assert "NonFiniteLoss" in run.data.tags["rollback.1"] and "rollback.2" in run.data.tags
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[4] < lr_at(3, resolve("image", "d", "o", "demo", None, parse_sets(
         ["train.max_steps=4", "train.warmup_steps=2"])).train)  # the LR after the rollback is scaled down

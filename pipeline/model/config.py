@@ -7,9 +7,9 @@ preset is small enough to learn visibly in minutes on 2 CPU cores. A bad value r
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError, check
+from pipeline.config import check
 
 MODES = ("d2v1", "d2v2")
 NORMS = ("instance", "layer", "none")

@@ -64,15 +64,17 @@ def load_final(path: str, teacher: bool = False):
     teacher's weights into the student's slots — its encoder and, where the teacher owns them
     (EMAConfig.ema_local / ema_context), its front-end parts — for probing or exporting the teacher.
     Older final/ folders (front end + encoders only) load too."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    from pipeline import storage
     from pipeline.model.config import ModelConfig
     from pipeline.model.data2vec import Data2Vec
 
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+    fs, root = storage.resolve(path)
+    config = json.loads(storage.read_text(fs, f"{root}/config.json"))
     model = Data2Vec(ModelConfig.from_dict(config["model"]))
-    tensors = load_file(os.path.join(path, "model.safetensors"))
+    with fs.open_input_stream(f"{root}/model.safetensors") as f:
+        tensors = load(f.read())
     if teacher:
         for prefix in ("teacher_encoder.", "teacher_frontend."):
             tensors.update({k[len("teacher_"):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -184,7 +184,7 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     if modality not in ("image", "audio", "text"):
         raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
     # Workers run with another cwd (and on other nodes): local paths must be absolute.
-    data, output = (p if "://" in p else os.path.abspath(p) for p in (data, output))
+    data, output = (p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in (data, output))
     mode = "d2v2"
     if overrides and "model.mode" in overrides:
         mode = overrides["model.mode"]

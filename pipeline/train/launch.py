@@ -42,7 +42,7 @@ def frontend_from_manifest(m: dict) -> dict:
 # being trained (schedule, batch, model, data) and is refused unless --allow-config-change.
 RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
                      "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
-                     "train.on_collapse", "train.max_rollbacks", "tracking_uri", "experiment", "parent_run_id"}
+                     "train.on_collapse", "train.max_rollbacks"}
 
 
 def check_resume(cfg: RunConfig, allow_change: bool = False) -> None:
@@ -55,6 +55,9 @@ def check_resume(cfg: RunConfig, allow_change: bool = False) -> None:
         return  # nothing to resume
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
     now = flatten(cfg.to_dict())
+    for k in ("data", "output"):  # the same place written two ways (file:///x vs /x) is no change
+        if before.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
+            before[k] = now[k]
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if diff and not allow_change:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:6])

@@ -71,6 +71,8 @@ def estimate(cfg: RunConfig) -> dict[str, float]:
     parts["teacher"] = B * (T + extra) * ((m.target.top_k + 3) * D * 4 + per_token * act) + B * H * (T + extra) ** 2 * act
     student, teacher = _param_counts(cfg)
     parts["weights+grads+adam"] = student * 4 * (4 + (1 if t.num_workers > 1 else 0)) + teacher * 4
+    if t.on_collapse == "rollback":  # the in-memory copy of the last checkpoint (weights + AdamW)
+        parts["rollback snapshot"] = (student * 3 + teacher) * 4
     if m.modality == "audio":  # the waveform, and the CNN's maps: 7 layers ≈ 2× the first's length (L/5)
         parts["inputs"] = B * t.audio_max_samples * 4 * 4
         parts["activations"] += B * t.audio_max_samples // 5 * m.frontend.conv_channels * 8 * act
@@ -83,6 +85,8 @@ def available_per_worker(cfg: RunConfig) -> tuple[float | None, str]:
     t = cfg.train
     if t.worker_memory_gb is not None:
         return t.worker_memory_gb * GB, "train.worker_memory_gb"
+    if t.use_gpu and os.environ.get("RAY_ADDRESS"):
+        return None, "a remote cluster (set train.worker_memory_gb)"
     if t.use_gpu:
         import torch
 

@@ -19,7 +19,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-CHUNK_ROWS = 64
+from pipeline.config import ROW_GROUP_ROWS
+
+CHUNK_ROWS = ROW_GROUP_ROWS  # preprocessing writes row groups of this size: a chunk reads one
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,17 @@ def list_chunks(data: str, columns: list[str]) -> list[Chunk]:
             meta = pq.ParquetFile(fh).metadata
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
-            chunks += [Chunk(_uri(data, f), g, a, min(a + CHUNK_ROWS, n)) for a in range(0, n, CHUNK_ROWS)]
+            chunks += [Chunk(_uri(data, root, f), g, a, min(a + CHUNK_ROWS, n)) for a in range(0, n, CHUNK_ROWS)]
     return chunks
 
 
-def _uri(data: str, path: str) -> str:
-    """A file path inside `data`'s file system, written as `data` writes it (keeps the scheme)."""
+def _uri(data: str, root: str, path: str) -> str:
+    """`path` (inside `data`'s file system, whose root is `root`) written as `data` is written:
+    same scheme, host and query (e.g. s3://b/prep?endpoint_override=…), so map tasks open it alike."""
     if "://" not in data:
         return path
-    scheme = data.split("://", 1)[0]
-    return f"{scheme}://{path.lstrip('/')}" if scheme != "file" else f"file://{path}"
+    base, _, query = data.partition("?")
+    return base.rstrip("/") + path[len(root):] + (f"?{query}" if query else "")
 
 
 def rank_share(chunks: list[Chunk], seed: int, epoch: int, rank: int, world: int) -> list[Chunk]:
@@ -129,7 +132,9 @@ class RankStream:
         todo, first_window = self._todo(epoch, skip_batches)
         if not todo:
             return
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False  # one reader per worker and epoch: its bars would flood the terminal
         items = [{"path": c.path, "group": c.group, "start": c.start, "stop": c.stop} for c in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_chunks, fn_kwargs={"columns": self.columns}, batch_size=1, batch_format="numpy")

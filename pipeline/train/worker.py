@@ -85,7 +85,9 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_state(d)
         _load(model, opt, state, device)
         pos.update({k: state[k] for k in pos if k in state})
-    snapshot = {"model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(opt.state_dict()), **pos}
+    rollback = t.on_collapse == "rollback"  # keep an in-memory copy of the last checkpoint to return to
+    snapshot = {"model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(opt.state_dict()), **pos} \
+        if rollback else None
     if t.compile:
         model.compile_modules()
     net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -133,19 +135,20 @@ def train_loop_per_worker(config: dict) -> None:
                                                    cfg.modality, model.frontend.grid), "masks")
                 pictured = True
             micro = [({k: v.to(device, non_blocking=True) for k, v in x.items()}, m.to(device)) for x, m in micro]
-            poison = fault.get("nan_at_step") == step + 1 and rank == fault.get("rank", 0) and not fault.get("done")
+            poison = (fault.get("nan_at_step") == step + 1 and rank == fault.get("rank", 0)
+                      and fault.get("poisoned", 0) < fault.get("times", 1))
             try:
                 m = train_step(model, net, opt, micro, step, t, lr_scale=pos["lr_scale"], autocast=autocast,
                                rank=rank, world=world, poison=poison)
             except (NonFiniteLoss, RepresentationCollapse) as e:
-                fault["done"] = fault.get("done") or poison
+                fault["poisoned"] = fault.get("poisoned", 0) + int(poison)
                 if t.on_collapse == "raise" or pos["rollbacks"] >= t.max_rollbacks:
                     raise
                 opt.zero_grad(set_to_none=True)  # drop this group's partial gradients
-                _load(model, opt, snapshot, device)
-                pos.update({k: snapshot[k] for k in pos})
-                pos["rollbacks"] += 1
-                pos["lr_scale"] *= t.rollback_lr_factor
+                _load(model, opt, _cpu_copy(snapshot), device)  # a copy: the snapshot may serve again
+                # Back to the snapshot's position, but the rollback count and the LR cut compound.
+                pos.update(step=snapshot["step"], epoch=snapshot["epoch"], batch_in_epoch=snapshot["batch_in_epoch"],
+                           rollbacks=pos["rollbacks"] + 1, lr_scale=pos["lr_scale"] * t.rollback_lr_factor)
                 sink.log_metrics({"rollback": pos["rollbacks"], "rollback_lr_scale": pos["lr_scale"]}, step)
                 sink.set_tags({f"rollback.{pos['rollbacks']}": f"step {step} → {pos['step']}: {type(e).__name__}: {e}"})
                 if rank == 0:
@@ -188,7 +191,9 @@ def train_loop_per_worker(config: dict) -> None:
                 saved = dict(pos)
                 if saved["batch_in_epoch"] == steps_per_epoch:  # the epoch is done: resume at the next
                     saved.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
-                snapshot = {"model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(opt.state_dict()), **saved}
+                if rollback:
+                    snapshot = {"model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(opt.state_dict()),
+                                **saved}
                 _report(ray.train, Checkpoint, rank, model, opt, saved, cfg, window.get("last", {}))
             t_wait = time.perf_counter()
         if not rolled_back and pos["batch_in_epoch"] >= steps_per_epoch:
