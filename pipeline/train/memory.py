@@ -20,7 +20,7 @@ from pipeline.model.frontends import conv_frames
 from pipeline.train.config import RunConfig
 
 GB = 1024 ** 3
-PROCESS_BYTES = 0.8 * GB  # torch + numpy + a Ray worker process, before any tensor
+PROCESS_BYTES = 1.1 * GB  # torch + numpy + a Ray worker process before any tensor (0.8–1.1 GiB measured)
 SAVED_PER_TOKEN = 14  # floats × width kept per token per block (qkv, attention out, norms, residuals)
 SAVED_PER_HIDDEN = 3  # floats × MLP width kept per token per block (fc1 out, GELU in/out)
 OVERHEAD = 1.25  # allocator fragmentation, temporaries of the largest op
