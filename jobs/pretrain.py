@@ -2,7 +2,7 @@
 
     python -m jobs.pretrain --modality {image,audio,text} --data PREPROCESSED_DIR --output RUN_DIR \\
         [--preset {demo,base,large}] [--config FILE.yaml] [--set key=value ...] [--max-steps N] \\
-        [--stop-at-step K] [--num-workers W] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \
+        [--stop-at-step K] [--num-workers W] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \\
         [--print-config] [--allow-config-change]
 
 --print-config prints the resolved run config as YAML (a valid --config file) and exits before Ray

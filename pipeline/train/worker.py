@@ -95,7 +95,8 @@ def train_loop_per_worker(config: dict) -> None:
     total, stop = t.max_steps, t.stop_at_step or t.max_steps
     sink = NullSink()
     if rank == 0:
-        storage.resolve(cfg.output)[0].create_dir(storage.resolve(cfg.output)[1], recursive=True)
+        out_fs, out_root = storage.resolve(cfg.output)
+        out_fs.create_dir(out_root, recursive=True)
         sink = MLflowSink(cfg.tracking_uri or default_tracking_uri(cfg.output), cfg.experiment,
                           cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", cfg.to_dict(),
                           parent_run_id=cfg.parent_run_id)
