@@ -3,10 +3,14 @@
     python -m jobs.pretrain --modality {image,audio,text} --data PREPROCESSED_DIR --output RUN_DIR \\
         [--preset {demo,base,large}] [--config FILE.yaml] [--set key=value ...] [--max-steps N] \\
         [--stop-at-step K] [--num-workers W] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \\
-        [--print-config] [--allow-config-change]
+        [--val-data DIR] [--probe-train DIR --probe-test DIR] [--print-config] [--allow-config-change]
 
 --print-config prints the resolved run config as YAML (a valid --config file) and exits before Ray
 starts; --data is then optional (without it, data-derived settings keep the recipe's defaults).
+
+Learning curves (MLflow, every train.eval_every steps and at step 0): `val_loss` on --val-data (or on
+a held-out train.val_fraction of --data) at fixed masks; `probe.knn_accuracy` and
+`probe.linear_accuracy` of the student's features, fitted on --probe-train and scored on --probe-test.
 
 Examples of --set: train.lr=5e-4 model.mode=d2v1 model.mask.prob=0.7 model.ema.decay=0.9995
 """
@@ -24,8 +28,6 @@ from pipeline.config import ConfigError
 def build_config(argv=None):
     from pipeline.train.config import parse_sets, resolve
     from pipeline.train.launch import frontend_from_manifest, read_manifest
-    from pipeline.train.tracking import default_tracking_uri
-
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, help="image, audio or text")
@@ -44,6 +46,9 @@ def build_config(argv=None):
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the schedule-relevant config differs from the checkpoint's")
+    p.add_argument("--val-data", default=None, help="preprocessed folder for the validation-loss curve")
+    p.add_argument("--probe-train", default=None, help="labeled preprocessed folder: online probe's training rows")
+    p.add_argument("--probe-test", default=None, help="labeled preprocessed folder: online probe's test rows")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///RUN_DIR/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: data2vec)")
     a = p.parse_args(argv)
@@ -60,12 +65,13 @@ def build_config(argv=None):
         sets["train.compile"] = True
     frontend = frontend_from_manifest(read_manifest(a.data, a.modality)) if a.data else {}
     cfg = resolve(a.modality, a.data or "", a.output or "", a.preset, a.config, sets, model_frontend=frontend,
-                  tracking_uri=a.tracking_uri, experiment=a.experiment)
+                  tracking_uri=a.tracking_uri, experiment=a.experiment, val_data=a.val_data,
+                  probe_train=a.probe_train, probe_test=a.probe_test)
     for k, v in frontend.items():  # a --config/--set value may not contradict the data
         if getattr(cfg.model.frontend, k) != v:
             raise ConfigError(f"model.frontend.{k}: {getattr(cfg.model.frontend, k)} in the config but the data "
                               f"in {a.data!r} has {v}; drop it from the config (it comes from the data)")
-    if not a.print_config and cfg.tracking_uri is None and default_tracking_uri(cfg.output) is None:
+    if not a.print_config and cfg.tracking_uri is None:  # resolve() defaults it for local folders
         raise ConfigError(f"tracking_uri: --output {cfg.output!r} is not a local folder; pass --tracking-uri "
                           f"(an MLflow server, or sqlite:///LOCAL/mlflow.db)")
     return cfg, a
@@ -73,7 +79,7 @@ def build_config(argv=None):
 
 def main(argv=None) -> int:
     from pipeline.train.config import to_yaml
-    from pipeline.train.launch import check_resume
+    from pipeline.train.launch import check_data, check_resume
     from pipeline.train.memory import check_memory
 
     try:
@@ -81,6 +87,7 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        check_data(cfg)
         check_resume(cfg, args.allow_config_change)
         check_memory(cfg)
     except ConfigError as e:
@@ -88,7 +95,6 @@ def main(argv=None) -> int:
         return 2
     from pipeline.raycluster import init_ray
     from pipeline.train.launch import local_cluster_cpus, run_pretraining
-    from pipeline.train.tracking import default_tracking_uri
 
     fault = {}  # test-only fault injection
     if os.environ.get("D2V_FAIL_AT_STEP"):  # one worker process dies once at this step
@@ -113,10 +119,10 @@ def main(argv=None) -> int:
         print(f"error: training failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
         return 1
     m = result.metrics or {}
-    uri = cfg.tracking_uri or default_tracking_uri(cfg.output)
+    uri = cfg.tracking_uri
     summary = {"modality": cfg.modality, "mode": cfg.model.mode, "step": m.get("step"),
-               "loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"),
-               "data_wait_fraction": m.get("data_wait_fraction"), "wall_s": round(time.time() - t0, 1),
+               "loss": m.get("loss"), "samples_per_s": m.get("run_samples_per_s"),
+               "data_wait_fraction": m.get("run_data_wait_fraction"), "wall_s": round(time.time() - t0, 1),
                "final": f"{cfg.output.rstrip('/')}/final" if m.get("step") == cfg.train.max_steps else None,
                "tracking_uri": uri}
     print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}; MLflow UI: "

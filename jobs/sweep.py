@@ -1,17 +1,26 @@
-"""Ray Tune sweep of EMA decay, mask ratio and top-K (and lr if asked), judged on a probe.
+"""Ray Tune sweep of EMA decay, mask ratio and top-K (and lr if asked), judged on a probe's
+validation split; the chosen configuration's test accuracy is measured once, at the end.
 
-    python -m jobs.sweep --modality M --data DIR --probe-train DIR --probe-test DIR \\
-        --num-samples N [--max-concurrent K] [--search-space FILE.yaml] [--output SWEEP_DIR]
+    python -m jobs.sweep --modality M --data DIR --probe-train DIR --probe-test DIR [--probe-val DIR] \\
+        --num-samples N [--max-concurrent K] [--search-space FILE.yaml] [--output SWEEP_DIR] \\
+        [--num-workers W] [--use-gpu]
 
 Each trial is a short pretraining run — a TorchTrainer built inside a Tune function (the way Ray
 2.60's Train V2 composes with Tune) — split into `--rounds` rounds; after every round the frozen
-encoder is probed (linear probe on the labeled splits) and the probe accuracy is reported to Tune.
-ASHA stops weak trials after the first rounds. The objective is probe accuracy, never the loss
-(it is not comparable across top-K or mask ratio). Re-running with the same --output resumes.
+encoder is probed: a linear probe fitted on --probe-train and scored on --probe-val (default: a
+seeded, class-stratified 25% of --probe-train held out of the fit), reported to Tune as
+`val_probe_accuracy`. ASHA stops weak trials after the first rounds. The objective is never the
+loss (not comparable across top-K or mask ratio) and never the test split: --probe-test is scored
+once, for the chosen configuration (the probe refitted on all of --probe-train).
+
+Resources: each trial holds a driver CPU plus its Train workers (--num-workers × cpus_per_worker
+CPUs, a GPU each with --use-gpu) and leaves a CPU for their Ray Data feed; concurrency follows.
 
 MLflow: one parent run per sweep, one nested child run per trial (its pretraining run, with the
-probe curve); the parent gets the best config and a plot of probe accuracy vs each parameter.
-The best config is printed as one JSON line last.
+probe curve); the parent gets the best config, the test accuracy and a plot of validation
+accuracy vs each parameter. Without --tracking-uri the sweep starts an `mlflow server` on this
+machine's loopback over SWEEP_DIR/mlflow.db, so concurrent trials never write one SQLite file
+themselves. The best config is printed as one JSON line last.
 
 Search-space YAML: one entry per dotted config field, e.g.
     model.ema.decay: {choice: [0.99, 0.995, 0.999]}
@@ -50,12 +59,14 @@ def tune_space(spec: dict):
     return space
 
 
-def trial(config: dict) -> None:
+METRIC = "val_probe_accuracy"  # what Tune and ASHA rank trials by
+
+
+def trial(config: dict, tracking_uri: str) -> None:
     """One Tune trial: pretraining in rounds (each round resumes the same run dir), probe after each."""
     import ray.tune
     from mlflow.tracking import MlflowClient
 
-    from pipeline import probe
     from pipeline.train.config import resolve
     from pipeline.train.launch import frontend_from_manifest, read_manifest, run_pretraining
 
@@ -75,26 +86,39 @@ def trial(config: dict) -> None:
                       {**s["sets"], **params, "train.max_steps": total, "train.stop_at_step": r * s["steps_per_round"],
                        "train.checkpoint_every": s["steps_per_round"]},
                       model_frontend=frontend_from_manifest(read_manifest(s["data"], s["modality"])),
-                      tracking_uri=s["tracking_uri"], experiment=s["experiment"],
+                      tracking_uri=tracking_uri, experiment=s["experiment"],
                       parent_run_id=s["parent_run_id"])
         result = run_pretraining(cfg)
         if result.error:
             raise RuntimeError(f"trial pretraining failed: {result.error}")
         final = os.path.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(result, trial_dir, cfg)
-        xtr, ytr = probe.extract(s["probe_train"], final, s["modality"], actors=1)
-        xte, yte = probe.extract(s["probe_test"], final, s["modality"], actors=1)
-        res = probe.fit_probes(xtr, ytr, xte, yte)
+        res = validation_probe(s, final)
         run_id = open(os.path.join(trial_dir, "mlflow_run_id")).read().strip()
-        client = MlflowClient(tracking_uri=s["tracking_uri"])
+        client = MlflowClient(tracking_uri=tracking_uri)
         step = r * s["steps_per_round"]
-        client.log_metric(run_id, "probe_accuracy", res["probe_accuracy"], step=step)
-        client.log_metric(run_id, "knn_accuracy", res["knn_accuracy"], step=step)
+        client.log_metric(run_id, "val_probe_accuracy", res["probe_accuracy"], step=step)
+        client.log_metric(run_id, "val_knn_accuracy", res["knn_accuracy"], step=step)
         import tempfile
         with tempfile.TemporaryDirectory() as d:
             json.dump({"round": r}, open(os.path.join(d, "round.json"), "w"))
-            ray.tune.report({"probe_accuracy": res["probe_accuracy"], "knn_accuracy": res["knn_accuracy"],
-                             "step": step, "mlflow_run_id": run_id},
+            ray.tune.report({"val_probe_accuracy": res["probe_accuracy"], "val_knn_accuracy": res["knn_accuracy"],
+                             "step": step, "mlflow_run_id": run_id, "final": final},
                             checkpoint=ray.tune.Checkpoint.from_directory(d))
+
+
+VAL_FRACTION = 0.25  # of --probe-train, held out of the probe's fit when no --probe-val is given
+
+
+def validation_probe(s: dict, final: str) -> dict:
+    """The encoder's probe accuracy on the validation split (never the test split)."""
+    from pipeline import probe
+
+    x, y = probe.extract(s["probe_train"], final, s["modality"], actors=1)
+    if s["probe_val"]:
+        xv, yv = probe.extract(s["probe_val"], final, s["modality"], actors=1)
+        return probe.fit_probes(x, y, xv, yv)
+    fit, val = probe.stratified_split(y, VAL_FRACTION, seed=0)
+    return probe.fit_probes(x[fit], y[fit], x[val], y[val])
 
 
 def _round_encoder(result, trial_dir: str, cfg) -> str:
@@ -117,9 +141,9 @@ def plot(df, keys: list[str], path: str) -> str:
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        ax.scatter(df[f"config/{k}"], df["probe_accuracy"])
+        ax.scatter(df[f"config/{k}"], df[METRIC])
         ax.set_xlabel(k)
-        ax.set_ylabel("probe accuracy")
+        ax.set_ylabel("validation probe accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -132,7 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--modality", required=True)
     p.add_argument("--data", required=True, help="preprocessed pretraining data")
     p.add_argument("--probe-train", required=True, help="labeled preprocessed data to fit the probe")
-    p.add_argument("--probe-test", required=True, help="labeled preprocessed data to score it")
+    p.add_argument("--probe-val", default=None,
+                   help="labeled preprocessed data the trials are judged on (default: 25%% of --probe-train)")
+    p.add_argument("--probe-test", required=True, help="labeled preprocessed data scored once, for the best config")
     p.add_argument("--num-samples", type=int, required=True, help="number of trials")
     p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs allow")
     p.add_argument("--search-space", default=None, help="YAML file (see above); default: EMA decay, mask ratio, top-K")
@@ -142,7 +168,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rounds", type=int, default=2, help="probe/report points per trial (ASHA rungs)")
     p.add_argument("--steps-per-round", type=int, default=100)
-    p.add_argument("--tracking-uri", default=None, help="default: sqlite:///SWEEP_DIR/mlflow.db")
+    p.add_argument("--num-workers", type=int, default=None, help="Train workers per trial (train.num_workers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker")
+    p.add_argument("--tracking-uri", default=None,
+                   help="default: an mlflow server on loopback over SWEEP_DIR/mlflow.db, for the sweep's duration")
     p.add_argument("--experiment", default="data2vec-sweep")
     a = p.parse_args(argv)
     try:
@@ -156,39 +185,67 @@ def main(argv=None) -> int:
         if a.num_samples < 1 or a.rounds < 1 or a.steps_per_round < 1:
             raise ConfigError("num-samples, rounds and steps-per-round must be >= 1")
         sets = parse_sets(a.sets)
-        for d in (a.probe_train, a.probe_test):
-            read_manifest(d, a.modality)
+        if a.num_workers is not None:
+            sets["train.num_workers"] = a.num_workers
+        if a.use_gpu:
+            sets["train.use_gpu"] = True
+        for d in (a.probe_train, a.probe_val, a.probe_test):
+            if d:
+                read_manifest(d, a.modality)
         # Validate one trial's config now (with the first value of each parameter), before Ray starts.
         probe_values = {k: (v.get("choice") or v.get("uniform") or v.get("loguniform") or v.get("randint"))[0]
                         for k, v in spec.items()}
-        resolve(a.modality, a.data, os.path.join(a.output, "check"), a.preset, a.config, {**sets, **probe_values},
-                model_frontend=frontend_from_manifest(read_manifest(a.data, a.modality)))
-        space = tune_space(spec)
+        check = resolve(a.modality, a.data, os.path.join(a.output, "check"), a.preset, a.config,
+                        {**sets, **probe_values}, model_frontend=frontend_from_manifest(read_manifest(a.data, a.modality)))
+        tune_space(spec)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import mlflow
     import ray
+
+    from pipeline.raycluster import init_ray
+    from pipeline.train.tracking import LocalTrackingServer
+
+    out = os.path.abspath(a.output)
+    os.makedirs(out, exist_ok=True)
+    tw = check.train
+    per_trial = {"CPU": 1 + tw.num_workers * tw.cpus_per_worker + 1, "GPU": tw.num_workers if tw.use_gpu else 0}
+    init_ray(num_cpus=max(os.cpu_count() or 1, per_trial["CPU"] * (a.max_concurrent or 1)), dashboard=True)
+    have = ray.cluster_resources()
+    # Never more trials than the cluster can hold: each holds its driver's CPU and its workers'
+    # CPUs/GPUs, and its Ray Data tasks need a free CPU — a sweep that takes every CPU starves its
+    # input and hangs.
+    fit = min(int(have.get(k, 0)) // n for k, n in per_trial.items() if n)
+    if fit < 1:
+        print(f"error: train.num_workers: one trial needs {per_trial} but the cluster has "
+              f"{ {k: have.get(k, 0) for k in per_trial} }", file=sys.stderr)
+        return 2
+    concurrent = min(a.max_concurrent or fit, fit)
+    if a.max_concurrent and a.max_concurrent > fit:
+        print(f"sweep: --max-concurrent {a.max_concurrent} lowered to {fit} ({have.get('CPU')} CPUs, "
+              f"{have.get('GPU', 0)} GPUs; a trial holds {per_trial})")
+    if a.tracking_uri:
+        return _sweep(a, spec, sets, out, a.tracking_uri, concurrent, per_trial)
+    if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
+        print("error: tracking_uri: on a multi-node cluster pass --tracking-uri (an MLflow server every node "
+              "reaches); the sweep's own server listens on this machine's loopback only", file=sys.stderr)
+        return 2
+    with LocalTrackingServer(out) as uri:  # SWEEP_DIR/mlflow.db behind one server process
+        return _sweep(a, spec, sets, out, uri, concurrent, per_trial)
+
+
+def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict) -> int:
+    import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.raycluster import init_ray
-    out = os.path.abspath(a.output)
-    os.makedirs(out, exist_ok=True)
-    uri = a.tracking_uri or "sqlite:///" + os.path.join(out, "mlflow.db")
-    per_trial = 1 + 1 + 1  # trial driver + one training worker + its Ray Data feed
-    init_ray(num_cpus=max(os.cpu_count() or 1, per_trial * (a.max_concurrent or 1)), dashboard=True)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Never more trials than the cluster can feed: each holds a driver CPU and a worker CPU, and
-    # its Ray Data tasks need a free one — a sweep that takes every CPU starves its input and hangs.
-    fit = max(1, cpus // per_trial)
-    concurrent = min(a.max_concurrent or fit, fit)
-    if a.max_concurrent and a.max_concurrent > fit:
-        print(f"sweep: --max-concurrent {a.max_concurrent} lowered to {fit} ({cpus} CPUs, {per_trial} per trial)")
+    from pipeline import probe
+    from pipeline.train.tracking import prepare_experiment
 
+    space = tune_space(spec)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(a.experiment)
+    mlflow.set_experiment(experiment_id=prepare_experiment(uri, a.experiment))
     parent_file = os.path.join(out, "mlflow_parent_run_id")
     parent_id = open(parent_file).read().strip() if os.path.exists(parent_file) else None
     parent = mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{a.modality}")
@@ -196,14 +253,17 @@ def main(argv=None) -> int:
         open(parent_file, "w").write(parent.info.run_id)
         mlflow.log_params({"modality": a.modality, "num_samples": a.num_samples, "rounds": a.rounds,
                            "steps_per_round": a.steps_per_round, "search_space": json.dumps(spec),
-                           "preset": a.preset, "sets": json.dumps(sets)})
+                           "preset": a.preset, "sets": json.dumps(sets), "trial_resources": json.dumps(per_trial),
+                           "max_concurrent_trials": concurrent})
     static = {"modality": a.modality, "data": os.path.abspath(a.data), "probe_train": os.path.abspath(a.probe_train),
-              "probe_test": os.path.abspath(a.probe_test), "output": out, "preset": a.preset,
-              "config": a.config, "sets": sets, "rounds": a.rounds, "steps_per_round": a.steps_per_round,
-              "tracking_uri": uri, "experiment": a.experiment, "parent_run_id": parent.info.run_id}
+              "probe_val": os.path.abspath(a.probe_val) if a.probe_val else None, "output": out,
+              "preset": a.preset, "config": a.config, "sets": sets, "rounds": a.rounds,
+              "steps_per_round": a.steps_per_round, "experiment": a.experiment, "parent_run_id": parent.info.run_id}
     t0 = time.time()
     tune_dir = os.path.join(out, "tune")
-    trainable = tune.with_resources(trial, {"CPU": 1})
+    # The tracking URI is a parameter, not part of the (restored) search space: a resumed sweep's
+    # server listens on another port.
+    trainable = tune.with_resources(tune.with_parameters(trial, tracking_uri=uri), {"CPU": 1})
     if tune.Tuner.can_restore(os.path.join(tune_dir, "sweep")):
         tuner = tune.Tuner.restore(os.path.join(tune_dir, "sweep"), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True)
@@ -211,25 +271,32 @@ def main(argv=None) -> int:
         tuner = tune.Tuner(
             trainable, param_space={**space, "_static": static},
             tune_config=tune.TuneConfig(
-                metric="probe_accuracy", mode="max", num_samples=a.num_samples, max_concurrent_trials=concurrent,
+                metric=METRIC, mode="max", num_samples=a.num_samples, max_concurrent_trials=concurrent,
                 scheduler=ASHAScheduler(max_t=a.rounds, grace_period=1, reduction_factor=2)),
             run_config=tune.RunConfig(name="sweep", storage_path=tune_dir))
     grid = tuner.fit()
-    df = grid.get_dataframe(filter_metric="probe_accuracy", filter_mode="max")
-    best = grid.get_best_result(metric="probe_accuracy", mode="max")
+    df = grid.get_dataframe(filter_metric=METRIC, filter_mode="max")
+    best = grid.get_best_result(metric=METRIC, mode="max")
     best_params = {k: v for k, v in best.config.items() if k != "_static"}
+    # The test split, once: the chosen configuration's final encoder, its probe fitted on all of
+    # --probe-train.
+    xtr, ytr = probe.extract(a.probe_train, best.metrics["final"], a.modality)
+    xte, yte = probe.extract(a.probe_test, best.metrics["final"], a.modality)
+    test = probe.fit_probes(xtr, ytr, xte, yte)
     keys = list(spec)
     mlflow.log_dict(best_params, "best_config.json")
-    mlflow.log_metric("best_probe_accuracy", best.metrics["probe_accuracy"])
+    mlflow.log_metrics({"best_val_probe_accuracy": best.metrics[METRIC],
+                        "test_probe_accuracy": test["probe_accuracy"], "test_knn_accuracy": test["knn_accuracy"]})
     mlflow.set_tags({f"best.{k}": v for k, v in best_params.items()})
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        mlflow.log_artifact(plot(df, keys, os.path.join(d, "probe_vs_params.png")))
+        mlflow.log_artifact(plot(df, keys, os.path.join(d, "val_probe_vs_params.png")))
     mlflow.end_run()
-    print(df[[f"config/{k}" for k in keys] + ["probe_accuracy", "training_iteration"]].to_string())
-    print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; MLflow: {uri}")
-    print(json.dumps({"best_config": best_params, "probe_accuracy": best.metrics["probe_accuracy"],
-                      "mlflow_parent_run_id": parent.info.run_id}))
+    print(df[[f"config/{k}" for k in keys] + [METRIC, "training_iteration"]].to_string())
+    print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; chosen on the validation split "
+          f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {uri}")
+    print(json.dumps({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
+                      "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent.info.run_id}))
     return 0 if grid.num_errors == 0 else 1
 
 

@@ -34,40 +34,68 @@ def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int)
 
 
 class FeatureExtractor:
-    """Ray Data actor-pool UDF: loads the encoder once per actor, batches → mean-pooled features."""
+    """Ray Data actor-pool UDF: loads the encoder once per actor (and, for "random", the same
+    architecture at a seeded random init), batches → mean-pooled features per variant."""
 
-    def __init__(self, checkpoint: str, random_init: bool, layers: tuple[int, ...], teacher: bool, seed: int = 0):
+    def __init__(self, checkpoint: str, variants: tuple[str, ...], layers: tuple[int, ...], teacher: bool,
+                 seed: int = 0):
         torch.set_num_threads(1)
         model, config = load_final(checkpoint, teacher=teacher)
-        if random_init:  # same architecture, fresh weights: the baseline a probe must beat
-            from pipeline.model.config import ModelConfig
-            from pipeline.model.data2vec import Data2Vec
-            torch.manual_seed(seed)
-            model = Data2Vec(ModelConfig.from_dict(config["model"])).eval()
-        self.model, self.cfg = model, model.cfg
-        self.layers, self.teacher = layers, teacher
+        self.models = {}
+        for v in variants:
+            if v == "random":  # same architecture, fresh weights: the baseline a probe must beat
+                from pipeline.model.config import ModelConfig
+                from pipeline.model.data2vec import Data2Vec
+                torch.manual_seed(seed)
+                self.models[v] = Data2Vec(ModelConfig.from_dict(config["model"])).eval()
+            else:
+                self.models[v] = model
+        self.cfg, self.layers = model.cfg, layers
 
     def __call__(self, batch: dict) -> dict:
         f = self.cfg.frontend
         inputs = eval_inputs(batch, self.cfg.modality, f.image_size, f.max_positions)
-        feats = self.model.extract(inputs, layers=self.layers, teacher=False)
-        return {"features": feats.numpy().astype(np.float32), "label": batch["label"]}
+        out = {f"features_{v}": m.extract(inputs, layers=self.layers, teacher=False).numpy().astype(np.float32)
+               for v, m in self.models.items()}
+        return {**out, "label": batch["label"], "_src": batch["_src"]}
+
+
+def extract_splits(data_dirs: list[str], checkpoint: str, modality: str, *,
+                   variants: tuple[str, ...] = ("pretrained",), layers: tuple[int, ...] = (-1,),
+                   teacher: bool = False, batch_size: int = 64,
+                   actors: int | None = None) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Preprocessed labeled folders → per folder, per variant ("pretrained": the checkpoint;
+    "random": its architecture at random init), (features (N, D), labels (N,)). One Ray Data pass
+    and one actor pool serve every folder and variant."""
+    import pyarrow as pa
+
+    def tag(t: pa.Table, src: int) -> pa.Table:
+        return t.append_column("_src", pa.array(np.full(t.num_rows, src, np.int32)))
+
+    checkpoint = os.path.abspath(checkpoint)
+    parts = [ray.data.read_parquet(os.path.join(os.path.abspath(d), "shards"), columns=FEATURE_COLUMNS[modality])
+             .map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow") for i, d in enumerate(data_dirs)]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    n = actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    out = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=dict(
+        checkpoint=checkpoint, variants=tuple(variants), layers=layers, teacher=teacher),
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n))
+    rows = [r for r in out.take_all() if r["label"] is not None]  # unlabeled files can't be probed
+    result = []
+    for i in range(len(data_dirs)):
+        mine = [r for r in rows if r["_src"] == i]
+        labels = np.asarray([r["label"] for r in mine])
+        result.append({v: (np.stack([r[f"features_{v}"] for r in mine]), labels) for v in variants})
+    return result
 
 
 def extract(data_dir: str, checkpoint: str, modality: str, *, random_init: bool = False,
             layers: tuple[int, ...] = (-1,), teacher: bool = False, batch_size: int = 64,
             actors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed labeled shards → (features (N, D), labels (N,)) via a Ray Data actor pool."""
-    data_dir, checkpoint = os.path.abspath(data_dir), os.path.abspath(checkpoint)
-    ds = ray.data.read_parquet(os.path.join(data_dir, "shards"), columns=FEATURE_COLUMNS[modality])
-    n = actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1))
-    out = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=dict(
-        checkpoint=checkpoint, random_init=random_init, layers=layers, teacher=teacher),
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n))
-    rows = [r for r in out.take_all() if r["label"] is not None]  # unlabeled files can't be probed
-    feats = np.stack([r["features"] for r in rows])
-    labels = np.asarray([r["label"] for r in rows])
-    return feats, labels
+    v = "random" if random_init else "pretrained"
+    return extract_splits([data_dir], checkpoint, modality, variants=(v,), layers=layers, teacher=teacher,
+                          batch_size=batch_size, actors=actors)[0][v]
 
 
 PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -96,6 +124,19 @@ def fit_probes(xtr, ytr, xte, yte, k: int = 20, cs: tuple[float, ...] = PROBE_CS
             "probe_c": c, "majority_accuracy": float(np.mean(yte == _majority(ytr))),
             "n_train": int(len(ytr)), "n_test": int(len(yte)), "dim": int(xtr.shape[1]),
             "classes": int(len(set(ytr.tolist())))}
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, held-out indices): a seeded `fraction` of every class held out (at least one
+    row of each class with two or more rows; singletons stay in the fit)."""
+    rng = np.random.default_rng([seed, 7877])
+    fit, held = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held += idx[:n].tolist()
+        fit += idx[n:].tolist()
+    return np.sort(fit), np.sort(held)
 
 
 def _majority(y):

@@ -61,6 +61,69 @@ def test_kuberay_rayjob_is_consistent():
     assert _ray_pin() in docker_from
 
 
+PUBLIC_HOSTS = {"0.0.0.0", "::", "[::]"}
+
+
+def _strings(node):
+    """Every string of a YAML tree; an argv-style list (k8s `command:`) also as one line."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        if node and all(isinstance(x, str) and " " not in x for x in node):
+            yield " ".join(node)
+        for v in node:
+            yield from _strings(v)
+
+
+def unauthenticated_binds(path: str) -> list[str]:
+    """Servers a cluster file makes reachable from other machines with no authentication: a Ray
+    head whose dashboard / job API listens on all interfaces without token auth, an MLflow server
+    on all interfaces without its basic-auth app."""
+    doc = yaml.safe_load(open(path))
+    found = []
+    for line in (ln for s in _strings(doc) for ln in s.splitlines()):
+        if re.search(r"\bray start\b.*--head", line):
+            m = re.search(r"--dashboard-host[= ](\S+)", line)
+            if m and m.group(1) in PUBLIC_HOSTS and "RAY_AUTH_MODE=token" not in line:
+                found.append(f"ray dashboard on {m.group(1)} without token auth: {line.strip()[:80]}")
+        if re.search(r"\bmlflow (server|ui)\b", line):
+            m = re.search(r"(?:--host|-h)[= ](\S+)", line)
+            if m and m.group(1) in PUBLIC_HOSTS and "--app-name basic-auth" not in line:
+                found.append(f"mlflow on {m.group(1)} without basic-auth: {line.strip()[:80]}")
+    spec = doc.get("spec", {}) if isinstance(doc, dict) else {}
+    for rc in (spec.get("rayClusterSpec"), spec if "headGroupSpec" in spec else None):
+        if not rc:
+            continue
+        host = str(rc["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host", "127.0.0.1"))
+        containers = rc["headGroupSpec"]["template"]["spec"]["containers"]
+        env_token = all(any(e.get("name") == "RAY_AUTH_MODE" and e.get("value") == "token" for e in c.get("env", []))
+                        for c in containers)
+        if host in PUBLIC_HOSTS and (rc.get("authOptions") or {}).get("mode") != "token" and not env_token:
+            found.append(f"KubeRay head dashboard-host {host} without authOptions.mode: token")
+    return sorted(set(found))
+
+
+def test_cluster_files_expose_nothing_without_authentication(tmp_path):
+    files = [os.path.join(ROOT, "cluster.yaml"), os.path.join(ROOT, "k8s", "rayjob.yaml")]
+    for f in files:
+        assert unauthenticated_binds(f) == [], f
+    # The check fails on the insecure forms (the defaults these files had before).
+    bad_up = open(files[0]).read().replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0") \
+        .replace("--app-name basic-auth ", "")
+    bad_k8s = yaml.safe_load(open(files[1]))
+    del bad_k8s["spec"]["rayClusterSpec"]["authOptions"]
+    (tmp_path / "up.yaml").write_text(bad_up)
+    (tmp_path / "k8s.yaml").write_text(yaml.safe_dump(bad_k8s))
+    assert len(unauthenticated_binds(str(tmp_path / "up.yaml"))) == 2
+    assert len(unauthenticated_binds(str(tmp_path / "k8s.yaml"))) == 1
+    # The MLflow server's password is made on the cluster, never written in the repository.
+    up = open(files[0]).read()
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=$(cat " in up and "openssl rand" in up
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,6 +184,7 @@ def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
         logs = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", f"http://127.0.0.1:{dash}",
                                "d2v-test"], env=env, capture_output=True, text=True).stdout
         assert "done: text step 4/4" in logs
+        assert logs.count("step 2/4 loss") == 1, logs  # one progress line per logging step
         from mlflow.tracking import MlflowClient
         client = MlflowClient(f"http://127.0.0.1:{mlf}")
         exp = client.get_experiment_by_name("jobs")
@@ -128,6 +192,10 @@ def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]
         assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"final", "masks"}
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        # The artifacts went to the server's own store (proxied), not to a path on a Ray process.
+        stored = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "artifacts") for f in fs]
+        assert any(f.endswith("final/model.safetensors") for f in stored), stored
     finally:
         for p in (head, mlflow_srv):
             try:

@@ -77,7 +77,7 @@ def test_quality_bar_image_pretraining_beats_random_init(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_runs_trials_and_nests_mlflow_runs(demo_shards, tmp_path):
+def test_sweep_chooses_on_validation_and_nests_mlflow_runs(demo_shards, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from jobs.sweep import main as sweep
@@ -90,19 +90,42 @@ def test_sweep_runs_trials_and_nests_mlflow_runs(demo_shards, tmp_path):
                 "--search-space", str(space), "--output", out, "--rounds", "2", "--steps-per-round", "4",
                 "--set", "train.batch_size=16", "--set", "train.log_every=2"])
     assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The sweep ran its own tracking server over SWEEP_DIR/mlflow.db (trials never open the SQLite
+    # file themselves); the store is read here directly, after the server stopped.
     client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
     parent_id = open(os.path.join(out, "mlflow_parent_run_id")).read().strip()
     exp = client.get_experiment_by_name("data2vec-sweep")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == 4
     for c in children:
-        assert "probe_accuracy" in c.data.metrics
+        assert "val_probe_accuracy" in c.data.metrics and "probe_accuracy" not in c.data.metrics
         assert float(c.data.params["model.ema.decay"]) in (0.99, 0.999)
         assert c.data.params["model.target.top_k"] in ("1", "3")
+    # Chosen on the validation split: the chosen config is (one of) the best children by validation
+    # accuracy.
+    top = max(c.data.metrics["val_probe_accuracy"] for c in children)
+    assert last["val_probe_accuracy"] == pytest.approx(top)
+    best = [c for c in children if c.data.metrics["val_probe_accuracy"] == pytest.approx(top)]
+    assert any(float(c.data.params["model.mask.prob"]) == pytest.approx(last["best_config"]["model.mask.prob"])
+               for c in best)
     parent = client.get_run(parent_id)
-    assert "best_probe_accuracy" in parent.data.metrics
+    assert parent.data.metrics["test_probe_accuracy"] == pytest.approx(last["test_probe_accuracy"])
+    assert 0.1 < last["test_probe_accuracy"] <= 1.0
+    assert json.loads(parent.data.params["trial_resources"]) == {"CPU": 3, "GPU": 0}
     arts = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"best_config.json", "probe_vs_params.png"} <= arts
+    assert {"best_config.json", "val_probe_vs_params.png"} <= arts
+
+
+def test_stratified_split_holds_out_every_class_seeded():
+    from pipeline.probe import stratified_split
+    y = np.array([0] * 40 + [1] * 8 + [2] * 1)
+    fit, held = stratified_split(y, 0.25, seed=0)
+    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(len(y)))  # a partition
+    assert np.bincount(y[held], minlength=3).tolist() == [10, 2, 0]  # a quarter of each; a singleton stays
+    assert (stratified_split(y, 0.25, seed=0)[1] == held).all()
+    assert not (stratified_split(y, 0.25, seed=1)[1] == held).all()
 
 
 def test_evaluate_refuses_data_the_checkpoint_cannot_read(tmp_path, capsys):

@@ -200,3 +200,56 @@ def test_nan_on_one_rank_stops_the_run_or_rolls_back(demo_shards, tmp_path, monk
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[4] < lr_at(3, resolve("image", "d", "o", "demo", None, parse_sets(
         ["train.max_steps=4", "train.warmup_steps=2"])).train)  # the LR after the rollback is scaled down
+
+
+@pytest.mark.slow
+def test_run_is_browsable_after_ray_is_gone_with_curves_and_one_progress_line(demo_shards, tmp_path):
+    """A user's run as a separate process with its own local Ray cluster (its temporary folder
+    under RAY_TMPDIR): after it ends and Ray's whole temporary folder is deleted, every artifact
+    still downloads through MlflowClient; the learning curves (validation loss on a held-out
+    fraction, online probe) are in MLflow from step 0; each progress line is printed once."""
+    import shutil
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay < 108 bytes
+    out = str(tmp_path / "run")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--data", demo_shards["image"],
+                        "--output", out, "--max-steps", "4", "--set", "train.batch_size=8",
+                        "--set", "train.log_every=2", "--set", "train.warmup_steps=2", "--set", "train.eval_every=2",
+                        "--set", "train.val_fraction=0.2", "--set", "train.probe_samples=100",
+                        "--probe-train", demo_shards["image_train"], "--probe-test", demo_shards["image_test"]],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    printed = r.stdout + r.stderr
+    assert printed.count("step 2/4 loss") == 1 and printed.count("step 4/4 loss") == 1, printed[-3000:]
+    assert os.listdir(ray_tmp), "Ray did not use RAY_TMPDIR"
+    shutil.rmtree(ray_tmp)
+
+    client, run = mlflow_metrics(out)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == "file://" + os.path.join(out, "mlartifacts")  # absolute, in the run folder
+    listed = []
+
+    def walk(path=None):
+        for a in client.list_artifacts(run.info.run_id, path):
+            walk(a.path) if a.is_dir else listed.append(a.path)
+    walk()
+    assert {"final/model.safetensors", "final/config.json"} <= set(listed) and any(p.startswith("masks/") for p in listed)
+    dst = tmp_path / "downloaded"
+    for p in listed:
+        assert os.path.getsize(client.download_artifacts(run.info.run_id, p, str(dst))) > 0
+    # Curves: points at step 0 (the network at init) and every eval_every steps.
+    for key in ("val_loss", "probe.knn_accuracy", "probe.linear_accuracy"):
+        hist = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in hist] == [0, 2, 4], key
+    assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(run.info.run_id, "probe.knn_accuracy"))
+    val = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert all(v > 0 for v in val) and val[-1] != val[0]
+    for key in ("run_samples_per_s", "run_data_wait_fraction", "run_eval_fraction"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["samples_per_s"] > 0 and 0 <= summary["data_wait_fraction"] < 1

@@ -18,6 +18,7 @@ import yaml
 from pipeline.config import ConfigError, check
 from pipeline.model.config import ModelConfig
 from pipeline.recipes import recipe
+from pipeline.train.tracking import absolute_tracking_uri, default_tracking_uri
 
 
 class _Loader(yaml.SafeLoader):
@@ -83,6 +84,15 @@ class TrainConfig:
     error) or "rollback" (restore the last checkpoint, scale the LR by rollback_lr_factor, go on)."""
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
+    val_fraction: float = 0.0
+    """Hold out this fraction of the data's row-group chunks (seeded) for the validation loss."""
+    eval_every: int = 0
+    """Steps between validation-loss / online-probe points (0 = about 5 points per run, and one
+    at step 0)."""
+    val_batches: int = 4
+    """Batches (of batch_size, fixed masks) the validation loss averages."""
+    probe_samples: int = 512
+    """Samples per split the online probe uses (a seeded subset; the final probe uses all)."""
     worker_memory_gb: float | None = None
     """Memory one worker may use, for the pre-flight estimate; None = this machine's RAM shared by
     the local workers (CPU) or the local GPU's memory."""
@@ -112,6 +122,10 @@ class TrainConfig:
                f"must be 'raise' or 'rollback', got {self.on_collapse!r}")
         _check(self.max_rollbacks >= 0, "max_rollbacks", "must be >= 0")
         _check(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor", "must be in (0, 1]")
+        _check(0 <= self.val_fraction < 0.5, "val_fraction", f"must be in [0, 0.5), got {self.val_fraction}")
+        _check(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = about 5 points per run)")
+        _check(self.val_batches >= 1, "val_batches", "must be >= 1")
+        _check(self.probe_samples >= 20, "probe_samples", "must be >= 20")
         _check(self.worker_memory_gb is None or self.worker_memory_gb > 0, "worker_memory_gb", "must be > 0 or null")
         _check(self.audio_batching in ("pad", "crop"), "audio_batching",
                f"must be 'pad' or 'crop', got {self.audio_batching!r}")
@@ -126,7 +140,14 @@ class RunConfig:
     tracking_uri: str | None = None
     experiment: str = "data2vec"
     parent_run_id: str | None = None
-    """MLflow run to nest this run under (set by sweeps)."""
+    """MLflow run to nest this run under (set by sweeps and the demo)."""
+    val_data: str | None = None
+    """Preprocessed folder whose validation loss (fixed masks) is logged every train.eval_every
+    steps; or hold out train.val_fraction of `data`."""
+    probe_train: str | None = None
+    """Labeled preprocessed folders for the online probe (kNN + linear on frozen features, every
+    train.eval_every steps), logged as probe.* metrics."""
+    probe_test: str | None = None
     model: ModelConfig = None  # type: ignore[assignment]
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -184,7 +205,7 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     if modality not in ("image", "audio", "text"):
         raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
     # Workers run with another cwd (and on other nodes): local paths must be absolute.
-    data, output = (p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in (data, output))
+    data, output = (_absolute(p) for p in (data, output))
     mode = "d2v2"
     if overrides and "model.mode" in overrides:
         mode = overrides["model.mode"]
@@ -203,8 +224,16 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     model = r.model
     train = {**dataclasses.asdict(TrainConfig()), **r.train}
     d = {"modality": modality, "data": data, "output": output, "preset": preset_name,
-         "tracking_uri": None, "experiment": "data2vec", "parent_run_id": None, "model": model.to_dict(), "train": train}
+         "tracking_uri": None, "experiment": "data2vec", "parent_run_id": None, "val_data": None,
+         "probe_train": None, "probe_test": None, "model": model.to_dict(), "train": train}
     d.update({k: v for k, v in top.items() if v is not None})
+    for k in ("val_data", "probe_train", "probe_test"):
+        if d[k]:
+            d[k] = _absolute(d[k])
+    # The tracking store is fixed here, on the driver (a relative sqlite path would resolve in a
+    # Ray worker's folder); an object-store --output with no --tracking-uri leaves it None.
+    d["tracking_uri"] = absolute_tracking_uri(d["tracking_uri"]) if d["tracking_uri"] else \
+        (default_tracking_uri(output) if output else None)
     _merge(d, file_cfg)
     for k, v in (overrides or {}).items():
         _set_path(d, k, v)
@@ -215,6 +244,10 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
         return RunConfig.from_dict(d)
     except TypeError as e:  # wrong type/unknown keyword inside a section
         raise ConfigError(f"config: {e}") from None
+
+
+def _absolute(p: str) -> str:
+    return p if "://" in p else os.path.abspath(os.path.expanduser(p))
 
 
 def to_yaml(cfg: RunConfig) -> str:

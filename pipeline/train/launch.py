@@ -11,7 +11,8 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train.batches import COLUMNS
 from pipeline.train.config import RunConfig
-from pipeline.train.stream import list_chunks
+from pipeline.train.stream import CHUNK_ROWS, list_chunks, split_chunks
+from pipeline.train.tracking import prepare_experiment
 from pipeline.train.worker import train_loop_per_worker
 
 
@@ -42,19 +43,22 @@ def frontend_from_manifest(m: dict) -> dict:
 # being trained (schedule, batch, model, data) and is refused unless --allow-config-change.
 RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
                      "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
-                     "train.on_collapse", "train.max_rollbacks"}
+                     "train.on_collapse", "train.max_rollbacks", "train.eval_every", "train.val_batches",
+                     "train.probe_samples", "val_data", "probe_train", "probe_test"}
 
 
 def check_resume(cfg: RunConfig, allow_change: bool = False) -> None:
     """Refuse to resume a run whose schedule-relevant config differs from the one it started
     with, naming the differing fields (before Ray starts)."""
-    from pipeline.train.tracking import flatten
+    from pipeline.train.tracking import default_tracking_uri, flatten
 
     fs, root = storage.resolve(cfg.output)
     if not storage.exists(fs, f"{root}/config.json") or not storage.exists(fs, f"{root}/ray/pretrain"):
         return  # nothing to resume
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
     now = flatten(cfg.to_dict())
+    if before.get("tracking_uri") is None:  # written before the driver fixed the default store
+        before["tracking_uri"] = default_tracking_uri(cfg.output)
     for k in ("data", "output"):  # the same place written two ways (file:///x vs /x) is no change
         if before.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
             before[k] = now[k]
@@ -64,6 +68,37 @@ def check_resume(cfg: RunConfig, allow_change: bool = False) -> None:
         raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"
                           f"{', …' if len(diff) > 6 else ''}); resuming would change its schedule. Use a new "
                           f"--output, or pass --allow-config-change to resume anyway")
+
+
+def data_chunks(cfg: RunConfig) -> tuple[list, list]:
+    """(training chunks, validation chunks): the validation chunks are --val-data's, or a seeded
+    train.val_fraction of the data's own chunks (held out of training)."""
+    cols = COLUMNS[cfg.modality]
+    chunks = list_chunks(cfg.data, cols)
+    if cfg.val_data:
+        return chunks, list_chunks(cfg.val_data, cols)
+    if cfg.train.val_fraction <= 0:
+        return chunks, []
+    return split_chunks(chunks, cfg.train.val_fraction, cfg.train.seed)
+
+
+def check_data(cfg: RunConfig) -> None:
+    """The validation and probe folders exist, hold this modality, and leave training data (before
+    Ray starts)."""
+    for key in ("val_data", "probe_train", "probe_test"):
+        if getattr(cfg, key):
+            m = read_manifest(getattr(cfg, key), cfg.modality)
+            if key != "val_data" and not m.get("labels"):
+                raise ConfigError(f"{key}: {getattr(cfg, key)!r} holds no labeled rows")
+    if bool(cfg.probe_train) != bool(cfg.probe_test):
+        raise ConfigError("probe_train: --probe-train and --probe-test go together")
+    if cfg.train.val_fraction > 0 and cfg.val_data:
+        raise ConfigError("train.val_fraction: set it or --val-data, not both")
+    if cfg.train.val_fraction > 0:
+        n = len(list_chunks(cfg.data, COLUMNS[cfg.modality]))
+        if n < 2:
+            raise ConfigError(f"train.val_fraction: {cfg.data!r} has {n} chunk(s) of {CHUNK_ROWS} rows; "
+                              f"nothing can be held out — pass --val-data")
 
 
 def run_pretraining(cfg: RunConfig, fault: dict | None = None):
@@ -78,19 +113,25 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None):
     fs, out = storage.resolve(cfg.output)
     fs.create_dir(out, recursive=True)
     storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    if cfg.tracking_uri:
+        prepare_experiment(cfg.tracking_uri, cfg.experiment)  # absolute artifact location, chosen here
     # Each worker streams its own seeded share of these chunks with Ray Data (stream.py): only
     # Parquet metadata is read here.
-    chunks = list_chunks(cfg.data, COLUMNS[cfg.modality])
+    chunks, val_chunks = data_chunks(cfg)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "fault": fault, "cluster_cpus": cluster_cpus,
-                           "chunks": [dataclasses.asdict(c) for c in chunks]},
+                           "chunks": [dataclasses.asdict(c) for c in chunks],
+                           "val_chunks": [dataclasses.asdict(c) for c in val_chunks]},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(name="pretrain", storage_path=f"{out}/ray", storage_filesystem=fs,
                                 failure_config=FailureConfig(max_failures=t.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                # Ray Train tees a worker's print() into its logger, and both reach
+                                # the terminal: one progress line per logging step needs it off.
+                                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
     return trainer.fit()
 

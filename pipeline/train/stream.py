@@ -56,6 +56,14 @@ def list_chunks(data: str, columns: list[str]) -> list[Chunk]:
     return chunks
 
 
+def split_chunks(chunks: list[Chunk], fraction: float, seed: int) -> tuple[list[Chunk], list[Chunk]]:
+    """(kept, held out): a seeded `fraction` of the chunks (at least one, never all) held out."""
+    order = np.random.default_rng([seed, 4409]).permutation(len(chunks))
+    n = min(len(chunks) - 1, max(1, round(fraction * len(chunks))))
+    held = set(order[:n].tolist())
+    return [c for i, c in enumerate(chunks) if i not in held], [c for i, c in enumerate(chunks) if i in held]
+
+
 def _uri(data: str, root: str, path: str) -> str:
     """`path` (inside `data`'s file system, whose root is `root`) written as `data` is written:
     same scheme, host and query (e.g. s3://b/prep?endpoint_override=…), so map tasks open it alike."""

@@ -26,7 +26,7 @@ class MLflowSink(NullSink):
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
+        mlflow.set_experiment(experiment)  # created by the driver (prepare_experiment)
         from pipeline import storage
 
         fs, root = storage.resolve(run_dir)
@@ -72,7 +72,105 @@ def default_tracking_uri(run_dir: str) -> str | None:
     from pipeline.storage import local_path
 
     local = local_path(run_dir)
-    return None if local is None else "sqlite:///" + os.path.join(local, "mlflow.db")
+    return None if local is None else "sqlite:///" + os.path.abspath(os.path.join(local, "mlflow.db"))
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A tracking URI every process reads alike: a relative sqlite path (sqlite:///runs/x.db) is
+    made absolute here, on the driver — a Ray worker would resolve it in its own working folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+# The UI opens an experiment with this tag on its training-runs view (MLflow 3 otherwise guesses
+# a GenAI experiment and shows traces).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (DIR/mlflow.db →
+    file:///DIR/mlartifacts, absolute); None for a tracking server, whose own artifact store
+    (`mlflow server --artifacts-destination`) serves every client."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = absolute_tracking_uri(tracking_uri)[len("sqlite:///"):]
+        return "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+    return None
+
+
+def prepare_experiment(tracking_uri: str, name: str) -> str:
+    """Create (or find) the MLflow experiment on the driver, before any Ray process logs to it: its
+    artifact location is absolute (MLflow's default for a sqlite store is ./mlruns relative to the
+    process that creates it, i.e. a Ray worker's temporary session folder), and it is tagged as a
+    model-training experiment. Returns the experiment id."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+                                              tags=EXPERIMENT_TAGS)
+        except MlflowException:  # created meanwhile by a concurrent driver (sweep trials)
+            exp_id = client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment(exp_id)
+    for k, v in EXPERIMENT_TAGS.items():
+        if exp.tags.get(k) != v:
+            client.set_experiment_tag(exp.experiment_id, k, v)
+    loc = exp.artifact_location or ""
+    if "://" not in loc and not os.path.isabs(loc):
+        print(f"warning: MLflow experiment {name!r} keeps artifacts at the relative path {loc!r} (made by an older "
+              f"version): they land in whichever folder a Ray worker runs in. Use a new --experiment.", flush=True)
+    return exp.experiment_id
+
+
+class LocalTrackingServer:
+    """`mlflow server` on this machine's loopback over DIR/mlflow.db, artifacts in DIR/mlartifacts,
+    for as long as the `with` block runs: concurrent writers (sweep trials) then go through one
+    server process instead of all opening the same SQLite file."""
+
+    def __init__(self, folder: str, timeout_s: float = 120):
+        self.folder, self.timeout_s, self.proc = os.path.abspath(folder), timeout_s, None
+
+    def __enter__(self) -> str:
+        import socket
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = open(os.path.join(self.folder, "mlflow_server.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             "sqlite:///" + os.path.join(self.folder, "mlflow.db"), "--artifacts-destination",
+             os.path.join(self.folder, "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.uri = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while time.time() - t0 < self.timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2)
+                return self.uri
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"mlflow server did not answer within {self.timeout_s:.0f}s; see {self.log.name}")
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
 
 
 def git_commit() -> str:

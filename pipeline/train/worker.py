@@ -23,9 +23,10 @@ from pipeline.model.objective import NonFiniteLoss, RepresentationCollapse
 from pipeline.train.batches import COLUMNS, collate, step_rng
 from pipeline.train.checkpoint import load_state, save_final, save_state
 from pipeline.train.config import RunConfig
+from pipeline.train.curves import OnlineProbe, ValidationLoss
 from pipeline.train.step import autocast_for, build_optimizer, train_step
 from pipeline.train.stream import Chunk, RankStream
-from pipeline.train.tracking import MLflowSink, NullSink, default_tracking_uri, git_commit, mask_picture
+from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_picture
 
 
 def threads_for_worker(node_cpus: int, workers_on_node: int) -> int:
@@ -97,7 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         out_fs, out_root = storage.resolve(cfg.output)
         out_fs.create_dir(out_root, recursive=True)
-        sink = MLflowSink(cfg.tracking_uri or default_tracking_uri(cfg.output), cfg.experiment,
+        sink = MLflowSink(cfg.tracking_uri, cfg.experiment,
                           cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", cfg.to_dict(),
                           parent_run_id=cfg.parent_run_id)
         sink.set_tags({"git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
@@ -114,8 +115,13 @@ def train_loop_per_worker(config: dict) -> None:
     if steps_per_epoch == 0:
         raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "
                            f"× grad_accum ({t.grad_accum}) or use fewer workers ({world})")
-    window = {"loss": 0.0, "tv": 0.0, "pv": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0}
-    run_t0, start_step = time.perf_counter(), pos["step"]
+    curves = Curves(cfg, config.get("val_chunks") or [], device, autocast) if rank == 0 else None
+    run = {"t0": time.perf_counter(), "wait": 0.0, "eval": 0.0, "samples": 0}  # whole run (since this start)
+    if curves and pos["step"] == 0:
+        run["eval"] += curves.evaluate(model, sink, 0)  # the curves' starting point: the network at init
+    window = {"loss": 0.0, "tv": 0.0, "pv": 0.0, "n": 0, "wait": 0.0, "eval": 0.0, "t0": time.perf_counter(),
+              "samples": 0}
+    start_step = pos["step"]
     pictured = pos["step"] > 0
 
     while pos["step"] < stop:
@@ -173,21 +179,27 @@ def train_loop_per_worker(config: dict) -> None:
                 open(fault["marker"], "w").close()
                 print(f"[rank {rank}] injected fault at step {step}", flush=True)
                 os._exit(1)
+            if curves and (step % curves.every == 0 or step == stop):
+                window["eval"] += curves.evaluate(model, sink, step)
             if step % t.log_every == 0 or step == stop:
-                dt = time.perf_counter() - window["t0"]
+                now = time.perf_counter()
+                for k in ("wait", "eval", "samples"):
+                    run[k] += window[k]
+                dt, run_dt = now - window["t0"] - window["eval"], now - run["t0"] - run["eval"]  # training time
                 n = max(window["n"], 1)
                 metrics = {"loss": window["loss"] / n, "lr": m["lr"], "ema_decay": m["ema_decay"],
                            "target_var": window["tv"] / n, "pred_var": window["pv"] / n,
                            "samples_per_s": window["samples"] / dt, "data_wait_fraction": window["wait"] / dt,
-                           "epoch": pos["epoch"]}
+                           "run_samples_per_s": run["samples"] / run_dt, "run_data_wait_fraction": run["wait"] / run_dt,
+                           "run_eval_fraction": run["eval"] / (now - run["t0"]), "epoch": pos["epoch"]}
                 sink.log_metrics(metrics, step)
                 if rank == 0:
-                    eta = (time.perf_counter() - run_t0) / max(step - start_step, 1) * (stop - step)
+                    eta = (now - run["t0"]) / max(step - start_step, 1) * (stop - step)
                     print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {m['lr']:.2e} "
                           f"{metrics['samples_per_s']:.1f} samples/s data-wait {metrics['data_wait_fraction']:.1%} "
                           f"ETA {eta:.0f}s", flush=True)
-                window = {"loss": 0.0, "tv": 0.0, "pv": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(),
-                          "samples": 0, "last": metrics}
+                window = {"loss": 0.0, "tv": 0.0, "pv": 0.0, "n": 0, "wait": 0.0, "eval": 0.0,
+                          "t0": time.perf_counter(), "samples": 0, "last": metrics}
             if step % t.checkpoint_every == 0 or step == stop:
                 saved = dict(pos)
                 if saved["batch_in_epoch"] == steps_per_epoch:  # the epoch is done: resume at the next
@@ -211,6 +223,34 @@ def train_loop_per_worker(config: dict) -> None:
                         dst.write(src.read())
                     sink.log_artifact(local, "final")
         sink.close()
+
+
+class Curves:
+    """Rank 0's learning curves: validation loss and the online probe, every `every` steps."""
+
+    def __init__(self, cfg: RunConfig, val_chunks: list[dict], device, autocast):
+        t = cfg.train
+        self.every = t.eval_every or max(1, t.max_steps // 5)
+        self.device, self.autocast = device, autocast
+        self.val = ValidationLoss([Chunk(**c) for c in val_chunks], cfg, t.seed) if val_chunks else None
+        self.probe = OnlineProbe(cfg.probe_train, cfg.probe_test, cfg, t.seed) if cfg.probe_train else None
+
+    def __bool__(self) -> bool:
+        return self.val is not None or self.probe is not None
+
+    def evaluate(self, model, sink, step: int) -> float:
+        """Log this step's curve points; returns the seconds it took."""
+        t0 = time.perf_counter()
+        metrics = {}
+        if self.val:
+            metrics["val_loss"] = self.val(model, self.device, self.autocast)
+        if self.probe:
+            metrics.update(self.probe(model, self.device))
+        took = time.perf_counter() - t0
+        sink.log_metrics({**metrics, "eval_s": took}, step)
+        print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({took:.1f}s)",
+              flush=True)
+        return took
 
 
 def _report(train, Checkpoint, rank, model, opt, pos, cfg, metrics):
