@@ -33,6 +33,25 @@ def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int)
     return {"input_ids": text_tensor(batch["input_ids"], max_positions)}
 
 
+def batch_features(model, batch: dict, layers: tuple[int, ...] = (-1,), audio_group: int = 16) -> np.ndarray:
+    """Mean-pooled features (B, D) of a numpy batch. Audio clips go through in length-sorted
+    groups of `audio_group`, so short clips are not padded to the batch's longest (the conv front
+    end's cost is per padded sample)."""
+    f, m = model.cfg.frontend, model.cfg.modality
+    if m != "audio":
+        return model.extract(eval_inputs(batch, m, f.image_size, f.max_positions), layers=layers).numpy()
+    clips = batch["audio"]
+    order = np.argsort([len(a) for a in clips], kind="stable")
+    out = None
+    for a in range(0, len(order), audio_group):
+        idx = order[a: a + audio_group]
+        x = model.extract(eval_inputs({"audio": [clips[i] for i in idx]}, m, f.image_size, f.max_positions),
+                          layers=layers).numpy()
+        out = np.empty((len(order), x.shape[1]), x.dtype) if out is None else out
+        out[idx] = x
+    return out
+
+
 class FeatureExtractor:
     """Ray Data actor-pool UDF: loads the encoder once per actor (and, for "random", the same
     architecture at a seeded random init), batches → mean-pooled features per variant."""
@@ -53,9 +72,7 @@ class FeatureExtractor:
         self.cfg, self.layers = model.cfg, layers
 
     def __call__(self, batch: dict) -> dict:
-        f = self.cfg.frontend
-        inputs = eval_inputs(batch, self.cfg.modality, f.image_size, f.max_positions)
-        out = {f"features_{v}": m.extract(inputs, layers=self.layers, teacher=False).numpy().astype(np.float32)
+        out = {f"features_{v}": batch_features(m, batch, self.layers).astype(np.float32)
                for v, m in self.models.items()}
         return {**out, "label": batch["label"], "_src": batch["_src"]}
 

@@ -211,7 +211,6 @@ def test_run_is_browsable_after_ray_is_gone_with_curves_and_one_progress_line(de
     import shutil
     import tempfile
 
-    from mlflow.tracking import MlflowClient
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay < 108 bytes
     out = str(tmp_path / "run")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}

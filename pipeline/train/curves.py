@@ -17,9 +17,10 @@ import torch
 from pipeline.train.batches import COLUMNS, collate
 from pipeline.train.stream import Chunk, list_chunks, read_chunks
 
-# The online probe's logistic-regression C is fixed (standardized features): the curve's shape is
-# what matters while training; the final probe (pipeline.probe) cross-validates C.
-ONLINE_PROBE_C = 0.1
+# The online probe's logistic-regression C is fixed (standardized features). On its few hundred rows
+# it reads lower than the final probe; the curve's shape is what matters while training (the final
+# probe, pipeline.probe, uses every row and cross-validates C).
+ONLINE_PROBE_C = 1.0
 
 
 def read_rows(chunks: list[Chunk], columns: list[str], limit: int) -> dict[str, np.ndarray]:
@@ -80,6 +81,16 @@ def _labeled_subset(data: str, modality: str, n: int, seed: int) -> tuple[dict, 
     return {c: rows[c][keep] for c in COLUMNS[modality]}, np.asarray(rows["label"][keep])
 
 
+class _OnDevice:
+    """The model, taking CPU inputs to `device` and giving float32 CPU features back."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.cfg = model, device, model.cfg
+
+    def extract(self, inputs: dict, layers=(-1,)):
+        return self.model.extract({k: v.to(self.device) for k, v in inputs.items()}, layers=layers).float().cpu()
+
+
 class OnlineProbe:
     """kNN and linear probe accuracy of the student's features, on fixed labeled subsets."""
 
@@ -90,15 +101,12 @@ class OnlineProbe:
         self.test = _labeled_subset(test_dir, cfg.modality, n, seed + 1)
 
     def _features(self, model, rows: dict, device) -> np.ndarray:
-        from pipeline.probe import eval_inputs
+        from pipeline.probe import batch_features
 
-        f = model.cfg.frontend
         n = len(next(iter(rows.values())))
         out = []
         for a in range(0, n, self.batch_size):
-            b = {k: v[a: a + self.batch_size] for k, v in rows.items()}
-            x = eval_inputs(b, self.modality, f.image_size, f.max_positions)
-            out.append(model.extract({k: v.to(device) for k, v in x.items()}).float().cpu().numpy())
+            out.append(batch_features(_OnDevice(model, device), {k: v[a: a + self.batch_size] for k, v in rows.items()}))
         return np.concatenate(out)
 
     @torch.no_grad()
