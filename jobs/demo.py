@@ -68,7 +68,10 @@ def probe_modality(mod: str, final: str, probe_train: str, probe_test: str) -> d
     from pipeline import probe
 
     acc = {}
-    train, test = probe.extract_splits([probe_train, probe_test], final, mod, variants=("random", "pretrained"))
+    # In this process: on one machine, for a few thousand rows, an actor pool's start-up costs more
+    # than the extraction (jobs.evaluate uses the Ray Data actor pool, probe.extract_splits).
+    train, test = probe.extract_splits_in_process([probe_train, probe_test], final, mod,
+                                                  variants=("random", "pretrained"))
     for name in ("random", "pretrained"):
         r = probe.fit_probes(*train[name], *test[name], n_jobs=2)  # the cluster is idle while probing
         acc[name], acc[f"{name}_knn"] = r["probe_accuracy"], r["knn_accuracy"]

@@ -169,3 +169,25 @@ def test_evaluate_refuses_data_the_checkpoint_cannot_read(tmp_path, capsys):
     small = folder("small", "image", size=32)
     rc = evaluate(["--checkpoint", str(ckpt), "--train-data", small, "--test-data", small])
     assert rc == 2 and "images are 32 px but the encoder takes 28 px" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_in_process_extraction_matches_the_actor_pool(demo_shards, tmp_path):
+    """The demo's in-process extraction gives the features the Ray Data actor pool gives (rows may
+    come back in another order): both variants, both splits."""
+    from jobs.pretrain import main as pretrain
+    from pipeline import probe
+    out = str(tmp_path / "run")
+    assert pretrain(["--modality", "text", "--data", demo_shards["text"], "--output", out, "--max-steps", "1",
+                     "--set", "train.batch_size=8", "--set", "train.warmup_steps=0"]) == 0
+    dirs = [demo_shards["text_train"], demo_shards["text_test"]]
+    pool = probe.extract_splits(dirs, os.path.join(out, "final"), "text", variants=("random", "pretrained"))
+    local = probe.extract_splits_in_process(dirs, os.path.join(out, "final"), "text",
+                                            variants=("random", "pretrained"))
+    for a, b in zip(pool, local):
+        for v in ("random", "pretrained"):
+            (xa, ya), (xb, yb) = a[v], b[v]
+            assert xa.shape == xb.shape and sorted(ya.tolist()) == sorted(yb.tolist())
+            key = lambda x: np.lexsort(np.round(x, 3).T[::-1])  # noqa: E731 — rows in a canonical order
+            np.testing.assert_allclose(xa[key(xa)], xb[key(xb)], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(pool[0]["random"][0].mean(0), pool[0]["pretrained"][0].mean(0))
