@@ -226,16 +226,17 @@ def main(argv=None) -> int:
         print(f"sweep: --max-concurrent {a.max_concurrent} lowered to {fit} ({have.get('CPU')} CPUs, "
               f"{have.get('GPU', 0)} GPUs; a trial holds {per_trial})")
     if a.tracking_uri:
-        return _sweep(a, spec, sets, out, a.tracking_uri, concurrent, per_trial)
+        return _sweep(a, spec, sets, out, a.tracking_uri, concurrent, per_trial, browse=a.tracking_uri)
     if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
         print("error: tracking_uri: on a multi-node cluster pass --tracking-uri (an MLflow server every node "
               "reaches); the sweep's own server listens on this machine's loopback only", file=sys.stderr)
         return 2
     with LocalTrackingServer(out) as uri:  # SWEEP_DIR/mlflow.db behind one server process
-        return _sweep(a, spec, sets, out, uri, concurrent, per_trial)
+        return _sweep(a, spec, sets, out, uri, concurrent, per_trial,
+                      browse=f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db")
 
 
-def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict) -> int:
+def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict, browse: str) -> int:
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -294,7 +295,7 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
     mlflow.end_run()
     print(df[[f"config/{k}" for k in keys] + [METRIC, "training_iteration"]].to_string())
     print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; chosen on the validation split "
-          f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {uri}")
+          f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {browse}")
     print(json.dumps({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
                       "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent.info.run_id}))
     return 0 if grid.num_errors == 0 else 1
