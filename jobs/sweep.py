@@ -232,11 +232,15 @@ def main(argv=None) -> int:
               "reaches); the sweep's own server listens on this machine's loopback only", file=sys.stderr)
         return 2
     with LocalTrackingServer(out) as uri:  # SWEEP_DIR/mlflow.db behind one server process
+        # Artifacts go straight to SWEEP_DIR/mlartifacts (absolute; every trial runs on this
+        # machine), so the store stays browsable with `mlflow ui` after the server is gone.
         return _sweep(a, spec, sets, out, uri, concurrent, per_trial,
-                      browse=f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db")
+                      browse=f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db",
+                      artifact_location=f"file://{out}/mlartifacts")
 
 
-def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict, browse: str) -> int:
+def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict, browse: str,
+           artifact_location: str | None = None) -> int:
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -246,7 +250,7 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
 
     space = tune_space(spec)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=prepare_experiment(uri, a.experiment))
+    mlflow.set_experiment(experiment_id=prepare_experiment(uri, a.experiment, artifact_location))
     parent_file = os.path.join(out, "mlflow_parent_run_id")
     parent_id = open(parent_file).read().strip() if os.path.exists(parent_file) else None
     parent = mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{a.modality}")

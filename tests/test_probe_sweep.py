@@ -97,6 +97,7 @@ def test_sweep_chooses_on_validation_and_nests_mlflow_runs(demo_shards, tmp_path
     parent_id = open(os.path.join(out, "mlflow_parent_run_id")).read().strip()
     exp = client.get_experiment_by_name("data2vec-sweep")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == f"file://{os.path.abspath(out)}/mlartifacts"  # readable without the server
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == 4
     for c in children:

@@ -98,11 +98,12 @@ def artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def prepare_experiment(tracking_uri: str, name: str) -> str:
+def prepare_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
     """Create (or find) the MLflow experiment on the driver, before any Ray process logs to it: its
     artifact location is absolute (MLflow's default for a sqlite store is ./mlruns relative to the
     process that creates it, i.e. a Ray worker's temporary session folder), and it is tagged as a
-    model-training experiment. Returns the experiment id."""
+    model-training experiment. `artifact_location` overrides the default (artifact_root) for a new
+    experiment. Returns the experiment id."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -110,7 +111,7 @@ def prepare_experiment(tracking_uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            exp_id = client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+            exp_id = client.create_experiment(name, artifact_location=artifact_location or artifact_root(tracking_uri),
                                               tags=EXPERIMENT_TAGS)
         except MlflowException:  # created meanwhile by a concurrent driver (sweep trials)
             exp_id = client.get_experiment_by_name(name).experiment_id
