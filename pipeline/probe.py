@@ -112,24 +112,19 @@ def extract_splits_in_process(data_dirs: list[str], checkpoint: str, modality: s
     """`extract_splits` in this process, reading the shards with pyarrow: for small labeled sets on
     one machine (the demo's few thousand rows), where starting an actor pool costs more than the
     extraction itself (~30 s of the demo's ~45 s per modality on 2 cores)."""
-    import pyarrow.dataset as pads
+    from pipeline.train.curves import labeled_rows
 
     ext = FeatureExtractor(os.path.abspath(checkpoint), tuple(variants), layers, teacher=False)
     torch.set_num_threads(os.cpu_count() or 1)  # FeatureExtractor sets 1 thread (one per actor)
     result = []
     for d in data_dirs:
-        t = pads.dataset(os.path.join(os.path.abspath(d), "shards"), format="parquet").to_table(
-            columns=FEATURE_COLUMNS[modality])
-        cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in FEATURE_COLUMNS[modality]}
-        keep = np.flatnonzero([lab is not None for lab in cols["label"]])
-        cols = {c: v[keep] for c, v in cols.items()}
+        inputs, labels = labeled_rows(d, modality)
         feats = {v: [] for v in variants}
         with torch.no_grad():
-            for a in range(0, len(keep), batch_size):
-                b = {c: v[a: a + batch_size] for c, v in cols.items()}
+            for a in range(0, len(labels), batch_size):
+                b = {c: v[a: a + batch_size] for c, v in inputs.items()}
                 for v, m in ext.models.items():
                     feats[v].append(batch_features(m, b, layers).astype(np.float32))
-        labels = np.asarray(cols["label"])
         result.append({v: (np.concatenate(f), labels) for v, f in feats.items()})
     return result
 

@@ -71,14 +71,20 @@ class ValidationLoss:
                 model.train(was)
 
 
-def _labeled_subset(data: str, modality: str, n: int, seed: int) -> tuple[dict, np.ndarray]:
-    """A seeded random subset of up to `n` labeled rows of a preprocessed folder."""
+def labeled_rows(data: str, modality: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every labeled row of a preprocessed folder: (model input columns, labels)."""
     cols = COLUMNS[modality] + ["label"]
     chunks = list_chunks(data, cols)
     rows = read_rows(chunks, cols, sum(c.rows for c in chunks))
     keep = np.flatnonzero([lab is not None for lab in rows["label"]])
-    keep = np.sort(np.random.default_rng([seed, 15485863]).permutation(keep)[:n])
     return {c: rows[c][keep] for c in COLUMNS[modality]}, np.asarray(rows["label"][keep])
+
+
+def _labeled_subset(data: str, modality: str, n: int, seed: int) -> tuple[dict, np.ndarray]:
+    """A seeded random subset of up to `n` labeled rows of a preprocessed folder."""
+    inputs, labels = labeled_rows(data, modality)
+    keep = np.sort(np.random.default_rng([seed, 15485863]).permutation(len(labels))[:n])
+    return {c: v[keep] for c, v in inputs.items()}, labels[keep]
 
 
 class _OnDevice:
