@@ -65,6 +65,7 @@ _TOKENIZER_FIX = "preprocess it with --tokenizer PRETRAINING_DATA/tokenizer.json
 _MISMATCH = {
     "image_size": "images are {have} px but the encoder takes {want} px; preprocess with --image-size {want}",
     "vocab_size": "tokenized with a {have}-token vocabulary but the encoder has {want}; " + _TOKENIZER_FIX,
+    "mask_id": "tokenized with <mask> = {have} but the encoder's is {want}; " + _TOKENIZER_FIX,
 }
 
 
@@ -88,7 +89,7 @@ def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
             continue
         fe = config["model"]["frontend"]
         for key, have in frontend_from_manifest(m).items():
-            if have != fe[key]:
+            if have != fe.get(key, 4 if key == "mask_id" else None):  # configs before mask_id had <mask> = 4
                 raise ConfigError(f"{name}: " + _MISMATCH[key].format(have=have, want=fe[key]))
         ours, theirs = (os.path.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
         if modality == "text" and os.path.isfile(ours) and os.path.isfile(theirs) \

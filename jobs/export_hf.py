@@ -3,7 +3,9 @@
     python -m jobs.export_hf --checkpoint RUN_DIR/final --output DIR [--teacher]
 
 audio → Data2VecAudioModel, text → Data2VecTextModel (+ tokenizer), image (data2vec 1.0, pre-LN)
-→ Data2VecVisionModel. Refuses, with the reason, where the architecture does not map exactly.
+→ Data2VecVisionModel. A jobs.finetune FT_DIR/final exports as its task class:
+Data2VecVisionForImageClassification, Data2VecAudioForSequenceClassification, Data2VecAudioForCTC
+(+ vocab.json / processor), Data2VecTextForSequenceClassification. Refuses, with the reason, where the architecture does not map exactly.
 Then: `transformers.AutoModel.from_pretrained(DIR)`.
 """
 from __future__ import annotations
@@ -17,26 +19,35 @@ import sys
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.export_hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/final")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/final (pretraining) or FT_DIR/final (fine-tuning)")
     p.add_argument("--output", required=True)
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher's encoder")
     a = p.parse_args(argv)
     if not os.path.isfile(os.path.join(a.checkpoint, "model.safetensors")):
         print(f"error: checkpoint: {a.checkpoint!r} has no model.safetensors (pass RUN_DIR/final)", file=sys.stderr)
         return 2
-    from pipeline.export_hf import NotRepresentable, export
-    from pipeline.train.checkpoint import load_final
-    model, cfg = load_final(a.checkpoint, teacher=a.teacher)
+    from pipeline.export_hf import NotRepresentable, export, export_finetuned
+    from pipeline.train.checkpoint import load_final, load_finetuned
+    with open(os.path.join(a.checkpoint, "config.json")) as f:
+        cfg = json.load(f)
+    task = cfg.get("finetune", {}).get("task")
+    data = cfg.get("train_data") or cfg.get("data")
     tok = None
     if cfg["modality"] == "text":
-        manifest = json.load(open(os.path.join(cfg["data"], "manifest.json")))
+        manifest = json.load(open(os.path.join(data, "manifest.json")))
         tok = manifest["settings"]["tokenizer"]
     try:
-        export(model, a.output, tok)
+        if task:  # a jobs.finetune FT_DIR/final
+            model, ft = load_finetuned(a.checkpoint)
+            hf = export_finetuned(model, ft.labels, a.output, tok)
+        else:
+            model, _ = load_final(a.checkpoint, teacher=a.teacher)
+            hf = export(model, a.output, tok)
     except NotRepresentable as e:
         print(f"error: cannot export {cfg['modality']} ({cfg['model']['mode']}): {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"exported": a.output, "modality": cfg["modality"]}))
+    print(json.dumps({"exported": a.output, "modality": cfg["modality"], "task": task,
+                      "class": type(hf).__name__}))
     return 0
 
 

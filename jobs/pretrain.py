@@ -3,7 +3,14 @@
     python -m jobs.pretrain --modality {image,audio,text} --data PREPROCESSED_DIR --output RUN_DIR \\
         [--preset {demo,base,large}] [--config FILE.yaml] [--set key=value ...] [--max-steps N] \\
         [--stop-at-step K] [--num-workers W] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \\
-        [--val-data DIR] [--probe-train DIR --probe-test DIR] [--print-config] [--allow-config-change]
+        [--val-data DIR] [--probe-train DIR --probe-test DIR] [--init RUN_DIR/final|HF_DIR] [--print-config]
+        [--allow-config-change]
+
+--init continues pretraining from a checkpoint — our RUN_DIR/final or a Hugging Face
+Data2VecVisionModel / Data2VecAudioModel / Data2VecTextModel folder (e.g. a downloaded
+facebook/data2vec-* snapshot): its architecture replaces the preset's, the teacher starts as a copy
+of the imported student; the rest (masking, targets, EMA, optimisation) is the recipe's. For text,
+preprocess with `jobs.preprocess --tokenizer HF_DIR` so the ids match the checkpoint's embeddings.
 
 --print-config prints the resolved run config as YAML (a valid --config file) and exits before Ray
 starts; --data is then optional (without it, data-derived settings keep the recipe's defaults).
@@ -49,6 +56,7 @@ def build_config(argv=None):
     p.add_argument("--val-data", default=None, help="preprocessed folder for the validation-loss curve")
     p.add_argument("--probe-train", default=None, help="labeled preprocessed folder: online probe's training rows")
     p.add_argument("--probe-test", default=None, help="labeled preprocessed folder: online probe's test rows")
+    p.add_argument("--init", default=None, help="start from RUN_DIR/final or a Hugging Face Data2Vec*Model folder")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///RUN_DIR/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: data2vec)")
     a = p.parse_args(argv)
@@ -66,7 +74,17 @@ def build_config(argv=None):
     frontend = frontend_from_manifest(read_manifest(a.data, a.modality)) if a.data else {}
     cfg = resolve(a.modality, a.data or "", a.output or "", a.preset, a.config, sets, model_frontend=frontend,
                   tracking_uri=a.tracking_uri, experiment=a.experiment, val_data=a.val_data,
-                  probe_train=a.probe_train, probe_test=a.probe_test)
+                  probe_train=a.probe_train, probe_test=a.probe_test, init=a.init)
+    if cfg.init:  # the checkpoint fixes the architecture (widths, depth, front end)
+        import dataclasses
+
+        from pipeline.init_weights import NotRepresentable, init_model_config, read_init
+        try:
+            cfg = dataclasses.replace(cfg, model=init_model_config(cfg.model, read_init(cfg.init)))
+        except (NotRepresentable, ValueError, FileNotFoundError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"init: {a.init!r} cannot be used: {e}") from None
     for k, v in frontend.items():  # a --config/--set value may not contradict the data
         if getattr(cfg.model.frontend, k) != v:
             raise ConfigError(f"model.frontend.{k}: {getattr(cfg.model.frontend, k)} in the config but the data "

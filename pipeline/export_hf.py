@@ -37,8 +37,9 @@ def _ln(sd, name, ln):
     _lin(sd, name, ln.weight, ln.bias)
 
 
-def audio_to_hf(model: Data2Vec):
-    from transformers import Data2VecAudioConfig, Data2VecAudioModel
+def _audio_parts(model):
+    """(Hugging Face config, state dict of the Data2VecAudioModel) for our audio encoder."""
+    from transformers import Data2VecAudioConfig
 
     cfg, fe, enc = model.cfg, model.frontend, model.encoder
     if enc.cfg.pre_norm:
@@ -72,13 +73,26 @@ def audio_to_hf(model: Data2Vec):
         _lin(sd, f"{p}.feed_forward.intermediate_dense", blk.fc1.weight, blk.fc1.bias)
         _lin(sd, f"{p}.feed_forward.output_dense", blk.fc2.weight, blk.fc2.bias)
         _ln(sd, f"{p}.final_layer_norm", blk.norm2)
+    if getattr(model, "mask_emb", None) is not None:  # the student's (1.0 / fine-tuning) mask embedding
+        # Hugging Face only creates masked_spec_embed with SpecAugment on: its default time masks
+        # (p 0.05) then apply when training there; inference is unaffected.
+        hf_cfg.mask_time_prob = 0.05
+        sd["masked_spec_embed"] = model.mask_emb.detach().clone()
+    return hf_cfg, sd
+
+
+def audio_to_hf(model: Data2Vec):
+    from transformers import Data2VecAudioModel
+
+    hf_cfg, sd = _audio_parts(model)
     hf = Data2VecAudioModel(hf_cfg)
     _load(hf, sd, allow_missing={"masked_spec_embed"})
     return hf
 
 
-def text_to_hf(model: Data2Vec):
-    from transformers import Data2VecTextConfig, Data2VecTextModel
+def _text_parts(model):
+    """(Hugging Face config, state dict of the Data2VecTextModel) for our text encoder."""
+    from transformers import Data2VecTextConfig
 
     cfg, fe, enc = model.cfg, model.frontend, model.encoder
     if enc.cfg.pre_norm:
@@ -108,13 +122,21 @@ def text_to_hf(model: Data2Vec):
         _lin(sd, f"{p}.intermediate.dense", blk.fc1.weight, blk.fc1.bias)
         _lin(sd, f"{p}.output.dense", blk.fc2.weight, blk.fc2.bias)
         _ln(sd, f"{p}.output.LayerNorm", blk.norm2)
+    return hf_cfg, sd
+
+
+def text_to_hf(model: Data2Vec):
+    from transformers import Data2VecTextModel
+
+    hf_cfg, sd = _text_parts(model)
     hf = Data2VecTextModel(hf_cfg, add_pooling_layer=False)
     _load(hf, sd)
     return hf
 
 
-def image_to_hf(model: Data2Vec):
-    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+def _image_parts(model):
+    """(Hugging Face config, state dict of the Data2VecVisionModel) for our pre-LN image encoder."""
+    from transformers import Data2VecVisionConfig
 
     cfg, fe, enc = model.cfg, model.frontend, model.encoder
     if not enc.cfg.pre_norm:
@@ -150,6 +172,13 @@ def image_to_hf(model: Data2Vec):
         _lin(sd, f"{p}.intermediate.dense", blk.fc1.weight, blk.fc1.bias)
         _lin(sd, f"{p}.output.dense", blk.fc2.weight, blk.fc2.bias)
     _ln(sd, "layernorm", enc.norm)
+    return hf_cfg, sd
+
+
+def image_to_hf(model: Data2Vec):
+    from transformers import Data2VecVisionModel
+
+    hf_cfg, sd = _image_parts(model)
     hf = Data2VecVisionModel(hf_cfg, add_pooling_layer=False)
     _load(hf, sd)
     return hf
@@ -163,6 +192,64 @@ def _load(hf, sd: dict, allow_missing: set[str] = frozenset()) -> None:
     hf.eval()
 
 
+def finetuned_to_hf(model, labels: list[str]):
+    """A FineTuneModel (pipeline/model/finetune.py) → the Hugging Face task class with equal logits:
+    image → Data2VecVisionForImageClassification (CLS after the final LayerNorm), audio classify →
+    Data2VecAudioForSequenceClassification (identity projector, then our head), audio ctc →
+    Data2VecAudioForCTC (blank = pad id 0), text → Data2VecTextForSequenceClassification."""
+    import transformers as tf
+
+    m, task = model.cfg.modality, model.task
+    parts = {"image": _image_parts, "audio": _audio_parts, "text": _text_parts}[m]
+    hf_cfg, base = parts(model)
+    prefix = {"image": "data2vec_vision", "audio": "data2vec_audio", "text": "data2vec_text"}[m]
+    sd = {f"{prefix}.{k}": v for k, v in base.items()}
+    allow = {f"{prefix}.masked_spec_embed"}
+    if task == "ctc":
+        hf_cfg.vocab_size, hf_cfg.pad_token_id, hf_cfg.ctc_loss_reduction = len(labels), 0, "mean"
+        _lin(sd, "lm_head", model.head.weight, model.head.bias)
+        cls = tf.Data2VecAudioForCTC
+    else:
+        hf_cfg.num_labels = len(labels)
+        hf_cfg.id2label = dict(enumerate(labels))
+        hf_cfg.label2id = {v: i for i, v in enumerate(labels)}
+        if m == "image":
+            if not model.frontend.num_extra:
+                raise NotRepresentable("Data2VecVisionForImageClassification pools the CLS token; this encoder has none")
+            hf_cfg.use_mean_pooling = False
+            _lin(sd, "classifier", model.head.weight, model.head.bias)
+            cls = tf.Data2VecVisionForImageClassification
+        elif m == "audio":
+            D = model.cfg.encoder.dim
+            hf_cfg.classifier_proj_size, hf_cfg.use_weighted_layer_sum = D, False
+            _lin(sd, "projector", torch.eye(D), torch.zeros(D))  # mean(h)·I = mean(h): our head follows
+            _lin(sd, "classifier", model.head.weight, model.head.bias)
+            cls = tf.Data2VecAudioForSequenceClassification
+        else:
+            _lin(sd, "classifier.dense", model.head["dense"].weight, model.head["dense"].bias)
+            _lin(sd, "classifier.out_proj", model.head["out_proj"].weight, model.head["out_proj"].bias)
+            cls = tf.Data2VecTextForSequenceClassification
+    hf = cls(hf_cfg)
+    _load(hf, sd, allow_missing=allow)
+    return hf
+
+
+def save_ctc_processor(out: str, vocab: list[str]) -> None:
+    """vocab.json + Wav2Vec2CTCTokenizer + feature extractor (16 kHz, per-clip normalization)."""
+    import json
+
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    path = os.path.join(out, "vocab.json")
+    with open(path, "w") as f:
+        json.dump({ch: i for i, ch in enumerate(vocab)}, f, ensure_ascii=False)
+    tok = Wav2Vec2CTCTokenizer(path, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                               word_delimiter_token="|")
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
+
+
 def export(model: Data2Vec, out: str, tokenizer_json: str | None = None):
     """Write a `from_pretrained`-loadable directory (and the tokenizer for text)."""
     make = {"image": image_to_hf, "audio": audio_to_hf, "text": text_to_hf}[model.cfg.modality]
@@ -170,9 +257,26 @@ def export(model: Data2Vec, out: str, tokenizer_json: str | None = None):
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out)
     if model.cfg.modality == "text" and tokenizer_json:
-        from transformers import PreTrainedTokenizerFast
-        tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_json, bos_token="<s>", eos_token="</s>",
-                                      unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
-        tok.save_pretrained(out)
-        shutil.copy(tokenizer_json, os.path.join(out, "tokenizer.json"))
+        _save_tokenizer(out, tokenizer_json)
+    return hf
+
+
+def _save_tokenizer(out: str, tokenizer_json: str) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_json, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    tok.save_pretrained(out)
+    shutil.copy(tokenizer_json, os.path.join(out, "tokenizer.json"))
+
+
+def export_finetuned(model, labels: list[str], out: str, tokenizer_json: str | None = None):
+    """Write a fine-tuned model as its Hugging Face task class (+ tokenizer or CTC processor)."""
+    hf = finetuned_to_hf(model, labels)
+    os.makedirs(out, exist_ok=True)
+    hf.save_pretrained(out)
+    if model.task == "ctc":
+        save_ctc_processor(out, labels)
+    elif model.cfg.modality == "text" and tokenizer_json:
+        _save_tokenizer(out, tokenizer_json)
     return hf

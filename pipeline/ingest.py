@@ -8,15 +8,33 @@ Output folder:
     OUT/rejected.jsonl     {"path", "reason"} per unusable input
     OUT/tokenizer.json     text only: the tokenizer the ids come from
 
+Audio transcripts (optional; the `transcript` column is null without them), either
+    DIR/a/b/clip7.txt                 beside DIR/a/b/clip7.wav (same folder, same stem), or
+    DIR/transcripts.tsv               `<path relative to DIR>\t<transcript>` per line,
+                                      optional header line `path\ttranscript`, or
+    DIR/transcripts.jsonl             {"path": "<relative to DIR>", "transcript": "..."} per line.
+Transcript files are not audio: they are neither decoded nor counted in counts.read (they
+have their own count, counts.transcript_files). A `.txt` whose stem matches no other file in
+its folder is not a transcript and is treated like any other input (rejected as not audio).
+The top-level manifests are read and checked on the driver before any Ray work: a bad line, an
+empty transcript, a path that names no audio file, or a clip given a transcript twice raises
+ConfigError naming the file and line. Side `.txt` files are read by the map tasks; an
+unreadable, non-UTF-8 or empty one is recorded in rejected.jsonl and its clip gets no transcript.
+A transcript describes the whole file, so it is kept only when the file yields exactly one crop.
+
 Bad files never raise out of a map task: each decoder raises `Rejected` per file, the batch
 function catches it, keeps the good rows and writes the reason to OUT/_rejected/ (merged into
 rejected.jsonl at the end, duplicates from task retries removed).
 """
 from __future__ import annotations
 
+import collections
 import json
+import os
+import posixpath
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +52,9 @@ SCHEMAS = {
     "image": {"image": "binary: raw uint8 RGB, row-major (size, size, 3); see image_array()",
               "label": "string", "path": "string"},
     "audio": {"audio": "list<float32> mono 16 kHz", "num_samples": "int64",
-              "offset": "int64 (crop start, in 16 kHz samples)", "label": "string", "path": "string"},
+              "offset": "int64 (crop start, in 16 kHz samples)", "label": "string", "path": "string",
+              "transcript": "string: the clip's transcript, whitespace-stripped; null when it has "
+                            "none or the file was cut into several crops"},
     "text": {"input_ids": "list<int32> (<s> … </s>)", "length": "int32", "label": "string",
              "path": "string"},
 }
@@ -94,8 +114,16 @@ def image_array(column, size: int) -> np.ndarray:
 
 
 def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files) -> pa.Table:
-    """{"path"} → one row per 16 kHz crop: {"audio", "num_samples", "offset", "label", "path"}."""
-    cols = {k: [] for k in ("audio", "num_samples", "offset", "label", "path")}
+    """{"path"[, "transcript", "transcript_file"]} → one row per 16 kHz crop:
+    {"audio", "num_samples", "offset", "label", "path", "transcript"}.
+
+    `transcript` (from a top-level manifest) and `transcript_file` (a side .txt to read) are ""
+    when the clip has none; the row's transcript is set only when the file yields one crop.
+    """
+    cols = {k: [] for k in ("audio", "num_samples", "offset", "label", "path", "transcript")}
+    n = len(batch["path"])
+    known = dict(zip(batch["path"], zip(batch.get("transcript", [""] * n),
+                                        batch.get("transcript_file", [""] * n))))
     rejected = []
     for path, data in files.read(batch["path"], rejected):
         try:
@@ -104,12 +132,20 @@ def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files)
             rejected.append((path, str(e)))
             continue
         label = storage.label_of(root, path)
+        text, side = known.get(path, ("", ""))
+        if len(crops) != 1:
+            text = None  # several crops: the transcript of the whole file fits none of them
+        elif side:
+            text = _read_transcript(files, side, rejected)
+        else:
+            text = text or None
         for off, wav in crops:
             cols["audio"].append(wav)
             cols["num_samples"].append(wav.shape[0])
             cols["offset"].append(off)
             cols["label"].append(label)
             cols["path"].append(path)
+            cols["transcript"].append(text)
     files.flush(rejected)
     return pa.table({
         "audio": pa.array(cols["audio"], pa.list_(pa.float32())),
@@ -117,7 +153,133 @@ def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files)
         "offset": pa.array(cols["offset"], pa.int64()),
         "label": pa.array(cols["label"], pa.string()),
         "path": pa.array(cols["path"], pa.string()),
+        "transcript": pa.array(cols["transcript"], pa.string()),
     })
+
+
+def _read_transcript(files: _Files, path: str, rejected: list) -> str | None:
+    """A side .txt → its stripped text, or None (and a rejection) when unusable."""
+    for _, data in files.read([path], rejected):
+        try:
+            text = data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            rejected.append((path, f"transcript is not UTF-8 text (byte {e.start})"))
+            return None
+        if not text:
+            rejected.append((path, "transcript is empty"))
+            return None
+        return text
+    return None  # unreadable: files.read recorded why
+
+
+# ------------------------------------------------------------------ audio transcripts (driver)
+TRANSCRIPT_MANIFESTS = ("transcripts.tsv", "transcripts.jsonl")  # at the top of the input folder
+
+
+@dataclass
+class AudioInputs:
+    """An audio input folder's files, split into audio and transcripts (see the module doc)."""
+
+    audio: list[str]
+    """Files to decode as audio (everything that is not a transcript file), sorted."""
+    transcripts: dict[str, str] = field(default_factory=dict)
+    """Audio path → stripped transcript, from transcripts.tsv / transcripts.jsonl."""
+    sidecars: dict[str, str] = field(default_factory=dict)
+    """Audio path → path of its side <stem>.txt (read by the map tasks)."""
+    transcript_files: list[str] = field(default_factory=list)
+    """Every transcript file found (manifests and side .txt files)."""
+
+
+def audio_inputs(fs, root: str, files: list[str], shown: str | None = None) -> AudioInputs:
+    """Split the listing of an audio input folder into audio files and transcripts.
+
+    Reads the top-level manifests (small) here on the driver; raises ConfigError naming the
+    file and line for a malformed line, an empty transcript, a path that is not an audio file
+    of the folder, or a clip given a transcript twice. `shown` is how the folder is named in
+    messages (default: `root`).
+    """
+    shown = (shown or root).rstrip("/")
+    listed = set(files)
+    manifests = [f"{root}/{n}" for n in TRANSCRIPT_MANIFESTS if f"{root}/{n}" in listed]
+    rest = [f for f in files if f not in manifests]
+    by_stem: dict[tuple[str, str], list[str]] = {}
+    for f in rest:
+        d, name = posixpath.split(f)
+        by_stem.setdefault((d, os.path.splitext(name)[0]), []).append(f)
+    sidecars, side_files = {}, set()
+    for group in by_stem.values():
+        txts = [f for f in group if f.lower().endswith(".txt")]
+        others = [f for f in group if not f.lower().endswith(".txt")]
+        if len(txts) == 1 and others:  # clip7.txt beside clip7.wav (a lone .txt is just a file)
+            side_files.add(txts[0])
+            sidecars.update((o, txts[0]) for o in others)
+    audio = [f for f in rest if f not in side_files]
+    audio_set = set(audio)
+    transcripts: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for m in manifests:
+        with fs.open_input_stream(m) as fh:
+            data = fh.read()
+        shown_m = f"{shown}/{posixpath.basename(m)}"
+        for lineno, rel, text in _parse_manifest(data, shown_m):
+            loc = f"{shown_m} line {lineno}"
+            norm = posixpath.normpath(rel)
+            if rel.startswith("/") or norm == ".." or norm.startswith("../"):
+                raise ConfigError(f"transcripts: {loc}: path {rel!r} must be relative to the input folder")
+            p = f"{root}/{norm}"
+            if p not in audio_set:
+                what = "is a transcript file, not audio" if p in side_files or p in manifests else \
+                    "does not exist under the input folder"
+                raise ConfigError(f"transcripts: {loc}: {rel!r} {what}")
+            if p in where:
+                raise ConfigError(f"transcripts: {loc}: {rel!r} already has a transcript ({where[p]})")
+            if p in sidecars:
+                raise ConfigError(f"transcripts: {loc}: {rel!r} already has a transcript "
+                                  f"(its side file {shown}/{sidecars[p][len(root) + 1:]})")
+            transcripts[p], where[p] = text, loc
+    return AudioInputs(audio=audio, transcripts=transcripts, sidecars=sidecars,
+                       transcript_files=sorted(manifests + sorted(side_files)))
+
+
+def _parse_manifest(data: bytes, name: str):
+    """transcripts.tsv / transcripts.jsonl bytes → (line number, relative path, stripped text);
+    raises ConfigError("transcripts: <name> line N: why") on a bad line."""
+    tsv = name.endswith(".tsv")
+    first = True
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        def bad(why):
+            return ConfigError(f"transcripts: {name} line {lineno}: {why}")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise bad(f"not UTF-8 text (byte {e.start})") from None
+        line = line.lstrip("\ufeff").rstrip("\r")
+        if not line.strip():
+            continue
+        if tsv:
+            parts = line.split("\t")
+            if first and [x.strip().lower() for x in parts] == ["path", "transcript"]:
+                first = False
+                continue  # header
+            if len(parts) != 2:
+                raise bad(f"expected 2 tab-separated columns (path, transcript), got {len(parts)}")
+            rel, text = parts
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise bad(f"invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) \
+                    or not isinstance(obj.get("transcript"), str):
+                raise bad('expected an object with string keys "path" and "transcript"')
+            rel, text = obj["path"], obj["transcript"]
+        first = False
+        rel, text = rel.strip(), text.strip()
+        if not rel:
+            raise bad("empty path")
+        if not text:
+            raise bad(f"empty transcript for {rel!r}")
+        yield lineno, rel, text
 
 
 def text_samples_batch(batch: dict, *, cfg: PreprocessConfig, files: _Files) -> dict:
@@ -202,6 +364,9 @@ def check_paths(cfg: PreprocessConfig):
         tfs, tpath = storage.resolve(cfg.tokenizer)
         if not storage.exists(tfs, tpath):
             raise ConfigError(f"tokenizer: {cfg.tokenizer!r} does not exist")
+    if cfg.modality == "audio" and any(storage.exists(in_fs, f"{in_root}/{n}") for n in TRANSCRIPT_MANIFESTS):
+        # Small: parse and check transcripts.tsv/.jsonl here, so a bad line fails before Ray starts.
+        audio_inputs(in_fs, in_root, storage.list_files(in_fs, in_root), cfg.input)
     return in_fs, in_root, out_fs, out_root
 
 
@@ -212,15 +377,25 @@ def run(cfg: PreprocessConfig) -> dict:
     files = storage.list_files(in_fs, in_root)
     if not files:
         raise ConfigError(f"input: no files under {cfg.input!r}")
+    audio_in = None
+    items = [{"path": p} for p in files]
+    if cfg.modality == "audio":
+        audio_in = audio_inputs(in_fs, in_root, files, cfg.input)
+        files = audio_in.audio
+        if not files:
+            raise ConfigError(f"input: no audio files under {cfg.input!r} (only transcripts)")
+        # "" = none: a column of one type in every block (None would make all-null blocks).
+        items = [{"path": p, "transcript": audio_in.transcripts.get(p, ""),
+                  "transcript_file": audio_in.sidecars.get(p, "")} for p in files]
 
-    tokenizer_json = None
+    tokenizer_json, mask_id = None, None
     if cfg.tokenizer is not None:  # read before --overwrite may delete OUT/tokenizer.json
-        tfs, tpath = storage.resolve(cfg.tokenizer)
-        tokenizer_json = storage.read_text(tfs, tpath)
+        # A tokenizer.json file or a Hugging Face tokenizer directory (RoBERTa's: <mask> last).
         from tokenizers import Tokenizer
-        from pipeline.tokenizer import check_specials
+        from pipeline.tokenizer import check_specials, read_tokenizer_json
         try:
-            check_specials(Tokenizer.from_str(tokenizer_json))
+            tokenizer_json = read_tokenizer_json(cfg.tokenizer)
+            mask_id = check_specials(Tokenizer.from_str(tokenizer_json))
         except Exception as e:
             raise ConfigError(f"tokenizer: {cfg.tokenizer!r} is not usable: {e}") from None
     if storage.exists(out_fs, out_root):
@@ -240,7 +415,7 @@ def run(cfg: PreprocessConfig) -> dict:
     def source():
         # A plain list of paths; each map task reads its own files, so read + decode + write
         # fuse into one operator (no bytes round-trip through the object store).
-        return ray.data.from_items([{"path": p} for p in files], override_num_blocks=n_blocks)
+        return ray.data.from_items(items, override_num_blocks=n_blocks)
 
     bs = BATCH_FILES[cfg.modality]
     common = dict(cfg=cfg, root=in_root, files=_Files(in_fs, out_fs, out_root))
@@ -254,6 +429,8 @@ def run(cfg: PreprocessConfig) -> dict:
             tok = train_tokenizer(_iter_texts(source(), cfg, common["files"]),
                                   cfg.text.tokenizer_type, cfg.text.vocab_size)
             tokenizer_json = tok.to_str()
+            from pipeline.tokenizer import check_specials
+            mask_id = check_specials(tok)  # 4
             extra_settings["tokenizer_trained_on"] = "this corpus"
         else:
             extra_settings["tokenizer_source"] = cfg.tokenizer
@@ -261,7 +438,7 @@ def run(cfg: PreprocessConfig) -> dict:
         from tokenizers import Tokenizer
         extra_settings["vocab_size"] = Tokenizer.from_str(tokenizer_json).get_vocab_size()
         extra_settings["tokenizer"] = f"{cfg.output.rstrip('/')}/tokenizer.json"
-        extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+        extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": mask_id}
         ds = source().map_batches(
             TextTokenize, fn_constructor_kwargs=dict(tokenizer_json=tokenizer_json, **common),
             batch_size=bs, batch_format="numpy",
@@ -273,15 +450,25 @@ def run(cfg: PreprocessConfig) -> dict:
     rejected = _merge_rejects(out_fs, out_root)
     import pyarrow.dataset as pads
     shards = pads.dataset(f"{out_root}/{SHARDS}", filesystem=out_fs, format="parquet")
-    meta = shards.to_table(columns=["path", "label"])
+    meta = shards.to_table(columns=["path", "label"] + (["transcript"] if audio_in else []))
     written = meta.num_rows
     used = set(meta.column("path").unique().to_pylist())
     rejected_files = {p for p, _ in rejected if p not in used}
+    extra_counts = {}
+    if audio_in is not None:
+        rows_of = collections.Counter(meta.column("path").to_pylist())
+        extra_counts = {
+            "transcript_files": len(audio_in.transcript_files),
+            "transcripts": written - meta.column("transcript").null_count,
+            # Clips with a transcript that were cut into several crops: their rows carry none.
+            "transcripts_dropped_cropped": sum(rows_of[p] > 1 for p in
+                                               set(audio_in.transcripts) | set(audio_in.sidecars)),
+        }
     manifest = {
         "modality": cfg.modality,
         "input": cfg.input,
         "counts": {"read": len(files), "files_used": len(used), "written": written,
-                   "rejected": len(rejected), "rejected_files": len(rejected_files)},
+                   "rejected": len(rejected), "rejected_files": len(rejected_files), **extra_counts},
         "settings": {**cfg.settings(), **extra_settings},
         "columns": SCHEMAS[cfg.modality],
         "arrow_schema": {f.name: str(f.type) for f in shards.schema},

@@ -13,24 +13,10 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.train.batches import image_tensor, text_tensor
+from pipeline.train.batches import eval_inputs
 from pipeline.train.checkpoint import load_final
 
 FEATURE_COLUMNS = {"image": ["image", "label"], "audio": ["audio", "label"], "text": ["input_ids", "label"]}
-
-
-def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int) -> dict:
-    """A numpy batch → model inputs without random cropping (whole clips, padded)."""
-    if modality == "image":
-        return {"image": image_tensor(batch["image"], image_size)}
-    if modality == "audio":
-        clips = [np.asarray(a, np.float32) for a in batch["audio"]]
-        L = max(len(c) for c in clips)
-        out = np.zeros((len(clips), L), np.float32)
-        for i, c in enumerate(clips):
-            out[i, : len(c)] = (c - c.mean()) / np.sqrt(c.var() + 1e-5)
-        return {"audio": torch.from_numpy(out), "lengths": torch.tensor([len(c) for c in clips])}
-    return {"input_ids": text_tensor(batch["input_ids"], max_positions)}
 
 
 def batch_features(model, batch: dict, layers: tuple[int, ...] = (-1,), audio_group: int = 16) -> np.ndarray:

@@ -224,3 +224,57 @@ def recipe(modality: str, mode: str = "d2v2", size: str = "base", **frontend) ->
             raise ConfigError(f"model.modality: must be image, audio or text, got {modality!r}")
         raise ConfigError(f"model.mode: must be 'd2v1' or 'd2v2', got {mode!r}")
     return RECIPES[modality, mode](size, dict(frontend))
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    train: dict
+    """TrainConfig fields."""
+    task: dict
+    """TaskConfig fields."""
+    dropout: float
+    """Encoder (and text embedding) dropout while fine-tuning."""
+
+
+def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
+    """Fine-tuning recipe for (modality, task, size).
+
+    base/large follow the reference fine-tuning setups: images — BEiT/MAE-style (fairseq
+    data2vec vision fine-tuning: layer-wise LR decay 0.65, drop-path 0.1, label smoothing 0.1,
+    AdamW β (0.9, 0.999), wd 0.05, cosine; mixup/cutmix and RandAugment are not modelled); audio —
+    wav2vec 2.0 / data2vec `audio/finetuning/base_100h` (frozen CNN, time masks p 0.65 × 10
+    frames, tri-stage LR 5e-5, 80k updates, 8 GPUs; layerdrop and channel masks not modelled);
+    text — RoBERTa/data2vec GLUE (lr 2e-5, batch 32, 6% warm-up, dropout 0.1, linear decay → our
+    cosine). `demo` scales them to minutes on 2 CPU cores: higher LR (small, briefly trained
+    encoders), fewer steps, time masks shortened to one-second digit clips."""
+    if size not in SIZES:
+        raise ConfigError(f"preset: unknown {size!r}; expected one of {', '.join(SIZES)}")
+    demo = size == "demo"
+    common = dict(betas=(0.9, 0.999), eps=1e-8, clip_norm=1.0, min_lr_scale=0.01, log_every=10,
+                  checkpoint_every=100 if demo else 2000, shuffle_buffer=1024)
+    if modality == "image":
+        return FineTuneRecipe(
+            {**common, "max_steps": 300 if demo else 125_000, "batch_size": 32, "lr": 1e-3 if demo else 2e-3,
+             "warmup_steps": 30 if demo else 25_000, "weight_decay": 0.05, "schedule": "cosine",
+             "eval_every": 50 if demo else 2500},  # base: × 8 GPUs
+            {"task": task, "layer_decay": 0.75 if demo else 0.65, "drop_path": 0.1, "label_smoothing": 0.1},
+            dropout=0.0)
+    if modality == "audio":
+        ctc = task == "ctc"
+        return FineTuneRecipe(
+            {**common, "max_steps": (600 if ctc else 300) if demo else 80_000, "batch_size": 16 if demo else 8,
+             "lr": 1e-3 if demo else 5e-5, "warmup_steps": 60 if demo else 8_000,
+             "weight_decay": 0.0 if not demo else 0.01, "schedule": "tri_stage", "audio_max_samples": 320_000,
+             "eval_every": 50 if demo else 2000},
+            {"task": task, "freeze_feature_encoder": True, "freeze_encoder_steps": 0,
+             "mask_time_prob": 0.1 if demo else 0.65, "mask_time_length": 4 if demo else 10},
+            dropout=0.0 if demo else 0.1)
+    if modality == "text":
+        return FineTuneRecipe(
+            {**common, "max_steps": 300 if demo else 20_000, "batch_size": 32, "lr": 5e-4 if demo else 2e-5,
+             "warmup_steps": 18 if demo else 1_200, "weight_decay": 0.01 if demo else 0.1, "schedule": "cosine",
+             "text_max_tokens": 128 if demo else 512, "eval_every": 50 if demo else 1000},
+            {"task": task, "head_dropout": 0.1},
+            dropout=0.1)
+    raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")

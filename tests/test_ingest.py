@@ -144,6 +144,105 @@ def test_audio_ingest_resamples_crops_and_rejects(ray_local, tmp_path):
     assert table.schema.field("audio").type.value_type == "float"
     assert manifest["settings"]["sample_rate"] == 16000
     assert {r["label"] for r in rows} == {"yes", "no"}
+    # No transcript files: the column exists and is null everywhere; every file counts as read.
+    assert table.schema.field("transcript").type == "string"
+    assert table.column("transcript").null_count == len(rows)
+    c = manifest["counts"]
+    assert (c["read"], c["transcript_files"], c["transcripts"], c["transcripts_dropped_cropped"]) == \
+        (len(good) + len(bad), 0, 0, 0)
+    assert "transcript" in manifest["columns"] and manifest["arrow_schema"]["transcript"] == "string"
+
+
+def _transcripts_of(table):
+    """path → [transcript per row, in crop order]."""
+    out = {}
+    for r in sorted(table.to_pylist(), key=lambda r: (r["path"], r["offset"])):
+        out.setdefault(r["path"], []).append(r["transcript"])
+    return out
+
+
+def test_audio_transcripts_beside_clips(ray_local, tmp_path):
+    raw = tmp_path / "raw"
+    write_audio(str(raw / "a/b/clip7.wav"), tone(1.0, 22050), 22050)
+    write_bytes(str(raw / "a/b/clip7.txt"), b"  three one four\n\n")  # stripped
+    write_audio(str(raw / "a/b/clip8.flac"), tone(1.0, 16000), 16000)
+    write_bytes(str(raw / "a/b/clip8.txt"), "\ufeffneuf \u00e9t\u00e9\r\n".encode())  # BOM, CRLF, UTF-8
+    write_audio(str(raw / "a/plain.wav"), tone(1.0, 16000), 16000)  # no transcript
+    write_audio(str(raw / "a/long.wav"), tone(3.5, 16000), 16000)   # 2 crops of 2 s → none kept
+    write_bytes(str(raw / "a/long.txt"), b"the whole file")
+    write_audio(str(raw / "a/blank.wav"), tone(1.0, 16000), 16000)
+    write_bytes(str(raw / "a/blank.txt"), b" \n")                    # empty transcript → rejected
+    write_bytes(str(raw / "a/notes.txt"), b"no clip of this name")   # lone .txt: not a transcript
+    cfg = PreprocessConfig(modality="audio", input=str(raw), output=str(tmp_path / "out"),
+                           audio=AudioSettings(crop_seconds=2.0))
+    manifest, table, rejected = _run(cfg)
+    got = _transcripts_of(table)
+    assert got == {str(raw / "a/b/clip7.wav"): ["three one four"],
+                   str(raw / "a/b/clip8.flac"): ["neuf \u00e9t\u00e9"],
+                   str(raw / "a/plain.wav"): [None],
+                   str(raw / "a/long.wav"): [None, None],
+                   str(raw / "a/blank.wav"): [None]}
+    assert [(r["path"], r["reason"]) for r in rejected] == [
+        (str(raw / "a/blank.txt"), "transcript is empty"),
+        (str(raw / "a/notes.txt"), rejected[1]["reason"])]  # decoded as audio, as before
+    c = manifest["counts"]
+    assert c["read"] == 6  # 5 clips + notes.txt; the 4 side .txt files are transcripts, not inputs
+    assert (c["transcript_files"], c["transcripts"], c["transcripts_dropped_cropped"]) == (4, 2, 1)
+    assert (c["written"], c["files_used"], c["rejected_files"]) == (6, 5, 2)
+
+
+@pytest.mark.parametrize("form", ["tsv", "jsonl"])
+def test_audio_transcripts_from_manifest(ray_local, tmp_path, form):
+    raw = tmp_path / "raw"
+    for rel, sec in (("spk1/x.wav", 1.0), ("spk1/y.wav", 1.0), ("spk2/z.wav", 1.0), ("long.wav", 3.5),
+                     ("none.wav", 1.0)):
+        write_audio(str(raw / rel), tone(sec, 16000), 16000)
+    entries = [("spk1/x.wav", "  one two  "), ("./spk1/y.wav", "seven"), ("spk2/z.wav", "eight nine"),
+               ("long.wav", "cut in two")]
+    if form == "tsv":
+        body = "path\ttranscript\n" + "".join(f"{p}\t{t}\n" for p, t in entries) + "\n"
+    else:
+        body = "".join(json.dumps({"path": p, "transcript": t}) + "\n" for p, t in entries)
+    write_bytes(str(raw / f"transcripts.{form}"), body.encode())
+    cfg = PreprocessConfig(modality="audio", input=str(raw), output=str(tmp_path / "out"),
+                           audio=AudioSettings(crop_seconds=2.0))
+    manifest, table, rejected = _run(cfg)
+    assert rejected == []  # the manifest is not decoded as audio
+    assert _transcripts_of(table) == {str(raw / "spk1/x.wav"): ["one two"], str(raw / "spk1/y.wav"): ["seven"],
+                                      str(raw / "spk2/z.wav"): ["eight nine"], str(raw / "long.wav"): [None, None],
+                                      str(raw / "none.wav"): [None]}
+    c = manifest["counts"]
+    assert (c["read"], c["transcript_files"], c["transcripts"], c["transcripts_dropped_cropped"]) == (5, 1, 3, 1)
+
+
+@pytest.mark.parametrize("name,body,needle", [
+    ("transcripts.tsv", "path\ttranscript\na.wav\tone\nb.wav one two\n", "transcripts.tsv line 3: expected 2 tab-separated"),
+    ("transcripts.tsv", "a.wav\tone\tx\n", "transcripts.tsv line 1: expected 2 tab-separated columns (path, transcript), got 3"),
+    ("transcripts.tsv", "a.wav\tone\nmissing.wav\ttwo\n", "transcripts.tsv line 2: 'missing.wav' does not exist"),
+    ("transcripts.tsv", "a.wav\t   \n", "transcripts.tsv line 1: empty transcript for 'a.wav'"),
+    ("transcripts.tsv", "a.wav\tone\na.wav\ttwo\n", "transcripts.tsv line 2: 'a.wav' already has a transcript"),
+    ("transcripts.tsv", "../a.wav\tone\n", "transcripts.tsv line 1: path '../a.wav' must be relative"),
+    ("transcripts.jsonl", '{"path": "a.wav", "transcript": "one"}\n{"path": "a.wav"\n', "transcripts.jsonl line 2: invalid JSON"),
+    ("transcripts.jsonl", '\n\n{"path": "a.wav", "text": "one"}\n', 'transcripts.jsonl line 3: expected an object with string keys "path" and "transcript"'),
+    ("transcripts.jsonl", '{"path": "b.txt", "transcript": "one"}\n', "transcripts.jsonl line 1: 'b.txt' is a transcript file, not audio"),
+    ("transcripts.jsonl", '{"path": "b.wav", "transcript": "one"}\n', "transcripts.jsonl line 1: 'b.wav' already has a transcript (its side file"),
+])
+def test_bad_transcript_manifest_fails_before_ray(tmp_path, capsys, name, body, needle):
+    raw = tmp_path / "raw"
+    write_audio(str(raw / "a.wav"), tone(1.0, 16000), 16000)
+    write_audio(str(raw / "b.wav"), tone(1.0, 16000), 16000)
+    write_bytes(str(raw / "b.txt"), b"side transcript")
+    write_bytes(str(raw / name), body.encode())
+    from jobs.preprocess import main
+    from pipeline.config import ConfigError
+    from pipeline.ingest import check_paths
+    cfg = PreprocessConfig(modality="audio", input=str(raw), output=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="transcripts: ") as e:
+        check_paths(cfg)
+    assert f"{raw}/{needle}" in str(e.value)
+    assert main(["--modality", "audio", "--input", str(raw), "--output", str(tmp_path / "out")]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ text

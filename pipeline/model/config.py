@@ -56,6 +56,9 @@ class FrontEndConfig:
     # text
     vocab_size: int = 8000
     max_positions: int = 512
+    mask_id: int = 4
+    """Id of the tokenizer's <mask> token: 4 for tokenizers trained here, the last id for
+    RoBERTa-style ones (50264 for roberta-base); the data's manifest carries it (special_ids)."""
 
     def __post_init__(self):
         _check(self.image_size % self.patch_size == 0, "frontend.patch_size",
@@ -65,6 +68,9 @@ class FrontEndConfig:
                "needs width >= 3 and depth >= 1")
         _check(self.vocab_size >= 6, "frontend.vocab_size", "must be >= 6 (5 specials + tokens)")
         _check(self.max_positions >= 8, "frontend.max_positions", "must be >= 8")
+        _check(4 <= self.mask_id < self.vocab_size, "frontend.mask_id",
+               f"must be a non-special id in [4, vocab_size={self.vocab_size}) (0-3 are <s>, <pad>, </s>, "
+               f"<unk>), got {self.mask_id}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,6 @@ from pipeline.model.ema import ema_decay_at, ema_update
 from pipeline.model.encoder import Encoder
 from pipeline.model.frontends import Decoder, build_frontend, conv_frames, regression_head
 from pipeline.model.objective import check_step, feature_std, make_targets, regression_loss
-from pipeline.tokenizer import MASK_ID
 
 # Sub-modules of each front end that form its *local* encoder (the rest is the context part).
 LOCAL_PARTS = {"image": ("proj",), "audio": ("cnn", "feat_norm", "feat_proj"), "text": ("tokens",)}
@@ -178,7 +177,7 @@ class Data2Vec(nn.Module):
         if cfg.modality == "text":
             # fairseq data2vec_text.py: `masked_indices = src_tokens.eq(self.mask_idx)` — the loss
             # covers the steps the student sees as <mask>, not the 10% random / 10% kept ones.
-            sel = sel & (batch["input_ids_masked"] == MASK_ID)
+            sel = sel & (batch["input_ids_masked"] == cfg.frontend.mask_id)
         pred = self.head(h[sel])  # (N, D)
         return self._loss(pred, y[sel])
 
@@ -277,8 +276,12 @@ def draw_masks(cfg: ModelConfig, batch_size: int, T: int, rng: np.random.Generat
     if cfg.modality == "audio":
         return {"mask": masking.span_mask(lengths, T, m.prob, m.length, rng)}
     mask = masking.token_mask(lengths, T, m.prob, rng, span=m.length)
+    mask_id, V = cfg.frontend.mask_id, cfg.frontend.vocab_size
     if m.bert_corrupt:
-        corrupted = masking.corrupt_tokens(input_ids, mask, rng, MASK_ID, cfg.frontend.vocab_size)
+        # Random replacements are non-special ids: <s>, <pad>, </s>, <unk> are 0-3 and <mask> is 4
+        # (tokenizers trained here) or, RoBERTa-style, the last id.
+        lo, hi = (5, V) if mask_id == 4 else (4, mask_id if mask_id == V - 1 else V)
+        corrupted = masking.corrupt_tokens(input_ids, mask, rng, mask_id, hi, num_special=lo)
     else:
-        corrupted = np.where(mask, MASK_ID, input_ids)
+        corrupted = np.where(mask, mask_id, input_ids)
     return {"mask": mask, "input_ids_masked": corrupted}

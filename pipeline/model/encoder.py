@@ -34,9 +34,10 @@ class Block(nn.Module):
     LayerNorm — data2vec's target for speech/text (fairseq `layer_result` / `fc_result`).
     """
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, drop_path: float = 0.0):
         super().__init__()
         self.pre_norm = cfg.pre_norm
+        self.drop_path = drop_path
         self.attn = Attention(cfg.dim, cfg.heads, cfg.attn_dropout)
         self.norm1 = nn.LayerNorm(cfg.dim)
         self.norm2 = nn.LayerNorm(cfg.dim)
@@ -45,21 +46,33 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(hidden, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        """Dropout, then stochastic depth: in training a whole sample's branch is dropped with
+        probability `drop_path` and kept ones are scaled by 1/(1 - drop_path) (fine-tuning only)."""
+        y = self.drop(y)
+        if self.drop_path > 0 and self.training:
+            keep = 1.0 - self.drop_path
+            y = y * torch.empty(y.shape[0], 1, 1, device=y.device, dtype=y.dtype).bernoulli_(keep) / keep
+        return y
+
     def forward(self, x, pad):
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), pad))
+            x = x + self._branch(self.attn(self.norm1(x), pad))
             ffn = self.fc2(F.gelu(self.fc1(self.norm2(x))))
-            return x + self.drop(ffn), ffn
-        x = self.norm1(x + self.drop(self.attn(x, pad)))
+            return x + self._branch(ffn), ffn
+        x = self.norm1(x + self._branch(self.attn(x, pad)))
         ffn = self.fc2(F.gelu(self.fc1(x)))
-        return self.norm2(x + self.drop(ffn)), ffn
+        return self.norm2(x + self._branch(ffn)), ffn
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, drop_path: float = 0.0):
+        """`drop_path`: stochastic depth of the last block (BEiT/MAE fine-tuning), rising linearly
+        from 0 at the first block; pretraining uses 0."""
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        rates = [drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         # Pre-LN models normalize the output once at the end. Post-LN models normalize the input
         # once instead; that LayerNorm lives in the front end's context part (wav2vec2's
         # `encoder.layer_norm` after the conv positions, RoBERTa's embedding LayerNorm), which

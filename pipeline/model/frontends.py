@@ -133,8 +133,11 @@ class AudioFrontEnd(FrontEnd):
         self.pos_norm = nn.LayerNorm(D)  # wav2vec2 `encoder.layer_norm`, applied after the positions
 
     def local(self, batch):
-        wav, lengths = batch["audio"], batch.get("lengths")
-        x = self.cnn(wav[:, None, :])  # (B, C, T)
+        return self.project(self.cnn(batch["audio"][:, None, :]), batch.get("lengths"))
+
+    def project(self, x: torch.Tensor, lengths: torch.Tensor | None):
+        """CNN output (B, C, T) → features (B, T, D) and padding (B, T) (or None); fine-tuning calls
+        it on the output of a frozen CNN run without gradients."""
         x = self.feat_proj(self.feat_norm(x.transpose(1, 2)))  # (B, T, D)
         pad = None
         if lengths is not None:

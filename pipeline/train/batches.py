@@ -83,5 +83,19 @@ def collate(batch: dict, cfg: ModelConfig, rng: np.random.Generator, audio_max_s
     return inputs, torch.from_numpy(masks["mask"])
 
 
+def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int) -> dict:
+    """A numpy batch → model inputs without random cropping (whole clips, padded)."""
+    if modality == "image":
+        return {"image": image_tensor(batch["image"], image_size)}
+    if modality == "audio":
+        clips = [np.asarray(a, np.float32) for a in batch["audio"]]
+        L = max(len(c) for c in clips)
+        out = np.zeros((len(clips), L), np.float32)
+        for i, c in enumerate(clips):
+            out[i, : len(c)] = (c - c.mean()) / np.sqrt(c.var() + 1e-5)
+        return {"audio": torch.from_numpy(out), "lengths": torch.tensor([len(c) for c in clips])}
+    return {"input_ids": text_tensor(batch["input_ids"], max_positions)}
+
+
 def step_rng(seed: int, rank: int, step: int, micro: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, rank, step, micro])

@@ -83,3 +83,21 @@ def load_final(path: str, teacher: bool = False):
     if bad or unexpected:
         raise ValueError(f"{path}: checkpoint does not match its config (missing {bad[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), config
+
+
+def load_finetuned(path: str):
+    """FT_DIR/final → (FineTuneModel with the saved weights, eval mode; its FineTuneConfig)."""
+    from safetensors.torch import load
+
+    from pipeline import storage
+    from pipeline.model.finetune import FineTuneModel
+    from pipeline.train.config import FineTuneConfig
+
+    fs, root = storage.resolve(path)
+    cfg = FineTuneConfig.from_dict(json.loads(storage.read_text(fs, f"{root}/config.json")))
+    f = cfg.finetune
+    model = FineTuneModel(cfg.model, f.task, len(cfg.labels), drop_path=f.drop_path, head_dropout=f.head_dropout,
+                          freeze_feature_encoder=f.freeze_feature_encoder, time_masks=f.mask_time_prob > 0)
+    with fs.open_input_stream(f"{root}/model.safetensors") as fh:
+        model.load_state_dict(load(fh.read()))
+    return model.eval(), cfg

@@ -148,6 +148,9 @@ class RunConfig:
     """Labeled preprocessed folders for the online probe (kNN + linear on frozen features, every
     train.eval_every steps), logged as probe.* metrics."""
     probe_test: str | None = None
+    init: str | None = None
+    """Start the student (and its teacher copy) from this checkpoint: our RUN_DIR/final or a Hugging
+    Face Data2Vec*Model folder (continued pretraining); its architecture replaces the preset's."""
     model: ModelConfig = None  # type: ignore[assignment]
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -225,9 +228,9 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     train = {**dataclasses.asdict(TrainConfig()), **r.train}
     d = {"modality": modality, "data": data, "output": output, "preset": preset_name,
          "tracking_uri": None, "experiment": "data2vec", "parent_run_id": None, "val_data": None,
-         "probe_train": None, "probe_test": None, "model": model.to_dict(), "train": train}
+         "probe_train": None, "probe_test": None, "init": None, "model": model.to_dict(), "train": train}
     d.update({k: v for k, v in top.items() if v is not None})
-    for k in ("val_data", "probe_train", "probe_test"):
+    for k in ("val_data", "probe_train", "probe_test", "init"):
         if d[k]:
             d[k] = _absolute(d[k])
     # The tracking store is fixed here, on the driver (a relative sqlite path would resolve in a
@@ -259,3 +262,112 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def dump(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """What fine-tuning adds to a TrainConfig (see pipeline/recipes.py::finetune_recipe)."""
+    task: str = "classify"
+    """"classify" (a label per sample) or "ctc" (audio: a character transcript per clip)."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: block i of L gets lr × layer_decay^(L + 1 - (i + 1)), the front end
+    layer_decay^(L + 1), the head lr (1 = off)."""
+    drop_path: float = 0.0
+    """Stochastic depth of the last block (linearly less in earlier blocks)."""
+    head_dropout: float = 0.0
+    label_smoothing: float = 0.0
+    freeze_feature_encoder: bool = False
+    """Audio: the CNN stays as pretrained and runs without gradients."""
+    freeze_encoder_steps: int = 0
+    """Head warm-up: for this many first steps only the head (and mask embedding) is updated."""
+    mask_time_prob: float = 0.0
+    """Audio: wav2vec2-style time masks on the CNN frames while training (0 = off)."""
+    mask_time_length: int = 10
+    patience: int = 0
+    """Stop after this many evaluations without a better validation score (0 = never)."""
+    label_fraction: float = 1.0
+    """Train on a seeded, class-stratified fraction of the training labels."""
+
+    def __post_init__(self):
+        c = lambda cond, name, msg: check(cond, f"finetune.{name}", msg)  # noqa: E731
+        c(self.task in ("classify", "ctc"), "task", f"must be 'classify' or 'ctc', got {self.task!r}")
+        c(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        c(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
+        c(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)")
+        c(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        c(self.freeze_encoder_steps >= 0, "freeze_encoder_steps", "must be >= 0")
+        c(0 <= self.mask_time_prob < 1, "mask_time_prob", "must be in [0, 1)")
+        c(self.mask_time_length >= 1, "mask_time_length", "must be >= 1")
+        c(self.patience >= 0, "patience", "must be >= 0")
+        c(0 < self.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {self.label_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FineTuneConfig:
+    modality: str
+    init: str
+    """"scratch", our RUN_DIR/final, or a Hugging Face Data2Vec* directory."""
+    train_data: str
+    val_data: str
+    test_data: str
+    output: str
+    labels: list
+    """classify: the class names (index = class id); ctc: the character vocabulary."""
+    preset: str = "demo"
+    tracking_uri: str | None = None
+    experiment: str = "data2vec-finetune"
+    parent_run_id: str | None = None
+    model: ModelConfig = None  # type: ignore[assignment]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TaskConfig = field(default_factory=TaskConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"]["betas"] = list(d["train"]["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FineTuneConfig":
+        d = dict(d)
+        t = dict(d.pop("train"))
+        t["betas"] = tuple(t["betas"])
+        return cls(model=ModelConfig.from_dict(d.pop("model")), train=TrainConfig(**t),
+                   finetune=TaskConfig(**d.pop("finetune")), **d)
+
+
+def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig, train_data: str, val_data: str,
+                     test_data: str, output: str, labels: list, preset_name: str = "demo",
+                     config_file: str | None = None, overrides: dict | None = None, **top) -> FineTuneConfig:
+    """The fine-tuning run's config: the (modality, task, preset) fine-tuning recipe → YAML file
+    (`model:`, `train:`, `finetune:` sections) → `--set` overrides. `model` is the architecture (from
+    the --init checkpoint, or the preset's for scratch) with the recipe's fine-tuning dropout."""
+    from pipeline.recipes import finetune_recipe
+
+    r = finetune_recipe(modality, task, preset_name)
+    enc = dataclasses.replace(model.encoder, dropout=r.dropout, attn_dropout=r.dropout)
+    model = dataclasses.replace(model, encoder=enc)
+    paths = {k: _absolute(v) if v else v for k, v in
+             dict(train_data=train_data, val_data=val_data, test_data=test_data, output=output).items()}
+    d = {"modality": modality, "init": init if init == "scratch" else _absolute(init), **paths, "labels": list(labels),
+         "preset": preset_name, "tracking_uri": None, "experiment": "data2vec-finetune", "parent_run_id": None,
+         "model": model.to_dict(), "train": {**dataclasses.asdict(TrainConfig()), **r.train},
+         "finetune": {**dataclasses.asdict(TaskConfig()), **r.task}}
+    d.update({k: v for k, v in top.items() if v is not None})
+    d["tracking_uri"] = absolute_tracking_uri(d["tracking_uri"]) if d["tracking_uri"] else default_tracking_uri(paths["output"])
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config: {config_file!r} does not exist")
+        with open(config_file) as f:
+            file_cfg = load_yaml(f.read()) or {}
+        if not isinstance(file_cfg, dict):
+            raise ConfigError(f"config: {config_file!r} must hold a mapping")
+        _merge(d, file_cfg)
+    for k, v in (overrides or {}).items():
+        _set_path(d, k, v)
+    if d["finetune"]["task"] != task:
+        raise ConfigError(f"finetune.task: set it with --task, not in the config ({d['finetune']['task']!r})")
+    try:
+        return FineTuneConfig.from_dict(d)
+    except TypeError as e:
+        raise ConfigError(f"config: {e}") from None

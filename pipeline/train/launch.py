@@ -30,12 +30,13 @@ def read_manifest(data: str, modality: str) -> dict:
 
 
 def frontend_from_manifest(m: dict) -> dict:
-    """Model settings that must match the data (image size, vocabulary size)."""
+    """Model settings that must match the data (image size, vocabulary size, <mask> id)."""
     s = m["settings"]
     if m["modality"] == "image":
         return {"image_size": s["size"]}
     if m["modality"] == "text":
-        return {"vocab_size": s["vocab_size"]}
+        # Manifests written before special_ids carried RoBERTa-style ids all had <mask> = 4.
+        return {"vocab_size": s["vocab_size"], "mask_id": s.get("special_ids", {}).get("mask", 4)}
     return {}
 
 
@@ -47,22 +48,23 @@ RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_
                      "train.probe_samples", "val_data", "probe_train", "probe_test"}
 
 
-def check_resume(cfg: RunConfig, allow_change: bool = False) -> None:
+def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resumable=RESUMABLE_CHANGES) -> None:
     """Refuse to resume a run whose schedule-relevant config differs from the one it started
     with, naming the differing fields (before Ray starts)."""
     from pipeline.train.tracking import default_tracking_uri, flatten
 
     fs, root = storage.resolve(cfg.output)
-    if not storage.exists(fs, f"{root}/config.json") or not storage.exists(fs, f"{root}/ray/pretrain"):
+    if not storage.exists(fs, f"{root}/config.json") or not storage.exists(fs, f"{root}/ray/{name}"):
         return  # nothing to resume
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
     now = flatten(cfg.to_dict())
+    before.setdefault("model.frontend.mask_id", 4)  # runs started before the field existed used <mask> = 4
     if before.get("tracking_uri") is None:  # written before the driver fixed the default store
         before["tracking_uri"] = default_tracking_uri(cfg.output)
-    for k in ("data", "output"):  # the same place written two ways (file:///x vs /x) is no change
-        if before.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
+    for k in ("data", "output", "train_data", "val_data", "test_data"):  # the same place written two ways
+        if before.get(k) and now.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
             before[k] = now[k]
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in resumable)
     if diff and not allow_change:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:6])
         raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"
@@ -105,11 +107,6 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None):
     """Run (or resume) the pretraining described by `cfg` on the connected Ray cluster."""
     import dataclasses
 
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
-
-    t = cfg.train
     fs, out = storage.resolve(cfg.output)
     fs.create_dir(out, recursive=True)
     storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
@@ -118,15 +115,26 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None):
     # Each worker streams its own seeded share of these chunks with Ray Data (stream.py): only
     # Parquet metadata is read here.
     chunks, val_chunks = data_chunks(cfg)
+    return fit(train_loop_per_worker, "pretrain", cfg.train, cfg.output,
+               {"run": cfg.to_dict(), "fault": fault, "chunks": [dataclasses.asdict(c) for c in chunks],
+                "val_chunks": [dataclasses.asdict(c) for c in val_chunks]})
+
+
+def fit(loop, name: str, t, output: str, loop_config: dict):
+    """Run `loop` on `t.num_workers` Ray Train workers; checkpoints under OUTPUT/ray/NAME (a re-run
+    resumes from the latest), FailureConfig restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, out = storage.resolve(output)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "fault": fault, "cluster_cpus": cluster_cpus,
-                           "chunks": [dataclasses.asdict(c) for c in chunks],
-                           "val_chunks": [dataclasses.asdict(c) for c in val_chunks]},
+        loop,
+        train_loop_config={**loop_config, "cluster_cpus": cluster_cpus},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RayRunConfig(name="pretrain", storage_path=f"{out}/ray", storage_filesystem=fs,
+        run_config=RayRunConfig(name=name, storage_path=f"{out}/ray", storage_filesystem=fs,
                                 failure_config=FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 # Ray Train tees a worker's print() into its logger, and both reach
@@ -136,7 +144,7 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None):
     return trainer.fit()
 
 
-def local_cluster_cpus(cfg: RunConfig) -> int:
+def local_cluster_cpus(cfg) -> int:
     """Logical CPUs for a local Ray cluster: the training workers' CPUs plus two for the Ray Data
     tasks that feed them (a worker set that holds every CPU starves its own input and hangs)."""
     return max(os.cpu_count() or 1, cfg.train.num_workers * cfg.train.cpus_per_worker + 2)

@@ -112,3 +112,58 @@ def train_step(model: Data2Vec, net: torch.nn.Module, opt: torch.optim.Optimizer
     opt.zero_grad(set_to_none=True)
     decay = model.ema_step(step)
     return {"loss": loss, "target_var": tv, "pred_var": pv, "lr": lr, "ema_decay": decay, "grad_norm": grad_norm}
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def build_finetune_optimizer(model, t: TrainConfig, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, one group per (depth, weight decay or not); each group's
+    `lr_scale` is layer_decay^(depth + 1 - its depth) (BEiT's layer-wise LR decay; 1 = off)."""
+    top = model.cfg.encoder.depth + 1
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = model.layer_id(name)
+        no_wd = p.ndim <= 1 or name.endswith(("cls", "mask_emb"))
+        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else t.weight_decay,
+                                              "lr_scale": layer_decay ** (top - lid), "depth": lid})
+        g["params"].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=t.lr, betas=t.betas, eps=t.eps)
+
+
+def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[tuple[dict, dict, object]],
+                  step: int, t: TrainConfig, f, *, autocast: Callable[[], object] = nullcontext,
+                  world: int = 1) -> dict:
+    """One optimizer step of fine-tuning over a group of micro-batches (inputs, targets, time mask).
+
+    Losses are divided by the group size (as `train_step`). During the head warm-up
+    (`f.freeze_encoder_steps`) only the head's gradients are applied: the others are dropped after
+    the backward (which DDP needs to run on every parameter)."""
+    from pipeline.train.tasks import loss_fn
+
+    lr = lr_at(step, t)
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    total = 0.0
+    for i, (inputs, y, mask) in enumerate(micro):
+        last = i == len(micro) - 1
+        with (net.no_sync() if world > 1 and not last else nullcontext()):
+            with autocast():
+                out = net(inputs, mask)
+            loss = loss_fn(model, out, y, f.label_smoothing)
+            if not torch.isfinite(loss):
+                from pipeline.model.objective import NonFiniteLoss
+                raise NonFiniteLoss(f"fine-tuning loss is {float(loss)} at step {step}")
+            (loss / len(micro)).backward()
+        total += float(loss.detach()) / len(micro)
+    if step < f.freeze_encoder_steps:
+        for name, p in model.named_parameters():
+            if not name.startswith("head"):
+                p.grad = None
+    grad_norm = float("nan")
+    if t.clip_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                         t.clip_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": total, "lr": lr, "grad_norm": grad_norm}

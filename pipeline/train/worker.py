@@ -86,6 +86,9 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_state(d)
         _load(model, opt, state, device)
         pos.update({k: state[k] for k in pos if k in state})
+    elif cfg.init:  # continued pretraining: student ← checkpoint, teacher ← a copy of it
+        from pipeline.init_weights import apply_init, read_init
+        apply_init(model, read_init(cfg.init))  # copies into the existing (device) tensors
     rollback = t.on_collapse == "rollback"  # keep an in-memory copy of the last checkpoint to return to
     snapshot = {"model": _cpu_copy(model.state_dict()), "optimizer": _cpu_copy(opt.state_dict()), **pos} \
         if rollback else None

@@ -1,0 +1,113 @@
+"""Fine-tune a pretrained encoder (or the same architecture from scratch) on labeled data, on Ray
+Train (resumable: re-run the same command to continue).
+
+    python -m jobs.finetune --task classify --modality {image,audio,text} --init RUN_DIR/final|HF_DIR|scratch \\
+        --train-data LABELED --val-data LABELED --test-data LABELED --output FT_DIR \\
+        [--preset demo|base] [--config FILE] [--set key=value ...] [--max-steps N] [--label-fraction F] \\
+        [--num-workers W] [--use-gpu] [--tracking-uri URI] [--experiment NAME]
+    python -m jobs.finetune --task ctc --modality audio ...   (clips with transcripts)
+
+LABELED folders are jobs.preprocess outputs: a `label` column (DIR/<class>/<file>) for classify, a
+`transcript` column for ctc (a .txt beside each clip, or transcripts.tsv/.jsonl). The best
+checkpoint by --val-data (accuracy; CER for ctc) is kept; --test-data is scored once, at the end.
+Writes FT_DIR/final/ (model.safetensors, config.json, metrics.json); export it with jobs.export_hf.
+Prints a summary, then one JSON line: {"test_accuracy", "val_accuracy", "init", "label_fraction"}
+(ctc: {"test_cer", "test_wer", "val_cer", …}).
+
+Settings: pipeline/recipes.py::finetune_recipe per (modality, task, preset); --set train.lr=1e-4
+finetune.layer_decay=0.75 finetune.patience=3 … (sections model:, train:, finetune:).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pipeline.config import ConfigError
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=["classify", "ctc"])
+    p.add_argument("--modality", required=True, help="image, audio or text")
+    p.add_argument("--init", required=True, help="RUN_DIR/final, a Hugging Face Data2Vec* folder, or scratch")
+    p.add_argument("--train-data", required=True, help="labeled jobs.preprocess folder")
+    p.add_argument("--val-data", required=True, help="labeled folder for model selection / early stopping")
+    p.add_argument("--test-data", required=True, help="labeled folder, scored once at the end")
+    p.add_argument("--output", required=True, help="FT_DIR: checkpoints, final/, mlflow.db")
+    p.add_argument("--preset", default="demo", help="demo (minutes on a laptop), base or large")
+    p.add_argument("--config", default=None, help="YAML with model:/train:/finetune: sections")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint at this step and exit")
+    p.add_argument("--label-fraction", type=float, default=None,
+                   help="train on this seeded, class-stratified fraction of the training labels")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///FT_DIR/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: data2vec-finetune)")
+    p.add_argument("--allow-config-change", action="store_true")
+    a = p.parse_args(argv)
+    from pipeline.train.config import parse_sets
+
+    sets = parse_sets(a.sets)
+    for flag, key in (("max_steps", "train.max_steps"), ("stop_at_step", "train.stop_at_step"),
+                      ("num_workers", "train.num_workers"), ("seed", "train.seed"),
+                      ("label_fraction", "finetune.label_fraction")):
+        if getattr(a, flag) is not None:
+            sets[key] = getattr(a, flag)
+    if a.use_gpu:
+        sets["train.use_gpu"] = True
+    return a, sets
+
+
+def main(argv=None) -> int:
+    from pipeline.train import finetune_launch as fl
+
+    try:
+        a, sets = parse(argv)
+        cfg = fl.build(a, sets)
+        fl.check(cfg, a.allow_config_change)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.raycluster import init_ray
+    from pipeline.train.launch import local_cluster_cpus
+
+    init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
+    t0 = time.time()
+    from ray.train import TrainingFailedError
+
+    try:
+        result = fl.run_finetuning(cfg)
+        error = result.error
+    except TrainingFailedError as e:
+        error = e
+    if error:
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        print(f"error: fine-tuning failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
+        return 1
+    from pipeline import storage
+
+    fs, root = storage.resolve(cfg.output)
+    if not storage.exists(fs, f"{root}/final/metrics.json"):  # stopped at --stop-at-step
+        print(f"stopped at step {(result.metrics or {}).get('step')}; re-run the same command to resume")
+        print(json.dumps({"step": (result.metrics or {}).get("step"), "final": None}))
+        return 0
+    m = json.loads(storage.read_text(fs, f"{root}/final/metrics.json"))
+    keys = ["test_accuracy", "val_accuracy"] if cfg.finetune.task == "classify" else ["test_cer", "test_wer", "val_cer"]
+    summary = {**{k: m.get(k) for k in keys}, "init": cfg.init, "label_fraction": cfg.finetune.label_fraction,
+               "task": cfg.finetune.task, "modality": cfg.modality, "best_step": m.get("best_step"),
+               "steps": m.get("steps"), "wall_s": round(time.time() - t0, 1), "final": f"{cfg.output.rstrip('/')}/final",
+               "tracking_uri": cfg.tracking_uri}
+    print(f"done: {cfg.modality} {cfg.finetune.task} from {cfg.init}: " +
+          ", ".join(f"{k} {summary[k]:.4f}" for k in keys) + f" (best step {m.get('best_step')} of {m.get('steps')})")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

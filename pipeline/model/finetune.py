@@ -1,0 +1,100 @@
+"""Fine-tuning models: the pretrained front end + encoder with a task head. Pure PyTorch, no Ray.
+
+    classify: inputs ─► front end ─► encoder ─► pooled (B, D) ─► head ─► logits (B, num_outputs)
+        image: the CLS output (after the final LayerNorm of pre-LN encoders); mean over patches
+               where the encoder has no CLS token
+        audio: mean over real (unpadded) frames ─► Linear (Hugging Face's
+               Data2VecAudioForSequenceClassification with an identity projector)
+        text:  the <s> token ─► dropout ─► Linear(D, D) ─► tanh ─► dropout ─► Linear(D, n)
+               (RoBERTa's classification head, as fairseq's and Hugging Face's data2vec text)
+    ctc (audio): frames ─► Linear(D, vocab) per 50 Hz frame; blank = id 0
+
+Parameter names of the front end and encoder are those of `Data2Vec` ("frontend.…", "encoder.…"),
+so a pretrained student loads with `load_state_dict(..., strict=False)`.
+
+Audio fine-tuning follows wav2vec 2.0 / data2vec: the CNN feature encoder is frozen (run without
+gradients) and spans of CNN frames are replaced by a learned mask embedding during training (time
+masking: `mask` (B, T) bool from `pipeline.masking.span_mask`). Channel masking is not modelled.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.encoder import Encoder
+from pipeline.model.frontends import build_frontend
+
+TASKS = ("classify", "ctc")
+
+
+class FineTuneModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, task: str, num_outputs: int, *, drop_path: float = 0.0,
+                 head_dropout: float = 0.0, freeze_feature_encoder: bool = False, time_masks: bool = False):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "ctc" and cfg.modality != "audio":
+            raise ValueError("task ctc needs audio")
+        self.cfg, self.task, self.num_outputs = cfg, task, num_outputs
+        self.frontend = build_frontend(cfg)
+        self.encoder = Encoder(cfg.encoder, drop_path=drop_path)
+        D = cfg.encoder.dim
+        self.frozen_cnn = cfg.modality == "audio" and freeze_feature_encoder
+        if self.frozen_cnn:
+            for p in self.frontend.cnn.parameters():
+                p.requires_grad_(False)
+        if cfg.modality == "audio" and time_masks:  # wav2vec2's masked_spec_embed
+            self.mask_emb = nn.Parameter(torch.zeros(D).uniform_())
+        if task == "classify" and cfg.modality == "text":
+            self.head = nn.ModuleDict({"dense": nn.Linear(D, D), "out_proj": nn.Linear(D, num_outputs)})
+        else:
+            self.head = nn.Linear(D, num_outputs)
+        self.head_drop = nn.Dropout(head_dropout)
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def encode(self, batch: dict, mask: torch.Tensor | None = None):
+        """→ (h (B, n_extra + T, D) final encoder output, pad (B, T) or None)."""
+        fe = self.frontend
+        if self.frozen_cnn:
+            with torch.no_grad():
+                x = fe.cnn(batch["audio"][:, None, :])  # (B, C, T)
+            x, pad = fe.project(x, batch.get("lengths"))
+        else:
+            x, pad = fe.local(batch)  # (B, T, D)
+        if mask is not None and hasattr(self, "mask_emb"):  # time masking (audio fine-tuning): masked frames → mask embedding
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        h = fe.context(x, pad)
+        h, hpad = fe.prepend(h, pad)
+        h, _ = self.encoder(h, hpad)
+        return h, pad
+
+    def forward(self, batch: dict, mask: torch.Tensor | None = None):
+        """classify → logits (B, num_outputs); ctc → (logits (B, T, vocab), pad (B, T) or None)."""
+        h, pad = self.encode(batch, mask)
+        n = self.frontend.num_extra
+        if self.task == "ctc":
+            return self.head(self.head_drop(h[:, n:])), pad
+        if self.cfg.modality == "text":
+            x = torch.tanh(self.head["dense"](self.head_drop(h[:, 0])))  # <s>
+            return self.head["out_proj"](self.head_drop(x))
+        if n:  # image CLS
+            pooled = h[:, 0]
+        elif pad is None:
+            pooled = h.mean(1)
+        else:
+            w = (~pad).to(h.dtype)[..., None]
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
+        return self.head(self.head_drop(pooled))
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise LR decay: front end and mask embedding 0, block i →
+        i + 1, the rest (final norm, head) depth + 1."""
+        if name.startswith("frontend.") or name == "mask_emb":
+            return 0
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.cfg.encoder.depth + 1
