@@ -71,33 +71,33 @@ def main(argv=None) -> int:
         a, sets = parse(argv)
         cfg = fl.build(a, sets)
         fl.check(cfg, a.allow_config_change)
+        m = fl.finished(cfg)  # a finished run is reported, not re-run: the test split is scored once
+        chunks = fl.training_chunks(cfg) if m is None else None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.raycluster import init_ray
-    from pipeline.train.launch import local_cluster_cpus
-
-    init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
     t0 = time.time()
-    from ray.train import TrainingFailedError
+    if m is None:
+        from ray.train import TrainingFailedError
 
-    try:
-        result = fl.run_finetuning(cfg)
-        error = result.error
-    except TrainingFailedError as e:
-        error = e
-    if error:
-        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-        print(f"error: fine-tuning failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
-        return 1
-    from pipeline import storage
+        from pipeline.raycluster import init_ray
+        from pipeline.train.launch import local_cluster_cpus
 
-    fs, root = storage.resolve(cfg.output)
-    if not storage.exists(fs, f"{root}/final/metrics.json"):  # stopped at --stop-at-step
-        print(f"stopped at step {(result.metrics or {}).get('step')}; re-run the same command to resume")
-        print(json.dumps({"step": (result.metrics or {}).get("step"), "final": None}))
-        return 0
-    m = json.loads(storage.read_text(fs, f"{root}/final/metrics.json"))
+        init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
+        try:
+            result = fl.run_finetuning(cfg, chunks)
+            error = result.error
+        except TrainingFailedError as e:
+            error = e
+        if error:
+            lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+            print(f"error: fine-tuning failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
+            return 1
+        m = fl.finished(cfg)
+        if m is None:  # stopped at --stop-at-step
+            print(f"stopped at step {(result.metrics or {}).get('step')}; re-run the same command to resume")
+            print(json.dumps({"step": (result.metrics or {}).get("step"), "final": None}))
+            return 0
     keys = ["test_accuracy", "val_accuracy"] if cfg.finetune.task == "classify" else ["test_cer", "test_wer", "val_cer"]
     summary = {**{k: m.get(k) for k in keys}, "init": cfg.init, "label_fraction": cfg.finetune.label_fraction,
                "task": cfg.finetune.task, "modality": cfg.modality, "best_step": m.get("best_step"),

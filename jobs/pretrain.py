@@ -87,8 +87,10 @@ def build_config(argv=None):
             raise ConfigError(f"init: {a.init!r} cannot be used: {e}") from None
     for k, v in frontend.items():  # a --config/--set value may not contradict the data
         if getattr(cfg.model.frontend, k) != v:
-            raise ConfigError(f"model.frontend.{k}: {getattr(cfg.model.frontend, k)} in the config but the data "
-                              f"in {a.data!r} has {v}; drop it from the config (it comes from the data)")
+            where = f"the --init checkpoint ({a.init})" if a.init else "the config"
+            raise ConfigError(f"model.frontend.{k}: {getattr(cfg.model.frontend, k)} in {where} but the data "
+                              f"in {a.data!r} has {v}" + (f"; preprocess it with --tokenizer {a.init}" if a.init else
+                                                          "; drop it from the config (it comes from the data)"))
     if not a.print_config and cfg.tracking_uri is None:  # resolve() defaults it for local folders
         raise ConfigError(f"tracking_uri: --output {cfg.output!r} is not a local folder; pass --tracking-uri "
                           f"(an MLflow server, or sqlite:///LOCAL/mlflow.db)")

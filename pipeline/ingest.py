@@ -133,8 +133,10 @@ def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files)
             continue
         label = storage.label_of(root, path)
         text, side = known.get(path, ("", ""))
-        if len(crops) != 1:
-            text = None  # several crops: the transcript of the whole file fits none of them
+        if len(crops) != 1 or crops[0][1].shape[0] >= cfg.audio.crop_samples:
+            # Several crops, or one full-length crop whose short tail may have been dropped: the
+            # transcript of the whole file fits none of them.
+            text = None
         elif side:
             text = _read_transcript(files, side, rejected)
         else:
@@ -460,7 +462,8 @@ def run(cfg: PreprocessConfig) -> dict:
         extra_counts = {
             "transcript_files": len(audio_in.transcript_files),
             "transcripts": written - meta.column("transcript").null_count,
-            # Clips with a transcript that were cut into several crops: their rows carry none.
+            # Clips with a transcript that were cut into several crops: their rows carry none (as
+            # does a single full-length crop whose tail may have been dropped; not counted here).
             "transcripts_dropped_cropped": sum(rows_of[p] > 1 for p in
                                                set(audio_in.transcripts) | set(audio_in.sidecars)),
         }

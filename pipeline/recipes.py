@@ -247,7 +247,11 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
     frames, tri-stage LR 5e-5, 80k updates, 8 GPUs; layerdrop and channel masks not modelled);
     text — RoBERTa/data2vec GLUE (lr 2e-5, batch 32, 6% warm-up, dropout 0.1, linear decay → our
     cosine). `demo` scales them to minutes on 2 CPU cores: higher LR (small, briefly trained
-    encoders), fewer steps, time masks shortened to one-second digit clips."""
+    encoders), fewer steps, time masks shortened to one-second digit clips.
+
+    A `scratch` init (the baseline) trains every layer at the full LR: the audio CNN is not frozen
+    and there is no layer-wise decay (resolve_finetune) — freezing a random CNN or slowing random
+    lower blocks would handicap the baseline."""
     if size not in SIZES:
         raise ConfigError(f"preset: unknown {size!r}; expected one of {', '.join(SIZES)}")
     demo = size == "demo"
@@ -267,7 +271,9 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
              "lr": 1e-3 if demo else 5e-5, "warmup_steps": 60 if demo else 8_000,
              "weight_decay": 0.0 if not demo else 0.01, "schedule": "tri_stage", "audio_max_samples": 320_000,
              "eval_every": 50 if demo else 2000},
-            {"task": task, "freeze_feature_encoder": True, "freeze_encoder_steps": 0,
+            {"task": task, "freeze_feature_encoder": True,
+             # head warm-up (fairseq freeze_finetune_updates): CTC only, ~5% of the run
+             "freeze_encoder_steps": (30 if demo else 4_000) if ctc else 0,
              "mask_time_prob": 0.1 if demo else 0.65, "mask_time_length": 4 if demo else 10},
             dropout=0.0 if demo else 0.1)
     if modality == "text":

@@ -184,6 +184,16 @@ def test_finetune_config_errors_before_ray(demo_shards, tmp_path, capsys):
     assert "finetune.label_fraction" in capsys.readouterr().err
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "finetune.nope=1"]) == 2
     assert "finetune.nope" in capsys.readouterr().err
+    assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "finetune.mask_time_prob=0.2"]) == 2
+    assert "finetune.mask_time_prob: applies to audio only" in capsys.readouterr().err
+    assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "labels=[a, b]"]) == 2
+    assert "labels: set by the command line" in capsys.readouterr().err
+    assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "model.frontend.image_size=32"]) == 2
+    assert "model.frontend.image_size: 32 in the config but the data" in capsys.readouterr().err
+    # 1% of the labels (≥ 1 row per class: 10 rows) cannot fill one step of 32 on 2 workers
+    assert finetune(["--task", "classify", "--init", "scratch", *base, "--label-fraction", "0.01",
+                     "--num-workers", "2"]) == 2
+    assert "no full step" in capsys.readouterr().err
     assert finetune(["--task", "classify", "--init", "scratch", "--modality", "image", "--train-data",
                      d["image_train"], "--val-data", d["audio_test"], "--test-data", d["image_test"],
                      "--output", str(tmp_path / "o")]) == 2

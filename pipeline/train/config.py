@@ -160,11 +160,25 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict):
+        """The inverse of to_dict (sections become their config classes)."""
         d = dict(d)
         t = dict(d.pop("train"))
         t["betas"] = tuple(t["betas"])
+        if "finetune" in d:
+            d["finetune"] = TaskConfig(**d["finetune"])
         return cls(model=ModelConfig.from_dict(d.pop("model")), train=TrainConfig(**t), **d)
+
+
+def read_config_file(path: str) -> dict:
+    """A --config YAML file as a mapping (ConfigError if missing or not a mapping)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config: {path!r} does not exist")
+    with open(path) as f:
+        cfg = load_yaml(f.read()) or {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config: {path!r} must hold a mapping")
+    return cfg
 
 
 def _set_path(d: dict, dotted: str, value) -> None:
@@ -212,14 +226,8 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     mode = "d2v2"
     if overrides and "model.mode" in overrides:
         mode = overrides["model.mode"]
-    file_cfg = {}
+    file_cfg = read_config_file(config_file) if config_file else {}
     if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config: {config_file!r} does not exist")
-        with open(config_file) as f:
-            file_cfg = load_yaml(f.read()) or {}
-        if not isinstance(file_cfg, dict):
-            raise ConfigError(f"config: {config_file!r} must hold a mapping")
         mode = file_cfg.get("model", {}).get("mode", mode) if "model.mode" not in (overrides or {}) else mode
     if mode not in ("d2v1", "d2v2"):
         raise ConfigError(f"model.mode: must be 'd2v1' or 'd2v2', got {mode!r}")
@@ -322,18 +330,8 @@ class FineTuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: TaskConfig = field(default_factory=TaskConfig)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train"]["betas"] = list(d["train"]["betas"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FineTuneConfig":
-        d = dict(d)
-        t = dict(d.pop("train"))
-        t["betas"] = tuple(t["betas"])
-        return cls(model=ModelConfig.from_dict(d.pop("model")), train=TrainConfig(**t),
-                   finetune=TaskConfig(**d.pop("finetune")), **d)
+    to_dict = RunConfig.to_dict  # the same serialization as RunConfig (+ the finetune: section)
+    from_dict = classmethod(RunConfig.from_dict.__func__)
 
 
 def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig, train_data: str, val_data: str,
@@ -349,25 +347,32 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     model = dataclasses.replace(model, encoder=enc)
     paths = {k: _absolute(v) if v else v for k, v in
              dict(train_data=train_data, val_data=val_data, test_data=test_data, output=output).items()}
+    task_cfg = {**dataclasses.asdict(TaskConfig()), **r.task}
+    if init == "scratch":  # the baseline trains every layer at the full LR (see finetune_recipe)
+        task_cfg.update(freeze_feature_encoder=False, layer_decay=1.0)
     d = {"modality": modality, "init": init if init == "scratch" else _absolute(init), **paths, "labels": list(labels),
          "preset": preset_name, "tracking_uri": None, "experiment": "data2vec-finetune", "parent_run_id": None,
-         "model": model.to_dict(), "train": {**dataclasses.asdict(TrainConfig()), **r.train},
-         "finetune": {**dataclasses.asdict(TaskConfig()), **r.task}}
+         "model": model.to_dict(), "train": {**dataclasses.asdict(TrainConfig()), **r.train}, "finetune": task_cfg}
+    fixed = {k: d[k] for k in ("modality", "init", "train_data", "val_data", "test_data", "output", "labels", "preset")}
     d.update({k: v for k, v in top.items() if v is not None})
     d["tracking_uri"] = absolute_tracking_uri(d["tracking_uri"]) if d["tracking_uri"] else default_tracking_uri(paths["output"])
     if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config: {config_file!r} does not exist")
-        with open(config_file) as f:
-            file_cfg = load_yaml(f.read()) or {}
-        if not isinstance(file_cfg, dict):
-            raise ConfigError(f"config: {config_file!r} must hold a mapping")
-        _merge(d, file_cfg)
+        _merge(d, read_config_file(config_file))
     for k, v in (overrides or {}).items():
         _set_path(d, k, v)
     if d["finetune"]["task"] != task:
         raise ConfigError(f"finetune.task: set it with --task, not in the config ({d['finetune']['task']!r})")
+    for k, v in fixed.items():
+        if d[k] != v:
+            raise ConfigError(f"{k}: set by the command line and the data, not in the config")
     try:
-        return FineTuneConfig.from_dict(d)
+        cfg = FineTuneConfig.from_dict(d)
     except TypeError as e:
         raise ConfigError(f"config: {e}") from None
+    f, t = cfg.finetune, cfg.train
+    if modality != "audio":
+        for name in ("mask_time_prob", "freeze_feature_encoder"):
+            check(not getattr(f, name), f"finetune.{name}", f"applies to audio only, not {modality}")
+    check(f.freeze_encoder_steps < t.max_steps, "finetune.freeze_encoder_steps",
+          f"must be < train.max_steps={t.max_steps} (else the encoder never trains)")
+    return cfg

@@ -101,12 +101,17 @@ def build(args, sets: dict) -> FineTuneConfig:
                            preset_name=args.preset, config_file=args.config, overrides=sets,
                            tracking_uri=args.tracking_uri, experiment=args.experiment, output=args.output,
                            parent_run_id=getattr(args, "parent_run_id", None), **paths)
-    for part in ("encoder", "frontend"):  # --set may tune dropout, not the checkpoint's shapes
-        for k in ("dim", "depth", "heads", "mlp_ratio", "pre_norm", "image_size", "patch_size", "vocab_size",
-                  "conv_channels", "max_positions"):
-            a, b = getattr(getattr(model, part), k, None), getattr(getattr(cfg.model, part), k, None)
-            if a != b and args.init != "scratch":
-                raise ConfigError(f"model.{part}.{k}: {b} differs from the --init checkpoint's {a}")
+    for k, v in frontend.items():  # the data fixes these, for any init
+        if getattr(cfg.model.frontend, k) != v:
+            raise ConfigError(f"model.frontend.{k}: {getattr(cfg.model.frontend, k)} in the config but the data in "
+                              f"{args.train_data!r} has {v}; drop it from the config (it comes from the data)")
+    if args.init != "scratch":  # --set may tune dropout, not the checkpoint's shapes
+        for part in ("encoder", "frontend"):
+            ours, theirs = getattr(cfg.model, part), getattr(model, part)
+            for k in (x.name for x in dataclasses.fields(ours)):
+                if k not in ("dropout", "attn_dropout") and getattr(ours, k) != getattr(theirs, k):
+                    raise ConfigError(f"model.{part}.{k}: {getattr(ours, k)} differs from the --init "
+                                      f"checkpoint's {getattr(theirs, k)}")
     return cfg
 
 
@@ -127,17 +132,37 @@ def training_data(cfg: FineTuneConfig) -> str:
     return sub
 
 
-def run_finetuning(cfg: FineTuneConfig):
+def training_chunks(cfg: FineTuneConfig) -> list:
+    """The chunks the workers stream (label-fraction subset included), checked to give every worker
+    at least one full step per epoch (before Ray starts)."""
+    t = cfg.train
+    chunks = list_chunks(training_data(cfg), COLUMNS[cfg.modality] + [target_column(cfg.finetune.task)])
+    rows = sum(c.rows for c in chunks)
+    if rows // t.num_workers // (t.batch_size * t.grad_accum) < 1:
+        raise ConfigError(f"train.batch_size: {rows} training rows (label fraction {cfg.finetune.label_fraction:g}) "
+                          f"give {t.num_workers} worker(s) no full step of batch_size {t.batch_size} × grad_accum "
+                          f"{t.grad_accum}; lower train.batch_size, use fewer workers or more labels")
+    return chunks
+
+
+def finished(cfg: FineTuneConfig) -> dict | None:
+    """FT_DIR/final/metrics.json of a run that already finished (the test split is scored once)."""
+    fs, root = storage.resolve(cfg.output)
+    path = f"{root}/final/metrics.json"
+    return json.loads(storage.read_text(fs, path)) if storage.exists(fs, path) else None
+
+
+def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None):
     """Run (or resume) the fine-tuning described by `cfg` on the connected Ray cluster."""
     from pipeline.train.finetune_worker import finetune_loop_per_worker
     from pipeline.train.tracking import prepare_experiment
 
+    chunks = training_chunks(cfg) if chunks is None else chunks
     fs, out = storage.resolve(cfg.output)
     fs.create_dir(out, recursive=True)
     storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     if cfg.tracking_uri:
         prepare_experiment(cfg.tracking_uri, cfg.experiment)
-    chunks = list_chunks(training_data(cfg), COLUMNS[cfg.modality] + [target_column(cfg.finetune.task)])
     return fit(finetune_loop_per_worker, "finetune", cfg.train, cfg.output,
                {"run": cfg.to_dict(), "chunks": [dataclasses.asdict(c) for c in chunks]})
 

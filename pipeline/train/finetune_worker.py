@@ -27,7 +27,7 @@ from pipeline.train.step import autocast_for, build_finetune_optimizer, finetune
 from pipeline.train.stream import Chunk, RankStream, list_chunks
 from pipeline.train.tasks import Targets, collate, evaluate, target_column
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit
-from pipeline.train.worker import _cpu_copy, _load, node_cpus, threads_for_worker
+from pipeline.train.worker import _cpu_copy, _load, worker_context
 
 
 def build_model(cfg: FineTuneConfig) -> FineTuneModel:
@@ -70,11 +70,7 @@ def finetune_loop_per_worker(config: dict) -> None:
 
     cfg = FineTuneConfig.from_dict(config["run"])
     t, f = cfg.train, cfg.finetune
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
-    threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())
-    torch.set_num_threads(threads)
+    rank, world, device, _ = worker_context(t.use_gpu)
 
     model = build_model(cfg).to(device)
     opt = build_finetune_optimizer(model, t, f.layer_decay)

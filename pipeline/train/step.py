@@ -137,8 +137,8 @@ def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro
     """One optimizer step of fine-tuning over a group of micro-batches (inputs, targets, time mask).
 
     Losses are divided by the group size (as `train_step`). During the head warm-up
-    (`f.freeze_encoder_steps`) only the head's gradients are applied: the others are dropped after
-    the backward (which DDP needs to run on every parameter)."""
+    (`f.freeze_encoder_steps`) only the head's (and time-mask embedding's) gradients are applied:
+    the others are dropped after the backward (which DDP needs to run on every parameter)."""
     from pipeline.train.tasks import loss_fn
 
     lr = lr_at(step, t)
@@ -151,14 +151,17 @@ def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro
             with autocast():
                 out = net(inputs, mask)
             loss = loss_fn(model, out, y, f.label_smoothing)
-            if not torch.isfinite(loss):
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+            if world > 1:  # every rank learns it before any backward's all-reduce (see _agree_on_health)
+                dist.all_reduce(bad)
+            if bad.item():
                 from pipeline.model.objective import NonFiniteLoss
-                raise NonFiniteLoss(f"fine-tuning loss is {float(loss)} at step {step}")
+                raise NonFiniteLoss(f"fine-tuning loss is not finite at step {step} (on {int(bad.item())} rank(s))")
             (loss / len(micro)).backward()
         total += float(loss.detach()) / len(micro)
     if step < f.freeze_encoder_steps:
         for name, p in model.named_parameters():
-            if not name.startswith("head"):
+            if not name.startswith(("head", "mask_emb")):
                 p.grad = None
     grad_norm = float("nan")
     if t.clip_norm > 0:

@@ -29,7 +29,8 @@ def target_column(task: str) -> str:
 
 
 def normalize_transcript(text: str) -> str:
-    return " ".join(str(text).lower().split())
+    """Lowercase, single spaces; a literal "|" (the word delimiter's symbol) becomes a space."""
+    return " ".join(str(text).lower().replace("|", " ").split())
 
 
 def build_vocab(transcripts) -> list[str]:
@@ -213,7 +214,9 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
             if writer:
                 writer.close()
         n = sum(len(v) for v in chosen.values())
-        m = {**manifest, "counts": {**manifest["counts"], "written": n},
+        mine = {values[i] for i, (fi, g, r) in enumerate(where) if r in chosen.get((fi, g), ())}
+        labels = sorted(mine) if column == "label" else manifest.get("labels", [])
+        m = {**manifest, "counts": {**manifest["counts"], "written": n}, "labels": labels,
              "subset_of": {"data": src, "fraction": fraction if out == dst else 1 - fraction, "seed": seed,
                            "stratified": stratified, "rows_with_target": len(values),
                            "part": "picked" if out == dst else "rest"}}

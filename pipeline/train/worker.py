@@ -42,6 +42,18 @@ def node_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def worker_context(use_gpu: bool):
+    """(rank, world size, device, torch threads) of this Ray Train worker; sets the thread count."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())
+    torch.set_num_threads(threads)
+    return ctx.get_world_rank(), ctx.get_world_size(), device, threads
+
+
 def _cpu_copy(state):
     """A detached CPU copy of a (nested) state dict: the in-memory snapshot rollbacks restore."""
     if torch.is_tensor(state):
@@ -69,11 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = RunConfig.from_dict(config["run"])
     t, mcfg = cfg.train, cfg.model
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
-    threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())
-    torch.set_num_threads(threads)
+    rank, world, device, threads = worker_context(t.use_gpu)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = Data2Vec(mcfg).to(device)
