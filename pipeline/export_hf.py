@@ -194,7 +194,7 @@ def _load(hf, sd: dict, allow_missing: set[str] = frozenset()) -> None:
 
 def finetuned_to_hf(model, labels: list[str]):
     """A FineTuneModel (pipeline/model/finetune.py) → the Hugging Face task class with equal logits:
-    image → Data2VecVisionForImageClassification (CLS after the final LayerNorm), audio classify →
+    image → Data2VecVisionForImageClassification (mean-pooled patches + LayerNorm), audio classify →
     Data2VecAudioForSequenceClassification (identity projector, then our head), audio ctc →
     Data2VecAudioForCTC (blank = pad id 0), text → Data2VecTextForSequenceClassification."""
     import transformers as tf
@@ -215,8 +215,12 @@ def finetuned_to_hf(model, labels: list[str]):
         hf_cfg.label2id = {v: i for i, v in enumerate(labels)}
         if m == "image":
             if not model.frontend.num_extra:
-                raise NotRepresentable("Data2VecVisionForImageClassification pools the CLS token; this encoder has none")
-            hf_cfg.use_mean_pooling = False
+                raise NotRepresentable("Data2VecVisionForImageClassification always has a CLS token; this encoder has none")
+            # use_mean_pooling: no final LayerNorm on the tokens, the pooler's LayerNorm on their
+            # mean (= our fc_norm); our final norm is not used by the classifier.
+            hf_cfg.use_mean_pooling = True
+            sd = {k: v for k, v in sd.items() if not k.startswith(f"{prefix}.layernorm.")}
+            _ln(sd, f"{prefix}.pooler.layernorm", model.fc_norm)
             _lin(sd, "classifier", model.head.weight, model.head.bias)
             cls = tf.Data2VecVisionForImageClassification
         elif m == "audio":

@@ -80,17 +80,18 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim) if cfg.pre_norm else None
         self.apply(_init_weights)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None,
-                layers: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None, layers: str | None = None,
+                final_norm: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x (B,T,D) → (final (B,T,D), per-layer outputs [depth × (B,T,D)]).
 
-        layers: None (no per-layer outputs), "ffn" or "block" (see EncoderConfig.layer_output)."""
+        layers: None (no per-layer outputs), "ffn" or "block" (see EncoderConfig.layer_output).
+        final_norm=False skips a pre-LN encoder's last LayerNorm (fine-tuning pools before it)."""
         outs = []
         for blk in self.blocks:
             x, ffn = blk(x, pad)
             if layers is not None:
                 outs.append(ffn if layers == "ffn" else x)
-        if self.norm is not None:
+        if self.norm is not None and final_norm:
             x = self.norm(x)
         return x, outs
 
