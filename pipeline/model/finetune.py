@@ -5,8 +5,7 @@
                LayerNorm (fc_norm) ─► Linear — the BEiT / MAE / data2vec 2.0 fine-tuning head
                (Hugging Face's Data2VecVisionForImageClassification with use_mean_pooling).
                Deviation from "CLS where the encoder has one": the reference fine-tunes images from
-               mean-pooled patches, and data2vec 2.0 trains its CLS with a 0.01 loss weight only;
-               on the demo the CLS head fine-tuned to 0.60 where the mean-pooled probe reads 0.84.
+               mean-pooled patches, and data2vec 2.0 trains its CLS with a 0.01 loss weight only.
         audio: mean over real (unpadded) frames ─► Linear (Hugging Face's
                Data2VecAudioForSequenceClassification with an identity projector)
         text:  the <s> token ─► dropout ─► Linear(D, D) ─► tanh ─► dropout ─► Linear(D, n)
