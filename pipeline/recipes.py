@@ -249,9 +249,9 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
     cosine). `demo` scales them to minutes on 2 CPU cores: higher LR (small, briefly trained
     encoders), fewer steps, time masks shortened to one-second digit clips.
 
-    A `scratch` init (the baseline) trains every layer at the full LR: the audio CNN is not frozen
-    and there is no layer-wise decay (resolve_finetune) — freezing a random CNN or slowing random
-    lower blocks would handicap the baseline."""
+    A `scratch` init (the baseline) trains every layer at the full LR from the first step: the audio
+    CNN is not frozen, there is no layer-wise decay and no head warm-up (resolve_finetune) — a
+    random encoder has nothing to protect, and freezing or slowing it would handicap the baseline."""
     if size not in SIZES:
         raise ConfigError(f"preset: unknown {size!r}; expected one of {', '.join(SIZES)}")
     demo = size == "demo"

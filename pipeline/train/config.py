@@ -348,8 +348,8 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     paths = {k: _absolute(v) if v else v for k, v in
              dict(train_data=train_data, val_data=val_data, test_data=test_data, output=output).items()}
     task_cfg = {**dataclasses.asdict(TaskConfig()), **r.task}
-    if init == "scratch":  # the baseline trains every layer at the full LR (see finetune_recipe)
-        task_cfg.update(freeze_feature_encoder=False, layer_decay=1.0)
+    if init == "scratch":  # the baseline trains every layer at the full LR, from step 0 (finetune_recipe)
+        task_cfg.update(freeze_feature_encoder=False, layer_decay=1.0, freeze_encoder_steps=0)
     d = {"modality": modality, "init": init if init == "scratch" else _absolute(init), **paths, "labels": list(labels),
          "preset": preset_name, "tracking_uri": None, "experiment": "data2vec-finetune", "parent_run_id": None,
          "model": model.to_dict(), "train": {**dataclasses.asdict(TrainConfig()), **r.train}, "finetune": task_cfg}
