@@ -78,20 +78,14 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     if m is None:
-        from ray.train import TrainingFailedError
-
         from pipeline.raycluster import init_ray
-        from pipeline.train.launch import local_cluster_cpus
+        from pipeline.train.launch import fit_error, local_cluster_cpus
 
+        print(f"batch: {cfg.train.batch_line()}", flush=True)
         init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
-        try:
-            result = fl.run_finetuning(cfg, chunks)
-            error = result.error
-        except TrainingFailedError as e:
-            error = e
+        result, error = fit_error(lambda: fl.run_finetuning(cfg, chunks))
         if error:
-            lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-            print(f"error: fine-tuning failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
+            print(f"error: fine-tuning failed: {error}", file=sys.stderr)
             return 1
         m = fl.finished(cfg)
         if m is None:  # stopped at --stop-at-step

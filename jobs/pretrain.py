@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.raycluster import init_ray
-    from pipeline.train.launch import local_cluster_cpus, run_pretraining
+    from pipeline.train.launch import fit_error, local_cluster_cpus, run_pretraining
 
     fault = {}  # test-only fault injection
     if os.environ.get("D2V_FAIL_AT_STEP"):  # one worker process dies once at this step
@@ -123,20 +123,12 @@ def main(argv=None) -> int:
     if os.environ.get("D2V_NAN_AT_STEP"):  # "STEP:RANK[:TIMES]": that rank's loss turns NaN at STEP
         at, r, times = ([int(x) for x in os.environ["D2V_NAN_AT_STEP"].split(":")] + [None, None])[:3]
         fault.update(nan_at_step=at, rank=r or 0, times=times or 1)
+    print(f"batch: {cfg.train.batch_line()}", flush=True)
     init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
     t0 = time.time()
-    from ray.train import TrainingFailedError
-
-    try:
-        result = run_pretraining(cfg, fault)
-        error = result.error
-    except TrainingFailedError as e:
-        error = e
+    result, error = fit_error(lambda: run_pretraining(cfg, fault))
     if error:
-        # The worker's own exception is the last line of Ray's report, e.g. "…NonFiniteLoss: loss
-        # is nan at step 2 (on rank 1)".
-        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-        print(f"error: training failed: {lines[-1] if lines else type(error).__name__}", file=sys.stderr)
+        print(f"error: training failed: {error}", file=sys.stderr)
         return 1
     m = result.metrics or {}
     uri = cfg.tracking_uri

@@ -42,3 +42,23 @@ def test_pretrain_refuses_an_oversized_step_before_ray_starts(demo_shards, tmp_p
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: train.batch_size: a step needs about"), r.stderr
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_finetuning_estimate_has_no_teacher_or_decoder_and_refuses_an_oversized_step():
+    from pipeline.train.config import resolve_finetune
+
+    pre = resolve("image", "d", "o", "base", None, {"train.batch_size": 64, "train.worker_memory_gb": 8},
+                  model_frontend={"image_size": 224})
+    ft = resolve_finetune(modality="image", task="classify", init="scratch", model=pre.model, train_data="d",
+                          val_data="v", test_data="t", output="o", labels=[str(i) for i in range(10)],
+                          preset_name="base", overrides={"train.batch_size": 64, "train.worker_memory_gb": 8})
+    parts = estimate(ft)
+    assert "teacher" not in parts and "decoder" not in parts
+    # the whole 197-token sequence of every image goes through the encoder (no clones, no masking)
+    assert parts["attention"] == 64 * 12 * 197 * 197 * 12 * 2 * 4
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: a step needs about .*196 tokens per sample"):
+        check_memory(ft)
+    small = resolve_finetune(modality="image", task="classify", init="scratch", model=pre.model, train_data="d",
+                             val_data="v", test_data="t", output="o", labels=["a", "b"], preset_name="base",
+                             overrides={"train.batch_size": 8, "train.worker_memory_gb": 8})
+    check_memory(small)

@@ -168,4 +168,8 @@ def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None):
 
 
 def check(cfg: FineTuneConfig, allow_change: bool = False) -> None:
+    """Before Ray starts: a resume must not change the schedule, and a step must fit in a worker."""
+    from pipeline.train.memory import check_memory
+
     check_resume(cfg, allow_change, name="finetune", resumable=RESUMABLE)
+    check_memory(cfg)

@@ -144,6 +144,23 @@ def fit(loop, name: str, t, output: str, loop_config: dict):
     return trainer.fit()
 
 
+def fit_error(run) -> tuple[object, str | None]:
+    """(result, None) from `run()` (a call that ends in `fit`), or (None, message) when training
+    failed: the message is the worker's own exception, the last line of Ray's report, e.g.
+    "…NonFiniteLoss: loss is nan at step 2 (on rank 1)"."""
+    from ray.train import TrainingFailedError
+
+    try:
+        result = run()
+        error = result.error
+    except TrainingFailedError as e:
+        result, error = None, e
+    if not error:
+        return result, None
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return None, lines[-1] if lines else type(error).__name__
+
+
 def local_cluster_cpus(cfg) -> int:
     """Logical CPUs for a local Ray cluster: the training workers' CPUs plus two for the Ray Data
     tasks that feed them (a worker set that holds every CPU starves its own input and hangs)."""

@@ -26,12 +26,18 @@ SAVED_PER_HIDDEN = 3  # floats × MLP width kept per token per block (fc1 out, G
 OVERHEAD = 1.25  # allocator fragmentation, temporaries of the largest op
 
 
-def _param_counts(cfg: RunConfig) -> tuple[int, int]:
-    """(student, teacher) parameter counts, from the model built on the meta device (no memory)."""
+def _param_counts(cfg) -> tuple[int, int]:
+    """(student, teacher) parameter counts, from the model built on the meta device (no memory).
+    Fine-tuning (a FineTuneConfig) has no teacher."""
     import torch
 
     from pipeline.model.data2vec import Data2Vec
+    from pipeline.model.finetune import FineTuneModel
 
+    if getattr(cfg, "finetune", None) is not None:
+        with torch.device("meta"):
+            model = FineTuneModel(cfg.model, cfg.finetune.task, len(cfg.labels))
+        return sum(p.numel() for p in model.parameters()), 0
     with torch.device("meta"):
         model = Data2Vec(cfg.model)
     teacher = sum(p.numel() for p in model.teacher_parameters())
@@ -48,30 +54,33 @@ def tokens_per_sample(cfg: RunConfig) -> int:
     return min(t.text_max_tokens, m.frontend.max_positions)
 
 
-def estimate(cfg: RunConfig) -> dict[str, float]:
-    """Peak bytes of one worker's training step, by part."""
+def estimate(cfg) -> dict[str, float]:
+    """Peak bytes of one worker's training step, by part (a RunConfig, or a FineTuneConfig: the
+    whole unmasked sequence through the encoder and a head, no teacher, no decoder)."""
     m, t = cfg.model, cfg.train
+    finetune = getattr(cfg, "finetune", None) is not None
     D, L, H = m.encoder.dim, m.encoder.depth, m.encoder.heads
     hidden = int(D * m.encoder.mlp_ratio)
     T = tokens_per_sample(cfg)
     extra = 1 if m.modality == "image" and m.frontend.cls_token else 0
     B = t.batch_size
     act = 2 if t.use_gpu else 4  # bf16 autocast on GPU
-    if m.mode == "d2v2":
+    if m.mode == "d2v2" and not finetune:
         seqs, S = B * m.decoder.clone_batch, T - int(round(T * m.mask.prob)) + extra
     else:
         seqs, S = B, T + extra
     per_token = SAVED_PER_TOKEN * D + SAVED_PER_HIDDEN * hidden
     parts = {"activations": seqs * S * L * per_token * act,
              "attention": seqs * H * S * S * L * 2 * act}
-    if m.mode == "d2v2":
+    if m.mode == "d2v2" and not finetune:
         d = m.decoder
         parts["decoder"] = seqs * T * (D * 3 + d.dim * 4 * d.layers) * act
     # Teacher (no grad): one block's working set + the kept top-K outputs, targets (fp32).
-    parts["teacher"] = B * (T + extra) * ((m.target.top_k + 3) * D * 4 + per_token * act) + B * H * (T + extra) ** 2 * act
+    if not finetune:
+        parts["teacher"] = B * (T + extra) * ((m.target.top_k + 3) * D * 4 + per_token * act) + B * H * (T + extra) ** 2 * act
     student, teacher = _param_counts(cfg)
     parts["weights+grads+adam"] = student * 4 * (4 + (1 if t.num_workers > 1 else 0)) + teacher * 4
-    if t.on_collapse == "rollback":  # the in-memory copy of the last checkpoint (weights + AdamW)
+    if t.on_collapse == "rollback" and not finetune:  # the in-memory copy of the last checkpoint (weights + AdamW)
         parts["rollback snapshot"] = (student * 3 + teacher) * 4
     if m.modality == "audio":  # the waveform, and the CNN's maps: 7 layers ≈ 2× the first's length (L/5)
         parts["inputs"] = B * t.audio_max_samples * 4 * 4
@@ -100,7 +109,7 @@ def available_per_worker(cfg: RunConfig) -> tuple[float | None, str]:
     return total * 0.8 / t.num_workers, f"this machine's memory shared by {t.num_workers} worker(s)"
 
 
-def check_memory(cfg: RunConfig) -> dict[str, float]:
+def check_memory(cfg) -> dict[str, float]:
     """Raise ConfigError, naming the fields to change, when a step cannot fit in a worker."""
     parts = estimate(cfg)
     have, source = available_per_worker(cfg)
@@ -108,7 +117,7 @@ def check_memory(cfg: RunConfig) -> dict[str, float]:
         m, t = cfg.model, cfg.train
         T = tokens_per_sample(cfg)
         knobs = ["train.batch_size", "train.grad_accum (same effective batch in smaller pieces)"]
-        if m.mode == "d2v2":
+        if m.mode == "d2v2" and getattr(cfg, "finetune", None) is None:
             knobs.append("model.decoder.clone_batch")
         if m.modality == "image":
             knobs.append(f"model.frontend.patch_size ({T} tokens per image; or preprocess with a smaller --image-size)")
