@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "jobs.pretrain", "--modality", mod, "--data", data, "--output", out,
                "--preset", a.preset, "--max-steps", str(a.steps), "--num-workers", str(a.workers), "--use-gpu",
                "--compile", "--set", "train.log_every=50", "--set", f"train.checkpoint_every={a.steps}",
-               "--set", "train.warmup_steps=50"]
+               "--set", "train.warmup_steps=50", "--set", "train.reference_batch=null"]  # one micro-batch per step
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode:
             rows.append({"modality": mod, "error": (r.stderr or r.stdout)[-500:]})

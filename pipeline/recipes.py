@@ -8,8 +8,9 @@ so it learns visibly in minutes on 2 CPU cores. `tests/test_recipes.py` checks e
 large value against a table copied from those configs. Where we cannot follow the reference, the
 line says so and why.
 
-Batch sizes are per worker (per GPU in the reference); the reference's GPU count is in a comment,
-so a run on fewer GPUs needs `train.grad_accum` = reference GPUs / your GPUs for the same batch.
+Batch sizes are per worker (per GPU in the reference); base/large recipes also set
+`train.reference_batch` (per-GPU batch × the reference's GPU count), from which a run derives
+`train.grad_accum` for its own worker count: 4 GPUs reproduce a 16-GPU recipe's effective batch.
 No Ray, no data code: configs only.
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ def image_d2v1(size: str, fe: dict) -> Recipe:
         ema=EMAConfig(decay=0.999, end_decay=0.9998, anneal_end_step=375_300)),
         dict(max_steps=375_300, batch_size=128, lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
              clip_norm=3.0, schedule="cosine", warmup_steps=12_510, min_lr_scale=0.0,
-             checkpoint_every=2000))  # × 16 GPUs
+             checkpoint_every=2000, reference_batch=128 * 16))  # × 16 GPUs
 
 
 def image_d2v2(size: str, fe: dict) -> Recipe:
@@ -109,7 +110,7 @@ def image_d2v2(size: str, fe: dict) -> Recipe:
         collapse=CollapseConfig(min_target_var=0.0, min_pred_var=0.0)),  # the image configs turn it off
         dict(max_steps=375_300, batch_size=16 if base else 8, lr=1e-3 if base else 4e-4, betas=(0.9, 0.95),
              eps=1e-8, weight_decay=0.05, clip_norm=4.0, schedule="cosine", warmup_steps=50_040,
-             min_lr_scale=0.0, checkpoint_every=2000))  # × 16 GPUs
+             min_lr_scale=0.0, checkpoint_every=2000, reference_batch=(16 if base else 8) * 16))  # × 16 GPUs
 
 
 # ----------------------------------------------------------------------------- audio
@@ -131,7 +132,8 @@ def audio_d2v1(size: str, fe: dict) -> Recipe:
         # max_tokens 3.8M samples/GPU ≈ 12 clips of 20 s; × 16 GPUs. tri_stage [0.03, 0.9, 0.07].
         dict(max_steps=400_000, batch_size=12, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
              clip_norm=0.0, schedule="tri_stage", warmup_steps=12_000, min_lr_scale=0.01,
-             audio_max_samples=320_000, audio_batching="crop", shuffle_buffer=256, checkpoint_every=2000))
+             audio_max_samples=320_000, audio_batching="crop", shuffle_buffer=256, checkpoint_every=2000,
+             reference_batch=12 * 16))
 
 
 def audio_d2v2(size: str, fe: dict) -> Recipe:
@@ -159,7 +161,8 @@ def audio_d2v2(size: str, fe: dict) -> Recipe:
         dict(max_steps=400_000 if base else 600_000, batch_size=4 if base else 1, lr=7.5e-4 if base else 4e-4,
              betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_norm=0.0 if base else 1.0, schedule="cosine",
              warmup_steps=8000 if base else 10_000, min_lr_scale=0.0, audio_max_samples=320_000,
-             audio_batching="crop", shuffle_buffer=256, checkpoint_every=2000))
+             audio_batching="crop", shuffle_buffer=256, checkpoint_every=2000,
+             reference_batch=4 * 8 if base else 1 * 48))
 
 
 # ----------------------------------------------------------------------------- text
@@ -182,7 +185,7 @@ def text_d2v1(size: str, fe: dict) -> Recipe:
         # max_tokens 8192/GPU = 16 rows of 512 tokens; × 16 GPUs
         dict(max_steps=1_000_000, batch_size=16, lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
              clip_norm=5.0, schedule="cosine", warmup_steps=10_000, min_lr_scale=0.0, text_max_tokens=512,
-             checkpoint_every=2000))
+             checkpoint_every=2000, reference_batch=16 * 16))
 
 
 def text_d2v2(size: str, fe: dict) -> Recipe:
@@ -207,7 +210,8 @@ def text_d2v2(size: str, fe: dict) -> Recipe:
         # base: 4 rows of 512 tokens × 16 GPUs; large: 2 × 32 GPUs
         dict(max_steps=1_000_000 if base else 600_000, batch_size=4 if base else 2, lr=2e-4 if base else 1e-4,
              betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, clip_norm=1.0, schedule="cosine", warmup_steps=4000,
-             min_lr_scale=0.0, text_max_tokens=512, checkpoint_every=2000))
+             min_lr_scale=0.0, text_max_tokens=512, checkpoint_every=2000,
+             reference_batch=4 * 16 if base else 2 * 32))
 
 
 RECIPES = {("image", "d2v1"): image_d2v1, ("image", "d2v2"): image_d2v2, ("audio", "d2v1"): audio_d2v1,
@@ -266,7 +270,7 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
         return FineTuneRecipe(
             {**common, "max_steps": 300 if demo else 125_000, "batch_size": 32, "lr": 1e-3 if demo else 2e-3,
              "warmup_steps": 30 if demo else 25_000, "weight_decay": 0.05, "schedule": "cosine",
-             "eval_every": 50 if demo else 2500},  # base: × 8 GPUs
+             "eval_every": 50 if demo else 2500, "reference_batch": None if demo else 32 * 8},  # base: × 8 GPUs
             {"task": task, "layer_decay": 0.75 if demo else 0.65, "drop_path": 0.1, "label_smoothing": 0.1},
             dropout=0.0)
     if modality == "audio":
@@ -275,7 +279,7 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
             {**common, "max_steps": (600 if ctc else 300) if demo else 80_000, "batch_size": 16 if demo else 8,
              "lr": 1e-3 if demo else 5e-5, "warmup_steps": 60 if demo else 8_000,
              "weight_decay": 0.0 if not demo else 0.01, "schedule": "tri_stage", "audio_max_samples": 320_000,
-             "eval_every": 50 if demo else 2000},
+             "eval_every": 50 if demo else 2000, "reference_batch": None if demo else 8 * 8},  # base: × 8 GPUs
             {"task": task, "freeze_feature_encoder": True,
              # head warm-up (fairseq freeze_finetune_updates): CTC only, ~5% of the run
              "freeze_encoder_steps": (30 if demo else 4_000) if ctc else 0,
@@ -285,7 +289,8 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
         return FineTuneRecipe(
             {**common, "max_steps": 300 if demo else 20_000, "batch_size": 32, "lr": 5e-4 if demo else 2e-5,
              "warmup_steps": 18 if demo else 1_200, "weight_decay": 0.01 if demo else 0.1, "schedule": "cosine",
-             "text_max_tokens": 128 if demo else 512, "eval_every": 50 if demo else 1000},
+             "text_max_tokens": 128 if demo else 512, "eval_every": 50 if demo else 1000,
+             "reference_batch": None if demo else 32},  # base: 32 on one GPU
             {"task": task, "head_dropout": 0.1},
             dropout=0.1)
     raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")

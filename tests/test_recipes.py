@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = {
     # vision/pretraining/base_imagenet_d2v1.yaml (batch 128 × 16 GPUs)
     ("image", "d2v1", "base"): {
+        "train.reference_batch": 2048,
         "train.lr": 5e-4, "train.betas": [0.9, 0.999], "train.eps": 1e-8, "train.weight_decay": 0.05,
         "train.clip_norm": 3.0, "train.schedule": "cosine", "train.warmup_steps": 12_510,
         "train.max_steps": 375_300, "train.batch_size": 128, "train.min_lr_scale": 0.0,
@@ -29,6 +30,7 @@ REFERENCE = {
         "model.frontend.patch_size": 16},
     # v2/base_images_only_task.yaml (16 × 16 GPUs)
     ("image", "d2v2", "base"): {
+        "train.reference_batch": 256,
         "train.lr": 1e-3, "train.betas": [0.9, 0.95], "train.eps": 1e-8, "train.weight_decay": 0.05,
         "train.clip_norm": 4.0, "train.schedule": "cosine", "train.warmup_steps": 50_040,
         "train.max_steps": 375_300, "train.batch_size": 16, "train.min_lr_scale": 0.0,
@@ -43,6 +45,7 @@ REFERENCE = {
         "model.encoder.heads": 12, "model.collapse.min_target_var": 0.0, "model.collapse.min_pred_var": 0.0},
     # v2/large_images_only_task.yaml (8 × 16 GPUs)
     ("image", "d2v2", "large"): {
+        "train.reference_batch": 128,
         "train.lr": 4e-4, "train.betas": [0.9, 0.95], "train.eps": 1e-8, "train.weight_decay": 0.05,
         "train.clip_norm": 4.0, "train.warmup_steps": 50_040, "train.max_steps": 375_300, "train.batch_size": 8,
         "model.mask.prob": 0.75, "model.mask.length": 3, "model.mask.adjust": 0.1, "model.decoder.clone_batch": 16,
@@ -52,6 +55,7 @@ REFERENCE = {
         "model.encoder.heads": 16, "model.encoder.dropout": 0.0},
     # audio/pretraining/base_librispeech.yaml (max_tokens 3.8M × 16 GPUs)
     ("audio", "d2v1", "base"): {
+        "train.reference_batch": 192,
         "train.lr": 5e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
         "train.clip_norm": 0.0, "train.schedule": "tri_stage", "train.warmup_steps": 12_000,
         "train.max_steps": 400_000, "train.min_lr_scale": 0.01, "train.audio_max_samples": 320_000,
@@ -66,6 +70,7 @@ REFERENCE = {
         "model.collapse.warmup_steps": 5000},
     # v2/base_audio_only_task.yaml (max_tokens 1M × 8 GPUs)
     ("audio", "d2v2", "base"): {
+        "train.reference_batch": 32,
         "train.lr": 7.5e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
         "train.clip_norm": 0.0, "train.schedule": "cosine", "train.warmup_steps": 8000,
         "train.max_steps": 400_000, "train.min_lr_scale": 0.0, "train.audio_max_samples": 320_000,
@@ -77,12 +82,14 @@ REFERENCE = {
         "model.encoder.dropout": 0.1, "model.encoder.attn_dropout": 0.1},
     # v2/large_audio_only_task.yaml (max_tokens 320k × 48 GPUs)
     ("audio", "d2v2", "large"): {
+        "train.reference_batch": 48,
         "train.lr": 4e-4, "train.clip_norm": 1.0, "train.warmup_steps": 10_000, "train.max_steps": 600_000,
         "model.mask.prob": 0.55, "model.mask.adjust": 0.1, "model.decoder.clone_batch": 12,
         "model.target.top_k": 16, "model.ema.decay": 0.9997, "model.ema.end_decay": 1.0,
         "model.ema.anneal_end_step": 300_000, "model.decoder.dim": 768, "model.encoder.dim": 1024},
     # text/pretraining/base.yaml (max_tokens 8192 = 16 × 512 tokens × 16 GPUs)
     ("text", "d2v1", "base"): {
+        "train.reference_batch": 256,
         "train.lr": 2e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
         "train.clip_norm": 5.0, "train.schedule": "cosine", "train.warmup_steps": 10_000,
         "train.max_steps": 1_000_000, "train.batch_size": 16, "train.text_max_tokens": 512,
@@ -93,6 +100,7 @@ REFERENCE = {
         "model.frontend.max_positions": 512, "model.encoder.dropout": 0.1},
     # v2/base_text_only_task.yaml (4 × 16 GPUs)
     ("text", "d2v2", "base"): {
+        "train.reference_batch": 64,
         "train.lr": 2e-4, "train.betas": [0.9, 0.98], "train.eps": 1e-6, "train.weight_decay": 0.01,
         "train.clip_norm": 1.0, "train.schedule": "cosine", "train.warmup_steps": 4000,
         "train.max_steps": 1_000_000, "train.batch_size": 4, "train.min_lr_scale": 0.0,
@@ -104,6 +112,7 @@ REFERENCE = {
         "model.decoder.residual": False, "model.decoder.projection_layers": 2, "model.encoder.dropout": 0.1},
     # v2/large_text_only_task.yaml (2 × 32 GPUs)
     ("text", "d2v2", "large"): {
+        "train.reference_batch": 64,
         "train.lr": 1e-4, "train.max_steps": 600_000, "train.batch_size": 2, "train.warmup_steps": 4000,
         "model.mask.prob": 0.5, "model.target.top_k": 24, "model.target.layer_norm": "layer",
         "model.target.final_norm": "instance", "model.decoder.dim": 768, "model.encoder.dim": 1024,

@@ -132,6 +132,29 @@ def test_lr_schedules():
     assert lr_at(50, tri) == 1.0 and lr_at(110, tri) == pytest.approx(0.01)
 
 
+def test_reference_batch_derives_accumulation_for_the_worker_count():
+    """A base recipe's effective batch (per-GPU batch × the reference's GPUs) is kept on fewer
+    workers by accumulating; the LR is scaled only when asked, and only when the batch differs."""
+    fe = {"image_size": 224}
+    for workers, accum in ((1, 16), (2, 8), (4, 4), (16, 1)):  # image 2.0 base: 16 per GPU × 16 GPUs
+        t = resolve("image", "d", "o", "base", None, {"train.num_workers": workers}, model_frontend=fe).train
+        assert (t.reference_batch, t.grad_accum, t.effective_batch) == (256, accum, 256)
+        assert t.peak_lr == t.lr == 1e-3 and t.batch_line().endswith("(the recipe's reference batch)")
+    t = TrainConfig(batch_size=32, num_workers=3, reference_batch=256, lr=1.0)  # 256 / 96 → 3 steps of 96
+    assert (t.grad_accum, t.effective_batch, t.peak_lr) == (3, 288, 1.0)
+    assert "≠ the recipe's reference batch 256; lr not scaled" in t.batch_line()
+    s = TrainConfig(batch_size=32, num_workers=3, reference_batch=256, lr=1.0, scale_lr=True, warmup_steps=0,
+                    schedule="tri_stage", max_steps=100)
+    assert s.peak_lr == pytest.approx(288 / 256) and lr_at(5, s) == pytest.approx(288 / 256)
+    assert TrainConfig(batch_size=64, num_workers=8, reference_batch=256).grad_accum == 1  # never below 1
+    assert TrainConfig(batch_size=8, grad_accum=3).effective_batch == 24  # no reference: as given
+    with pytest.raises(ConfigError, match=r"^train\.grad_accum: derived from train\.reference_batch=256"):
+        resolve("image", "d", "o", "base", None, {"train.grad_accum": 2}, model_frontend=fe)
+    own = resolve("image", "d", "o", "base", None, {"train.reference_batch": None, "train.grad_accum": 2},
+                  model_frontend=fe).train
+    assert own.grad_accum == 2 and own.effective_batch == 32
+
+
 def test_streaming_dataset_is_not_materialized(demo_shards):
     """The trainer receives a lazy read_parquet dataset: nothing is executed or pinned up front."""
     import ray
@@ -156,18 +179,19 @@ def _image_folder_224(demo_raw, root):
 @pytest.mark.slow
 def test_two_workers_accumulate_on_224px_folders_through_file_uris(demo_raw, ray_local, tmp_path):
     """The path a new user takes: preprocessing defaults (224 px) + the demo preset + 2 workers ×
-    grad_accum 2, with data and output given as file:// URIs. The demo recipe picks 16-px patches
+    grad_accum 2 (derived from a reference batch of 16), with data and output given as file:// URIs. The demo recipe picks 16-px patches
     (14 × 14 tokens) so it fits; threads per worker come from the worker's node."""
     data = _image_folder_224(demo_raw, tmp_path)
     out = tmp_path / "run"
     rc = pretrain(["--modality", "image", "--data", f"file://{data}", "--output", f"file://{out}",
                    "--num-workers", "2", "--max-steps", "3", "--set", "train.batch_size=4",
-                   "--set", "train.grad_accum=2", "--set", "train.log_every=1", "--set", "train.warmup_steps=1"])
+                   "--set", "train.reference_batch=16", "--set", "train.log_every=1", "--set", "train.warmup_steps=1"])
     assert rc == 0
     client, run = mlflow_metrics(str(out))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
     from pipeline.train.worker import node_cpus, threads_for_worker
     assert run.data.tags["torch.threads_per_worker"] == str(threads_for_worker(node_cpus(), 2))
+    assert run.data.tags["train.effective_batch"] == "16"
     cfg = json.load(open(out / "final" / "config.json"))
     assert cfg["model"]["frontend"]["patch_size"] == 16 and cfg["train"]["grad_accum"] == 2
     import pyarrow.parquet as pq

@@ -49,6 +49,14 @@ class TrainConfig:
     batch_size: int = 16
     """Samples per worker per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step. Derived (not set) when reference_batch is set."""
+    reference_batch: int | None = None
+    """The recipe's effective batch: samples per optimizer step over all workers (the reference's
+    per-GPU batch × its GPU count). When set, grad_accum = round(reference_batch / (num_workers ×
+    batch_size)), at least 1, so 4 GPUs reproduce a 16-GPU recipe; null = use grad_accum as given."""
+    scale_lr: bool = False
+    """With reference_batch: when the effective batch differs from it (it does not divide evenly,
+    or one micro-batch per worker is already larger), scale lr linearly by effective / reference."""
     lr: float = 1e-3
     min_lr_scale: float = 0.01
     """Cosine decays to lr × min_lr_scale."""
@@ -98,6 +106,11 @@ class TrainConfig:
     the local workers (CPU) or the local GPU's memory."""
 
     def __post_init__(self):
+        _check(self.reference_batch is None or self.reference_batch >= 1, "reference_batch",
+               f"must be >= 1 or null, got {self.reference_batch}")
+        if self.reference_batch is not None and self.batch_size >= 1 and self.num_workers >= 1:
+            per_step = self.num_workers * self.batch_size
+            object.__setattr__(self, "grad_accum", max(1, round(self.reference_batch / per_step)))
         _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.stop_at_step is None or 1 <= self.stop_at_step <= self.max_steps, "stop_at_step",
                f"must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
@@ -129,6 +142,30 @@ class TrainConfig:
         _check(self.worker_memory_gb is None or self.worker_memory_gb > 0, "worker_memory_gb", "must be > 0 or null")
         _check(self.audio_batching in ("pad", "crop"), "audio_batching",
                f"must be 'pad' or 'crop', got {self.audio_batching!r}")
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step, all workers together."""
+        return self.batch_size * self.grad_accum * self.num_workers
+
+    @property
+    def peak_lr(self) -> float:
+        """The schedule's peak: lr, scaled by effective / reference batch only when scale_lr asks."""
+        if self.scale_lr and self.reference_batch:
+            return self.lr * self.effective_batch / self.reference_batch
+        return self.lr
+
+    def batch_line(self) -> str:
+        """How the effective batch is made, for the run's first line."""
+        line = (f"effective batch {self.effective_batch} = {self.batch_size} per worker × {self.num_workers} "
+                f"worker(s) × grad_accum {self.grad_accum}")
+        if self.reference_batch is None:
+            return line
+        if self.effective_batch == self.reference_batch:
+            return line + " (the recipe's reference batch)"
+        lr = (f"lr scaled to {self.peak_lr:.3g}" if self.scale_lr else
+              "lr not scaled: set train.scale_lr=true to scale it linearly")
+        return line + f" ≠ the recipe's reference batch {self.reference_batch}; {lr}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,10 +288,20 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     for k in ("modality", "data", "output", "preset"):
         if d[k] != {"modality": modality, "data": data, "output": output, "preset": preset_name}[k]:
             raise ConfigError(f"{k}: set it with --{k}, not in the config file")
+    _check_accumulation(d["train"], overrides)
     try:
         return RunConfig.from_dict(d)
     except TypeError as e:  # wrong type/unknown keyword inside a section
         raise ConfigError(f"config: {e}") from None
+
+
+def _check_accumulation(train: dict, overrides: dict | None) -> None:
+    """grad_accum is derived from train.reference_batch; setting both on the command line is a
+    contradiction, not a silent override."""
+    if "train.grad_accum" in (overrides or {}) and train.get("reference_batch") is not None:
+        raise ConfigError(f"train.grad_accum: derived from train.reference_batch={train['reference_batch']} "
+                          f"(the recipe's effective batch) and the worker count; set train.reference_batch=null "
+                          f"to choose grad_accum yourself")
 
 
 def _absolute(p: str) -> str:
@@ -365,6 +412,7 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     for k, v in fixed.items():
         if d[k] != v:
             raise ConfigError(f"{k}: set by the command line and the data, not in the config")
+    _check_accumulation(d["train"], overrides)
     try:
         cfg = FineTuneConfig.from_dict(d)
     except TypeError as e:

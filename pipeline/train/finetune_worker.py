@@ -95,7 +95,8 @@ def finetune_loop_per_worker(config: dict) -> None:
         sink = MLflowSink(cfg.tracking_uri, cfg.experiment, cfg.output,
                           f"{cfg.modality}-{f.task}-{init_name}-{f.label_fraction:g}", cfg.to_dict(),
                           parent_run_id=cfg.parent_run_id)
-        sink.set_tags({"git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
+        sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
+                       "git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
                        "label_fraction": f.label_fraction, "ray.num_workers": world, "device": str(device)})
         val_rows = _rows(cfg.val_data, cfg.modality, f.task)
         if ckpt is not None:

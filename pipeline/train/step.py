@@ -24,17 +24,17 @@ from pipeline.train.config import TrainConfig
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): a pure function, so resume needs no state."""
     if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
+        return t.peak_lr * (step + 1) / t.warmup_steps
     if t.schedule == "cosine":
         p = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        return t.lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+        return t.peak_lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
     # tri_stage (fairseq, phase_ratio [warm-up, 0.9, rest]): hold for 90% of the run after the
     # warm-up, then decay exponentially to lr × min_lr_scale.
     hold_end = min(t.max_steps, t.warmup_steps + int(0.9 * t.max_steps))
     if step < hold_end:
-        return t.lr
+        return t.peak_lr
     p = (step - hold_end) / max(1, t.max_steps - hold_end)
-    return t.lr * max(t.min_lr_scale, 1e-12) ** min(p, 1.0)
+    return t.peak_lr * max(t.min_lr_scale, 1e-12) ** min(p, 1.0)
 
 
 def build_optimizer(model: Data2Vec, t: TrainConfig) -> torch.optim.Optimizer:

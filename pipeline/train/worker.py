@@ -112,7 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
         sink = MLflowSink(cfg.tracking_uri, cfg.experiment,
                           cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", cfg.to_dict(),
                           parent_run_id=cfg.parent_run_id)
-        sink.set_tags({"git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
+        sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
+                       "git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
                        "preset": cfg.preset, "ray.num_workers": world, "torch.threads_per_worker": threads,
                        "ray.cluster_cpus": config.get("cluster_cpus", "?"), "device": str(device)})
         if ckpt is not None:
