@@ -18,48 +18,69 @@ import math
 import numpy as np
 
 
-def _fix_count(row: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
-    """Unmask / mask random positions of a 1-D bool row until exactly `target` are True."""
-    n = int(row.sum())
-    if n > target:
-        on = np.flatnonzero(row)
-        row[rng.choice(on, n - target, replace=False)] = False
-    elif n < target:
-        off = np.flatnonzero(~row)
-        row[rng.choice(off, target - n, replace=False)] = True
-    return row
+def fix_counts(mask: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Exactly `target` True per row of a (B, L) bool mask: rows with more drop a uniformly random
+    subset of their True positions, rows with fewer gain a uniformly random subset of their False
+    ones. One sort for the whole batch: True positions score in [1, 2), False ones in [0, 1), and
+    each row keeps its `target` highest scores."""
+    B, L = mask.shape
+    out = np.zeros((B, L), dtype=bool)
+    if target <= 0:
+        return out
+    if target >= L:
+        return ~out
+    score = mask + rng.random((B, L))
+    top = np.argpartition(-score, target - 1, axis=1)[:, :target]
+    np.put_along_axis(out, top, True, axis=1)
+    return out
+
+
+def _choose(n_from: np.ndarray, k: np.ndarray, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per row b, k[b] distinct integers drawn uniformly from range(n_from[b]) (no replacement).
+    Returns (values (B, K), valid (B, K)) with K = max(k); entries past k[b] are not valid."""
+    B, K = len(n_from), int(k.max(initial=0))
+    score = rng.random((B, width))
+    score[np.arange(width)[None, :] >= n_from[:, None]] = -1.0  # outside the row's range: never chosen
+    if K == 0:
+        return np.zeros((B, 0), np.int64), np.zeros((B, 0), bool)
+    values = np.argpartition(-score, K - 1, axis=1)[:, :K] if K < width else np.argsort(-score, axis=1)
+    return values, np.arange(K)[None, :] < k[:, None]
 
 
 def beit_block_mask(batch: int, h: int, w: int, num_masked: int, rng: np.random.Generator,
                     min_block: int = 16, max_block: int | None = None,
                     min_aspect: float = 0.3) -> np.ndarray:
     """BEiT block-wise masking: rectangles (area min_block..max_block, aspect 0.3..3.3) until
-    exactly `num_masked` of the h*w patches are masked. Returns (B, h*w) bool."""
+    exactly `num_masked` of the h*w patches are masked. Returns (B, h*w) bool.
+
+    Every row draws one rectangle per round (at most 100 rounds), all rows at once: a row stops
+    when it has enough, or when what it still needs is below the smallest block."""
     max_block = max_block or num_masked
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    out = np.zeros((batch, h * w), dtype=bool)
-    for b in range(batch):
-        m = np.zeros((h, w), dtype=bool)
-        count, tries = 0, 0
-        while count < num_masked and tries < 100:
-            tries += 1
-            max_area = min(num_masked - count, max_block)
-            if max_area < min(min_block, max_block):
-                break
-            area = rng.uniform(min(min_block, max_area), max_area)
-            aspect = math.exp(rng.uniform(*log_aspect))
-            bh = int(round(math.sqrt(area * aspect)))
-            bw = int(round(math.sqrt(area / aspect)))
-            if bh < 1 or bw < 1 or bh > h or bw > w:
-                continue
-            top, left = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
-            patch = m[top: top + bh, left: left + bw]
-            new = int((~patch).sum())
-            if 0 < new <= max_area:
-                patch[:] = True
-                count += new
-        out[b] = _fix_count(m.reshape(-1), num_masked, rng)  # exact count, as data2vec requires
-    return out
+    m = np.zeros((batch, h, w), dtype=bool)
+    count = np.zeros(batch, np.int64)
+    active = np.ones(batch, dtype=bool)
+    rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+    for _ in range(100):
+        max_area = np.minimum(num_masked - count, max_block)
+        active &= (count < num_masked) & (max_area >= min(min_block, max_block))
+        if not active.any():
+            break
+        lo = np.minimum(min_block, max_area)
+        area = rng.uniform(lo, np.maximum(max_area, lo))  # (B,)
+        aspect = np.exp(rng.uniform(*log_aspect, size=batch))
+        bh = np.round(np.sqrt(area * aspect)).astype(np.int64)
+        bw = np.round(np.sqrt(area / aspect)).astype(np.int64)
+        fits = active & (bh >= 1) & (bw >= 1) & (bh <= h) & (bw <= w)
+        top = (rng.random(batch) * np.maximum(h - bh + 1, 1)).astype(np.int64)
+        left = (rng.random(batch) * np.maximum(w - bw + 1, 1)).astype(np.int64)
+        t, l_, bh_, bw_ = (x[:, None, None] for x in (top, left, bh, bw))
+        rect = (rows >= t) & (rows < t + bh_) & (cols >= l_) & (cols < l_ + bw_)  # (B, h, w)
+        new = (rect & ~m).sum((1, 2))
+        take = fits & (new > 0) & (new <= max_area)
+        m |= rect & take[:, None, None]
+        count += np.where(take, new, 0)
+    return fix_counts(m.reshape(batch, -1), num_masked, rng)  # exact count, as data2vec requires
 
 
 def inverse_block_mask(batch: int, shape: tuple[int, ...], mask_prob: float, rng: np.random.Generator,
@@ -76,17 +97,15 @@ def inverse_block_mask(batch: int, shape: tuple[int, ...], mask_prob: float, rng
     p = 1.0 - mask_prob if inverse else mask_prob
     n_centers = int(L * (p + adjust) / block ** d)
     off = block // 2
-    out = np.zeros((batch, L), dtype=bool)
-    for b in range(batch):
-        m = np.zeros(shape, dtype=bool)
-        centers = rng.integers(0, L, size=n_centers)  # with replacement, like torch.multinomial
-        coords = np.unravel_index(centers, shape)
-        for delta in np.ndindex(*([block] * d)):
-            idx = tuple(np.clip(c + k - off, 0, s - 1) for c, k, s in zip(coords, delta, shape))
-            m[idx] = True
-        row = _fix_count(m.reshape(-1), int(L * p), rng)
-        out[b] = ~row if inverse else row
-    return out
+    m = np.zeros((batch, L), dtype=bool)
+    centers = rng.integers(0, L, size=(batch, n_centers))  # with replacement, like torch.multinomial
+    coords = np.unravel_index(centers, shape)  # d arrays of (B, n_centers)
+    rows = np.arange(batch)[:, None]
+    for delta in np.ndindex(*([block] * d)):  # grow every centre into its block, all rows at once
+        idx = tuple(np.clip(c + k - off, 0, s - 1) for c, k, s in zip(coords, delta, shape))
+        m[rows, np.ravel_multi_index(idx, shape)] = True
+    m = fix_counts(m, int(L * p), rng)
+    return ~m if inverse else m
 
 
 def span_mask(lengths: np.ndarray, T: int, mask_prob: float, span: int, rng: np.random.Generator,
@@ -96,22 +115,20 @@ def span_mask(lengths: np.ndarray, T: int, mask_prob: float, span: int, rng: np.
     `require_same`, every row is trimmed to the smallest count in the batch. Steps at or past
     a sample's length are never masked. Returns (B, T) bool."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    rows = []
-    for sz in lengths:
-        sz = int(sz)
-        num = max(min_masks, int(mask_prob * sz / span + rng.random()))
-        min_len = span
-        if sz - min_len <= num:
-            min_len = sz - num - 1
-        starts = rng.choice(max(sz - min_len, 1), min(num, max(sz - min_len, 1)), replace=False)
-        idx = (starts[:, None] + np.arange(span)[None, :]).reshape(-1)
-        rows.append(np.unique(idx[idx < sz]))
-    out = np.zeros((len(lengths), T), dtype=bool)
-    target = min(len(r) for r in rows) if rows else 0
-    for b, idx in enumerate(rows):
-        if require_same and len(idx) > target:
-            idx = rng.choice(idx, target, replace=False)
-        out[b, idx] = True
+    B = len(lengths)
+    out = np.zeros((B, T), dtype=bool)
+    if B == 0:
+        return out
+    num = np.maximum(min_masks, (mask_prob * lengths / span + rng.random(B)).astype(np.int64))
+    min_len = np.where(lengths - span <= num, lengths - num - 1, span)
+    n_from = np.maximum(lengths - min_len, 1)
+    starts, valid = _choose(n_from, np.minimum(num, n_from), int(n_from.max()), rng)
+    idx = starts[:, :, None] + np.arange(span)[None, None, :]  # (B, K, span)
+    keep = valid[:, :, None] & (idx < lengths[:, None, None])
+    b = np.broadcast_to(np.arange(B)[:, None, None], idx.shape)
+    out[b[keep], idx[keep]] = True
+    if require_same:
+        out = fix_counts(out, int(out.sum(1).min()), rng)  # every row has ≥ the minimum: only drops
     return out
 
 
@@ -119,17 +136,19 @@ def token_mask(lengths: np.ndarray, T: int, mask_prob: float, rng: np.random.Gen
                span: int = 1, special_edges: bool = True) -> np.ndarray:
     """BERT/fairseq token masking: int(p·n/span + U[0,1)) spans of `span` tokens per sample over
     the n maskable tokens (excluding <s> at 0 and </s> at len-1 when `special_edges`)."""
-    out = np.zeros((len(lengths), T), dtype=bool)
-    for b, sz in enumerate(np.asarray(lengths, dtype=np.int64)):
-        lo, hi = (1, int(sz) - 1) if special_edges else (0, int(sz))
-        n = hi - lo
-        if n <= 0:
-            continue
-        num = int(mask_prob * n / span + rng.random())
-        num = min(max(num, 1), max(n // span, 1))
-        starts = rng.choice(max(n - span + 1, 1), num, replace=False)
-        idx = (starts[:, None] + np.arange(span)[None, :]).reshape(-1)
-        out[b, lo + idx[idx < n]] = True
+    lengths = np.asarray(lengths, dtype=np.int64)
+    B = len(lengths)
+    out = np.zeros((B, T), dtype=bool)
+    lo = 1 if special_edges else 0
+    n = np.maximum(lengths - 2 * lo, 0)  # maskable tokens per row
+    num = (mask_prob * n / span + rng.random(B)).astype(np.int64)
+    num = np.where(n > 0, np.minimum(np.maximum(num, 1), np.maximum(n // span, 1)), 0)
+    n_from = np.maximum(n - span + 1, 1)
+    starts, valid = _choose(n_from, num, max(int(n_from.max(initial=1)), 1), rng)
+    idx = starts[:, :, None] + np.arange(span)[None, None, :]  # (B, K, span), within the maskable range
+    keep = valid[:, :, None] & (idx < n[:, None, None])
+    b = np.broadcast_to(np.arange(B)[:, None, None], idx.shape)
+    out[b[keep], lo + idx[keep]] = True
     return out
 
 

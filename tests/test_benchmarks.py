@@ -152,3 +152,11 @@ def test_text_diagnostics_ppmi_matches_a_hand_count():
     e = cooccurrence_embeddings(ppmi_matrix({"input_ids": topic}, 30), 2)
     cos = lambda a, b: e[a] @ e[b] / np.linalg.norm(e[a]) / np.linalg.norm(e[b])  # noqa: E731
     assert cos(10, 11) > 0.9 and cos(20, 21) > 0.9 and abs(cos(10, 20)) < 0.1
+
+
+def test_masks_benchmark_times_every_recipe():
+    from benchmarks.masks import main
+    text, res = run_main(main, ["--tiny", "--repeats", "1"])
+    rows = {f"{m}-{v}-base" for m in ("image", "audio", "text") for v in ("d2v1", "d2v2")}
+    assert set(res["mask_speedup"]) == rows == set(res["masks_per_s"])
+    assert all(v > 0 for v in res["masks_per_s"].values()) and "| image-d2v2-base | 32 | 196 |" in text

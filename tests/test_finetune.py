@@ -120,14 +120,17 @@ def test_export_task_class_gives_equal_logits(tmp_path, modality, task, mode):
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio", "text"])
 def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, modality):
-    """Scratch init (the pretrained path is tested below); 2 workers with gradient accumulation."""
+    """Scratch init (the pretrained path is tested below); 2 workers with gradient accumulation
+    derived from the reference batch (32 = 8 per worker × 2 workers × 2)."""
     d = demo_shards
     out = str(tmp_path / "ft")
     assert finetune(["--task", "classify", "--modality", modality, "--init", "scratch", "--train-data",
                      d[f"{modality}_train"], "--val-data", d[f"{modality}_test"], "--test-data", d[f"{modality}_test"],
                      "--output", out, "--max-steps", "6", "--label-fraction", "0.5", *SMALL,
-                     "--set", "train.grad_accum=2", "--set", "train.eval_every=3"]) == 0
-    s = last_json(capsys)
+                     "--set", "train.reference_batch=32", "--set", "train.eval_every=3"]) == 0
+    out_text = capsys.readouterr().out
+    assert "batch: effective batch 32 = 8 per worker × 2 worker(s) × grad_accum 2" in out_text
+    s = json.loads(out_text.strip().splitlines()[-1])
     assert set(s) >= {"test_accuracy", "val_accuracy", "init", "label_fraction"}
     assert s["init"] == "scratch" and s["label_fraction"] == 0.5 and 0 <= s["test_accuracy"] <= 1
     assert s["steps"] == 6 and s["best_step"] in (3, 6)
@@ -138,6 +141,7 @@ def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, mo
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlflow.db"))
     run = client.get_run(open(os.path.join(out, "mlflow_run_id")).read().strip())
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == s["test_accuracy"]
+    assert run.data.tags["train.effective_batch"] == "32" and run.data.params["train.grad_accum"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [3, 6]
 
 
@@ -194,6 +198,8 @@ def test_finetune_config_errors_before_ray(demo_shards, tmp_path, capsys):
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--label-fraction", "0.01",
                      "--num-workers", "2"]) == 2
     assert "no full step" in capsys.readouterr().err
+    assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "train.batch_size=200000"]) == 2
+    assert capsys.readouterr().err.startswith("error: train.batch_size: a step needs about")
     assert finetune(["--task", "classify", "--init", "scratch", "--modality", "image", "--train-data",
                      d["image_train"], "--val-data", d["audio_test"], "--test-data", d["image_test"],
                      "--output", str(tmp_path / "o")]) == 2

@@ -89,3 +89,45 @@ def test_masks_are_seeded():
     a = masking.inverse_block_mask(4, (14, 14), 0.8, np.random.default_rng(7))
     b = masking.inverse_block_mask(4, (14, 14), 0.8, np.random.default_rng(7))
     assert (a == b).all()
+
+
+def test_fix_counts_is_exact_and_uniform():
+    rng = np.random.default_rng(8)
+    m = np.zeros((20_000, 6), dtype=bool)
+    m[:, :2] = True  # 2 masked, 4 wanted: the 2 added come uniformly from the 4 free positions
+    out = masking.fix_counts(m, 4, rng)
+    assert (out.sum(1) == 4).all() and out[:, :2].all()
+    assert np.allclose(out[:, 2:].mean(0), 0.5, atol=0.02)
+    drop = masking.fix_counts(np.ones((20_000, 5), bool), 1, rng)  # 1 of 5 kept, uniformly
+    assert (drop.sum(1) == 1).all() and np.allclose(drop.mean(0), 0.2, atol=0.015)
+
+
+def _stats(m, shape):
+    """(masked fraction, mean run length along rows, P(right neighbour masked | masked))."""
+    g = m.reshape(len(m), *shape)
+    right = (g[..., :-1] & g[..., 1:]).sum() / max(g[..., :-1].sum(), 1)
+    return m.mean(), np.mean(np.concatenate([_runs(r) for r in g.reshape(-1, shape[-1])])), right
+
+
+@pytest.mark.parametrize("name", ["beit", "inverse_2d", "inverse_1d", "span", "token_span"])
+def test_vectorized_generators_match_the_per_row_reference(name):
+    """The batch-at-once generators draw from the same distributions as the per-row loops they
+    replaced (benchmarks/masking_loops.py): same masked fraction, run lengths and block clustering,
+    though not the same masks for a seed (they consume the generator in another order)."""
+    import benchmarks.masking_loops as loops
+    lengths = np.array([500, 420, 300, 480] * 64)
+    calls = {"beit": (lambda g, r: g.beit_block_mask(256, 14, 14, 120, r), (14, 14)),
+             "inverse_2d": (lambda g, r: g.inverse_block_mask(256, (14, 14), 0.8, r), (14, 14)),
+             "inverse_1d": (lambda g, r: g.inverse_block_mask(256, (250,), 0.5, r, block=5, adjust=0.05,
+                                                              inverse=False), (250,)),
+             "span": (lambda g, r: g.span_mask(lengths, 500, 0.65, 10, r, require_same=False), (500,)),
+             "token_span": (lambda g, r: g.token_mask(lengths, 500, 0.35, r, span=4), (500,))}
+    call, shape = calls[name]
+    new, old = call(masking, np.random.default_rng(9)), call(loops, np.random.default_rng(9))
+    assert new.shape == old.shape and new.dtype == bool
+    (fn, rn, cn), (fo, ro, co) = _stats(new, shape), _stats(old, shape)
+    assert abs(fn - fo) < 0.01 and abs(rn - ro) / ro < 0.1 and abs(cn - co) < 0.03, ((fn, rn, cn), (fo, ro, co))
+    if name == "span":  # never past a sample's length
+        assert not new[lengths == 300][:, 300:].any()
+    if name == "token_span":
+        assert not new[:, 0].any() and not new[np.arange(256), lengths - 1].any()
