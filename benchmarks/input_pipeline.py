@@ -10,13 +10,17 @@ first half warms up: Ray start-up, first blocks, allocator). The bare side is th
 in-memory batches (benchmarks/harness.py). data-wait = share of the Ray worker's wall time spent
 waiting for its next batch (what the training loop logs as `data_wait_fraction`).
 `base` = the base model preset (768 × 12) on the demo's data (images keep their 28 px, patch 4).
-Prints a table, then one JSON line: {"ray_overhead": worst 1 − ray/bare, "data_wait_fraction": worst}.
+Each row repeats the pair (bare, Ray) `--repeats` times, alternating, and reports the median
+overhead with its range. Prints a table, then one JSON line: {"ray_overhead": worst row's median
+1 − ray/bare, "ray_overhead_range": [lowest, highest single pair], "data_wait_fraction": worst
+row's median}.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="demo,base")
     p.add_argument("--steps", type=int, default=60, help="steps per run at the demo size")
     p.add_argument("--base-steps", type=int, default=8, help="steps per run at base size")
+    p.add_argument("--repeats", type=int, default=3, help="paired (bare, Ray) measurements per row")
     a = p.parse_args(argv)
     from pipeline.raycluster import init_ray
 
@@ -69,19 +74,29 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         for mod in a.modalities.split(","):
             steps = a.steps if size == "demo" else a.base_steps
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg = run_config(mod, a.data, size, steps, tmp)
-                bare = bare_samples_per_s(cfg)
-                m = ray_metrics(cfg)
-            rows.append((size, mod, cfg.train.batch_size, steps, bare, m["samples_per_s"], m["data_wait_fraction"]))
-            print(f"  {size} {mod}: bare {bare:.2f} samples/s, ray {m['samples_per_s']:.2f}, "
-                  f"data-wait {m['data_wait_fraction']:.2%}", flush=True)
+            over, waits, bares, rays = [], [], [], []
+            for _ in range(max(1, a.repeats)):  # A, B, A, B, …: drift on a shared machine hits both sides
+                with tempfile.TemporaryDirectory() as tmp:
+                    cfg = run_config(mod, a.data, size, steps, tmp)
+                    bare = bare_samples_per_s(cfg)
+                    m = ray_metrics(cfg)
+                bares.append(bare)
+                rays.append(m["samples_per_s"])
+                over.append(1 - m["samples_per_s"] / bare)
+                waits.append(m["data_wait_fraction"])
+                print(f"  {size} {mod}: bare {bare:.2f} samples/s, ray {m['samples_per_s']:.2f}, "
+                      f"data-wait {m['data_wait_fraction']:.2%}", flush=True)
+            rows.append((size, mod, cfg.train.batch_size, steps, statistics.median(bares), statistics.median(rays),
+                         over, statistics.median(waits)))
     print(f"\n{'size':5} {'modality':8} {'batch':>5} {'steps':>5} {'bare sps':>9} {'ray sps':>8} "
-          f"{'overhead':>8} {'data-wait':>9}")
-    for size, mod, b, steps, bare, ray_sps, wait in rows:
-        print(f"{size:5} {mod:8} {b:5d} {steps:5d} {bare:9.2f} {ray_sps:8.2f} {1 - ray_sps / bare:8.1%} {wait:9.2%}")
-    print(json.dumps({"ray_overhead": round(max(1 - r[5] / r[4] for r in rows), 3),
-                      "data_wait_fraction": round(max(r[6] for r in rows), 4)}))
+          f"{'overhead median (min..max)':>27} {'data-wait':>9}")
+    for size, mod, b, steps, bare, ray_sps, over, wait in rows:
+        spread = f"{statistics.median(over):.1%} ({min(over):.1%}..{max(over):.1%})"
+        print(f"{size:5} {mod:8} {b:5d} {steps:5d} {bare:9.2f} {ray_sps:8.2f} {spread:>27} {wait:9.2%}")
+    print(json.dumps({"ray_overhead": round(max(statistics.median(r[6]) for r in rows), 3),
+                      "ray_overhead_range": [round(min(min(r[6]) for r in rows), 3),
+                                             round(max(max(r[6]) for r in rows), 3)],
+                      "data_wait_fraction": round(max(r[7] for r in rows), 4), "repeats": a.repeats}))
     return 0
 
 

@@ -88,7 +88,8 @@ def test_ray_benchmarks_run(demo_shards):
     from benchmarks.input_pipeline import main as input_pipeline
     from benchmarks.scaling import main as scaling
     data = os.path.dirname(demo_shards["image"])
-    _, r = run_main(input_pipeline, ["--data", data, "--modalities", "text", "--sizes", "demo", "--steps", "6"])
+    _, r = run_main(input_pipeline, ["--data", data, "--modalities", "text", "--sizes", "demo", "--steps", "6",
+                                     "--repeats", "1"])
     assert 0 <= r["data_wait_fraction"] < 1 and np.isfinite(r["ray_overhead"])
     _, r = run_main(scaling, ["--data", data, "--modality", "text", "--steps", "4", "--model-modalities", "text"])
     assert r["two_worker_speedup"] > 0 and 0 < r["efficiency_64_gpus_text"] <= 1

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.train.stream import RankStream, _uri, list_chunks, rank_share
 
@@ -58,3 +59,32 @@ def test_chunk_paths_keep_the_uri_scheme_host_and_query():
     assert (_uri("s3://b/prep/?endpoint_override=minio:9000", "b/prep", "b/prep/shards/a.parquet")
             == "s3://b/prep/shards/a.parquet?endpoint_override=minio:9000")
     assert _uri("hdfs://nn:8020/prep", "/prep", "/prep/shards/a.parquet") == "hdfs://nn:8020/prep/shards/a.parquet"
+
+
+def test_ahead_prepares_steps_in_order_off_the_training_thread():
+    """Ahead yields exactly what a synchronous loop builds, step by step, from another thread; an
+    error in preparation surfaces at the step it belongs to; close() leaves nothing running."""
+    import threading
+
+    from pipeline.train.batches import Ahead, step_rng
+
+    source = iter(range(100))
+    made_in = set()
+
+    def make(step):
+        made_in.add(threading.current_thread().name)
+        if step == 7:
+            raise ValueError("corrupt batch at step 7")
+        return next(source), step_rng(0, 0, step).integers(1 << 30)
+
+    ahead = Ahead(make, 3, 9)
+    got = [ahead.get() for _ in range(4)]
+    assert got == [(s, (s - 3, step_rng(0, 0, s).integers(1 << 30))) for s in range(3, 7)]
+    assert made_in == {"prepare-next-steps"}
+    with pytest.raises(ValueError, match="step 7"):
+        ahead.get()
+    ahead.close()
+    slow = Ahead(lambda s: s, 0, 10 ** 6, depth=2)  # abandoned early: the thread stops
+    assert slow.get() == (0, 0)
+    slow.close()
+    assert not slow._thread.is_alive()

@@ -1,9 +1,14 @@
 """Numpy batches from Ray Data → model-ready torch tensors + masks. No Ray imports.
 
 Masks are drawn here, in the data path, from an rng seeded by (seed, rank, step, micro-step), so
-a resumed run draws exactly the masks the uninterrupted run would have drawn.
+a resumed run draws exactly the masks the uninterrupted run would have drawn. `Ahead` runs this
+collation for the next steps in a background thread while the current step trains.
 """
 from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,3 +104,50 @@ def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int)
 
 def step_rng(seed: int, rank: int, step: int, micro: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, rank, step, micro])
+
+
+class Ahead:
+    """The next `depth` optimizer steps, prepared in a background thread while the current one
+    trains: reading, collation and mask drawing leave the critical path, and `get()` blocks only
+    when the step would otherwise wait for data (the data wait a run reports).
+
+    `make(step)` builds one step's micro-batches; it is called in order for steps first … last-1,
+    and its randomness comes from step_rng(…, step, …), so the batches are exactly what a
+    synchronous loop would build: resume stays bit-identical. An error in `make` is raised by the
+    `get()` that would have returned that step. `close()` abandons what is queued (a rollback, an
+    early stop, the end of the epoch)."""
+
+    def __init__(self, make: Callable[[int], object], first: int, last: int, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, first, last), daemon=True,
+                                        name="prepare-next-steps")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make, first: int, last: int) -> None:
+        try:
+            for step in range(first, last):
+                if not self._put((step, make(step))):
+                    return
+        except BaseException as e:  # handed to the training thread, raised there
+            self._put((None, e))
+
+    def get(self) -> tuple[int, object]:
+        """(step, its micro-batches), in step order."""
+        step, item = self._q.get()
+        if step is None:
+            raise item
+        return step, item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

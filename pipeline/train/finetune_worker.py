@@ -19,7 +19,7 @@ import torch
 
 from pipeline import storage
 from pipeline.model.finetune import FineTuneModel
-from pipeline.train.batches import COLUMNS, step_rng
+from pipeline.train.batches import COLUMNS, Ahead, step_rng
 from pipeline.train.checkpoint import load_state, save_final, save_state
 from pipeline.train.config import FineTuneConfig
 from pipeline.train.curves import read_rows
@@ -116,13 +116,18 @@ def finetune_loop_per_worker(config: dict) -> None:
 
     while pos["step"] < stop and not pos["stopped_early"]:
         batches = stream.epoch(pos["epoch"], pos["batch_in_epoch"] * t.grad_accum)
+
+        def make(step: int) -> list:  # one step: grad_accum collated micro-batches (+ time masks)
+            group = [next(batches) for _ in range(t.grad_accum)]
+            return [collate(nb, cfg.modality, cfg.model, targets, step_rng(t.seed, rank, step, i), t,
+                            f.mask_time_prob, f.mask_time_length) for i, nb in enumerate(group)]
+
+        ahead = Ahead(make, pos["step"], min(stop, pos["step"] + steps_per_epoch - pos["batch_in_epoch"]))
         t_wait = time.perf_counter()
         while pos["batch_in_epoch"] < steps_per_epoch and pos["step"] < stop and not pos["stopped_early"]:
-            group = [next(batches) for _ in range(t.grad_accum)]
-            step = pos["step"]
+            step, micro = ahead.get()
+            assert step == pos["step"], (step, pos["step"])
             torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31)  # dropout, drop-path
-            micro = [collate(nb, cfg.modality, cfg.model, targets, step_rng(t.seed, rank, step, i), t,
-                             f.mask_time_prob, f.mask_time_length) for i, nb in enumerate(group)]
             micro = [({k: v.to(device) for k, v in x.items()}, {k: v.to(device) for k, v in y.items()},
                       None if m is None else m.to(device)) for x, y, m in micro]
             window["wait"] += time.perf_counter() - t_wait
@@ -170,6 +175,7 @@ def finetune_loop_per_worker(config: dict) -> None:
                     saved.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
                 _report(ray.train, Checkpoint, rank, model, opt, saved, cfg, best)
             t_wait = time.perf_counter()
+        ahead.close()
         if pos["batch_in_epoch"] >= steps_per_epoch:
             pos.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
     if rank == 0 and (pos["step"] >= t.max_steps or pos["stopped_early"]):

@@ -20,7 +20,7 @@ import torch
 from pipeline import storage
 from pipeline.model.data2vec import Data2Vec
 from pipeline.model.objective import NonFiniteLoss, RepresentationCollapse
-from pipeline.train.batches import COLUMNS, collate, step_rng
+from pipeline.train.batches import COLUMNS, Ahead, collate, step_rng
 from pipeline.train.checkpoint import load_state, save_final, save_state
 from pipeline.train.config import RunConfig
 from pipeline.train.curves import OnlineProbe, ValidationLoss
@@ -139,15 +139,20 @@ def train_loop_per_worker(config: dict) -> None:
     while pos["step"] < stop:
         skip = pos["batch_in_epoch"] * t.grad_accum  # micro-batches consumed before a resume
         batches = stream.epoch(pos["epoch"], skip)
+
+        def make(step: int) -> list:  # one step: grad_accum collated micro-batches with their masks
+            group = [next(batches) for _ in range(t.grad_accum)]  # never a partial group
+            return [collate(nb, mcfg, step_rng(t.seed, rank, step, i), t.audio_max_samples, t.text_max_tokens,
+                            t.audio_batching) for i, nb in enumerate(group)]
+
+        ahead = Ahead(make, pos["step"], min(stop, pos["step"] + steps_per_epoch - pos["batch_in_epoch"]))
         rolled_back = False
         t_wait = time.perf_counter()
         while pos["batch_in_epoch"] < steps_per_epoch and pos["step"] < stop:
-            group = [next(batches) for _ in range(t.grad_accum)]  # never a partial group
-            step = pos["step"]
-            torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31)  # dropout, decoder noise
-            micro = [collate(nb, mcfg, step_rng(t.seed, rank, step, i), t.audio_max_samples, t.text_max_tokens,
-                             t.audio_batching) for i, nb in enumerate(group)]
+            step, micro = ahead.get()
+            assert step == pos["step"], (step, pos["step"])
             window["wait"] += time.perf_counter() - t_wait
+            torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31)  # dropout, decoder noise
             if not pictured and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     sink.log_artifact(mask_picture(os.path.join(tmp, "masks.png"), micro[0][0], micro[0][1].numpy(),
@@ -221,6 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 **saved}
                 _report(ray.train, Checkpoint, rank, model, opt, saved, cfg, window.get("last", {}))
             t_wait = time.perf_counter()
+        ahead.close()
         if not rolled_back and pos["batch_in_epoch"] >= steps_per_epoch:
             pos.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
     if rank == 0:
