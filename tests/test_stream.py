@@ -51,6 +51,17 @@ def test_resume_reads_from_the_next_batch_without_rereading_the_epoch(ray_local,
     # Only the window holding the next batch is read again, not the epoch's start.
     share_rows = sum(c.rows for c in rank_share(chunks, 3, 2, 1, 2))
     assert s.rows_to_read(2, 30) <= share_rows - 30 * 16 + 64 < share_rows
+    # Step groups run on across the epoch boundary: epoch 2 from step 5 (grad_accum 4: 10 of 40
+    # batches), then epoch 3 from its start; each epoch ends at its last full group.
+    per_epoch = len(full) // 4
+    g = s.groups(2, 5, 4)
+    groups = [next(g) for _ in range(per_epoch - 5 + 2)]
+    assert all(len(x) == 4 for x in groups)
+    flat = [b["row"] for x in groups for b in x]
+    want = full[20: per_epoch * 4] + [b["row"] for b in s.epoch(3)][:8]
+    assert len(flat) == len(want)
+    for a, b in zip(flat, want):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_chunk_paths_keep_the_uri_scheme_host_and_query():

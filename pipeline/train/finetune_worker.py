@@ -114,15 +114,12 @@ def finetune_loop_per_worker(config: dict) -> None:
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0, "eval": 0.0}
     t_start, start_step = time.perf_counter(), pos["step"]
 
+    groups = stream.groups(pos["epoch"], pos["batch_in_epoch"], t.grad_accum)
+    # The next steps' batches (+ time masks), collated in the background across epochs (batches.Ahead).
+    ahead = Ahead(lambda step: [collate(nb, cfg.modality, cfg.model, targets, step_rng(t.seed, rank, step, i), t,
+                                        f.mask_time_prob, f.mask_time_length) for i, nb in enumerate(next(groups))],
+                  pos["step"], stop)
     while pos["step"] < stop and not pos["stopped_early"]:
-        batches = stream.epoch(pos["epoch"], pos["batch_in_epoch"] * t.grad_accum)
-
-        def make(step: int) -> list:  # one step: grad_accum collated micro-batches (+ time masks)
-            group = [next(batches) for _ in range(t.grad_accum)]
-            return [collate(nb, cfg.modality, cfg.model, targets, step_rng(t.seed, rank, step, i), t,
-                            f.mask_time_prob, f.mask_time_length) for i, nb in enumerate(group)]
-
-        ahead = Ahead(make, pos["step"], min(stop, pos["step"] + steps_per_epoch - pos["batch_in_epoch"]))
         t_wait = time.perf_counter()
         while pos["batch_in_epoch"] < steps_per_epoch and pos["step"] < stop and not pos["stopped_early"]:
             step, micro = ahead.get()
@@ -175,9 +172,9 @@ def finetune_loop_per_worker(config: dict) -> None:
                     saved.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
                 _report(ray.train, Checkpoint, rank, model, opt, saved, cfg, best)
             t_wait = time.perf_counter()
-        ahead.close()
         if pos["batch_in_epoch"] >= steps_per_epoch:
             pos.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
+    ahead.close()
     if rank == 0 and (pos["step"] >= t.max_steps or pos["stopped_early"]):
         _finish(cfg, model, best, pos, targets, device, autocast, sink)
     if rank == 0:

@@ -157,6 +157,17 @@ class RankStream:
         if pending:
             yield from self._window_batches(pa.concat_tables(pending), epoch, w, skip_rows)
 
+    def groups(self, epoch: int, step_in_epoch: int, grad_accum: int) -> Iterator[list[dict]]:
+        """Optimizer steps' micro-batch groups (grad_accum batches each) from (epoch, step) on,
+        across epoch boundaries: the next epoch's reader starts as soon as the previous one is
+        drained, not when the training loop gets there. An epoch ends at its last full group."""
+        steps = self.batches_per_epoch() // grad_accum
+        while steps:
+            batches = self.epoch(epoch, step_in_epoch * grad_accum)
+            for _ in range(step_in_epoch, steps):
+                yield [next(batches) for _ in range(grad_accum)]
+            epoch, step_in_epoch = epoch + 1, 0
+
     def _window_batches(self, window: pa.Table, epoch: int, w: int, skip_rows: int) -> Iterator[dict]:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, w, self.rank, 104729]).permutation(window.num_rows)

@@ -136,16 +136,16 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = pos["step"]
     pictured = pos["step"] > 0
 
+    def prepare_from(pos: dict) -> Ahead:
+        """The run's next steps from `pos`, collated with their masks in the background, across
+        epoch boundaries (batches.Ahead)."""
+        groups = stream.groups(pos["epoch"], pos["batch_in_epoch"], t.grad_accum)
+        return Ahead(lambda step: [collate(nb, mcfg, step_rng(t.seed, rank, step, i), t.audio_max_samples,
+                                           t.text_max_tokens, t.audio_batching) for i, nb in enumerate(next(groups))],
+                     pos["step"], stop)
+
+    ahead = prepare_from(pos)
     while pos["step"] < stop:
-        skip = pos["batch_in_epoch"] * t.grad_accum  # micro-batches consumed before a resume
-        batches = stream.epoch(pos["epoch"], skip)
-
-        def make(step: int) -> list:  # one step: grad_accum collated micro-batches with their masks
-            group = [next(batches) for _ in range(t.grad_accum)]  # never a partial group
-            return [collate(nb, mcfg, step_rng(t.seed, rank, step, i), t.audio_max_samples, t.text_max_tokens,
-                            t.audio_batching) for i, nb in enumerate(group)]
-
-        ahead = Ahead(make, pos["step"], min(stop, pos["step"] + steps_per_epoch - pos["batch_in_epoch"]))
         rolled_back = False
         t_wait = time.perf_counter()
         while pos["batch_in_epoch"] < steps_per_epoch and pos["step"] < stop:
@@ -178,6 +178,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     print(f"[rank 0] {type(e).__name__} at step {step}: rolled back to step {pos['step']}, "
                           f"LR × {pos['lr_scale']:g} (rollback {pos['rollbacks']}/{t.max_rollbacks})", flush=True)
+                ahead.close()
+                ahead = prepare_from(pos)  # the restored position's batches and masks
                 rolled_back = True
                 break
             pos["step"] += 1
@@ -226,9 +228,9 @@ def train_loop_per_worker(config: dict) -> None:
                                 **saved}
                 _report(ray.train, Checkpoint, rank, model, opt, saved, cfg, window.get("last", {}))
             t_wait = time.perf_counter()
-        ahead.close()
         if not rolled_back and pos["batch_in_epoch"] >= steps_per_epoch:
             pos.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
+    ahead.close()
     if rank == 0:
         if pos["step"] >= total:
             final = storage.join(cfg.output, "final")
