@@ -161,3 +161,23 @@ def test_masks_benchmark_times_every_recipe():
     rows = {f"{m}-{v}-base" for m in ("image", "audio", "text") for v in ("d2v1", "d2v2")}
     assert set(res["mask_speedup"]) == rows == set(res["masks_per_s"])
     assert all(v > 0 for v in res["masks_per_s"].values()) and "| image-d2v2-base | 32 | 196 |" in text
+
+
+def test_text_control_unigram_baseline_matches_a_hand_count():
+    from benchmarks.text_control import unigram_ce
+    pre = {"input_ids": [[0, 5, 6, 2], [0, 5, 2]]}  # counts + 1 over a vocabulary of 8
+    held = [({"input_ids": torch.tensor([[0, 5, 7, 2]])}, torch.tensor([[False, True, True, False]]))]
+    counts = np.array([3, 1, 3, 1, 1, 3, 2, 1], float)  # ids 0..7: <s>×2, </s>×2, 5×2, 6×1, each +1
+    want = -np.mean(np.log(counts[[5, 7]] / counts.sum()))
+    assert unigram_ce(pre, held, 8) == pytest.approx(want)
+
+
+def test_text_control_script_runs(demo_shards):
+    from benchmarks.text_control import main
+    data = os.path.dirname(demo_shards["text"])
+    text, res = run_main(main, ["--data", data, "--steps", "2", "--every", "2", "--arms", "mlm_bert15,d2v1",
+                                "--probe-rows", "120"])
+    assert [c["step"] for c in res["curves"]["mlm_bert15"]] == [0, 2] and "mlm_ce" in res["curves"]["mlm_bert15"][0]
+    # an untrained tied head predicts ~uniformly: cross-entropy ≈ ln(vocabulary)
+    assert abs(res["curves"]["mlm_bert15"][0]["mlm_ce"] - np.log(res["vocab_size"])) < 0.3
+    assert set(res["d2v_minus_mlm_topic"]) == {"0", "2"} and "| d2v1 | 2 |" in text
