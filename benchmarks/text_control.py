@@ -39,8 +39,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.harness import Trainer, batches, demo_run_config, load_rows  # noqa: E402
-from benchmarks.text_diagnostics import probes, shifted  # noqa: E402
+from benchmarks.harness import Trainer, batches, demo_run_config  # noqa: E402
+from benchmarks.text_diagnostics import probes, shifted, text_splits  # noqa: E402
 from pipeline.model.config import MaskConfig  # noqa: E402
 from pipeline.model.data2vec import Data2Vec  # noqa: E402
 from pipeline.train.batches import collate, step_rng  # noqa: E402
@@ -150,12 +150,10 @@ def main(argv=None) -> int:
         print(f"error: --arms: unknown {unknown}; choose from {', '.join(ARMS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        pre = load_rows(os.path.join(a.data, "text_pretrain"), "text")
-        tr, te = (load_rows(os.path.join(a.data, f"text_{s}"), "text", labeled=True) for s in ("train", "test"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e} (run `python -m jobs.demo --modalities text` first, or pass --data)", file=sys.stderr)
+    splits = text_splits(a.data)
+    if splits is None:
         return 2
+    pre, tr, te = splits
     if a.probe_rows:
         tr, te = ({k: v[: a.probe_rows] for k, v in r.items()} for r in (tr, te))
     topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))

@@ -43,6 +43,18 @@ from pipeline.train.batches import collate, step_rng  # noqa: E402
 from pipeline.train.config import parse_sets  # noqa: E402
 
 
+def text_splits(data: str):
+    """(pretraining rows, labeled train rows, labeled test rows) of the demo's text folders under
+    `data`, or None after saying what is missing."""
+    try:
+        pre = load_rows(os.path.join(data, "text_pretrain"), "text")
+        tr, te = (load_rows(os.path.join(data, f"text_{s}"), "text", labeled=True) for s in ("train", "test"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e} (run `python -m jobs.demo --modalities text` first, or pass --data)", file=sys.stderr)
+        return None
+    return pre, tr, te
+
+
 def _docs(rows) -> list[str]:
     return [" ".join(map(str, ids[1:-1])) for ids in rows["input_ids"]]  # token ids as "words"
 
@@ -185,12 +197,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        pre = load_rows(os.path.join(a.data, "text_pretrain"), "text")
-        tr, te = (load_rows(os.path.join(a.data, f"text_{s}"), "text", labeled=True) for s in ("train", "test"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e} (run `python -m jobs.demo --modalities text` first, or pass --data)", file=sys.stderr)
+    splits = text_splits(a.data)
+    if splits is None:
         return 2
+    pre, tr, te = splits
     overrides = {"train.max_steps": max(a.steps, 1), **parse_sets(a.set)}
     cfg = demo_run_config(a.data, "text", tempfile.mkdtemp(), overrides=overrides)
     topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))
