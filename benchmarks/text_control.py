@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=640, help="steps between probes (≈ an epoch of the demo corpus)")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--set", action="append", default=[], help="config override for every arm, key=value")
-    p.add_argument("--probe-rows", type=int, default=0, help="probe on the first N labeled rows per split (0 = all)")
+    p.add_argument("--probe-rows", type=int, default=0, help="probe on a seeded random N labeled rows per split (0 = all)")
     a = p.parse_args(argv)
     arms = a.arms.split(",")
     if unknown := sorted(set(arms) - set(ARMS)):
@@ -154,8 +154,9 @@ def main(argv=None) -> int:
     if splits is None:
         return 2
     pre, tr, te = splits
-    if a.probe_rows:
-        tr, te = ({k: v[: a.probe_rows] for k, v in r.items()} for r in (tr, te))
+    if a.probe_rows:  # a seeded random subset: labeled folders are often sorted by class
+        tr, te = ({k: [v[i] for i in np.random.default_rng(0).permutation(len(v))[: a.probe_rows]]
+                   for k, v in r.items()} for r in (tr, te))
     topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))
     sets = parse_sets(a.set)
     base = arm_config("mlm_bert15", a.data, a.steps, sets)
