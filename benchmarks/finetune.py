@@ -31,14 +31,14 @@ STEPS = "image=300,audio=300,text=300,ctc=600"
 VAL_FRACTION = 0.15
 
 
-def run(cmd: list[str], log: str) -> dict:
-    """Run a job module; its stdout/stderr go to `log`; returns its last JSON line."""
+def run(cmd: list[str], log: str, summary: bool = True) -> dict:
+    """Run a job module; its stdout/stderr go to `log`; returns its last JSON line (`summary`)."""
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True)
         f.write(r.stdout)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({r.returncode}); see {log}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1]) if summary else {}
 
 
 def splits(runs: str, out: str, modality: str, seed: int = 0) -> dict:
@@ -48,7 +48,8 @@ def splits(runs: str, out: str, modality: str, seed: int = 0) -> dict:
     if modality == "ctc":
         raw, prep = os.path.join(out, "ctc_raw"), {}
         if not os.path.isdir(os.path.join(raw, "ctc")):
-            run(["jobs.prepare_demo", "--output", raw, "--modalities", "ctc"], os.path.join(out, "ctc_prepare.log"))
+            run(["jobs.prepare_demo", "--output", raw, "--modalities", "ctc"], os.path.join(out, "ctc_prepare.log"),
+                summary=False)  # prepare_demo reports in prose
         for s in ("train", "val", "test"):
             prep[s] = os.path.join(out, f"ctc_{s}")
             if not os.path.exists(os.path.join(prep[s], "manifest.json")):
