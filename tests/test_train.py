@@ -279,3 +279,19 @@ def test_run_is_browsable_after_ray_is_gone_with_curves_and_one_progress_line(de
         assert client.get_metric_history(run.info.run_id, key), key
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["samples_per_s"] > 0 and 0 <= summary["data_wait_fraction"] < 1
+
+
+def test_resume_accepts_a_run_written_before_fields_were_added(tmp_path):
+    """A run whose config.json predates model.frontend.mask_id / train.reference_batch /
+    train.scale_lr resumes (they meant 4 / null / false); a real change is still refused."""
+    from pipeline.train.launch import ADDED_FIELDS, check_resume
+
+    cfg = resolve("image", "d", str(tmp_path), "demo", None, {})
+    old = cfg.to_dict()
+    del old["model"]["frontend"]["mask_id"], old["train"]["reference_batch"], old["train"]["scale_lr"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "ray" / "pretrain").mkdir(parents=True)
+    assert set(ADDED_FIELDS) == {"model.frontend.mask_id", "train.reference_batch", "train.scale_lr"}
+    check_resume(cfg)
+    with pytest.raises(ConfigError, match=r"^train\.grad_accum: .*1 → 2, train\.reference_batch: None → 64"):
+        check_resume(resolve("image", "d", str(tmp_path), "demo", None, {"train.reference_batch": 64}))

@@ -48,6 +48,10 @@ RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_
                      "train.probe_samples", "val_data", "probe_train", "probe_test"}
 
 
+# Fields added after runs were already written with this layout, with the value those runs used.
+ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "train.scale_lr": False}
+
+
 def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resumable=RESUMABLE_CHANGES) -> None:
     """Refuse to resume a run whose schedule-relevant config differs from the one it started
     with, naming the differing fields (before Ray starts)."""
@@ -58,7 +62,8 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resuma
         return  # nothing to resume
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
     now = flatten(cfg.to_dict())
-    before.setdefault("model.frontend.mask_id", 4)  # runs started before the field existed used <mask> = 4
+    for k, v in ADDED_FIELDS.items():  # an older config.json lacks them, and meant these values
+        before.setdefault(k, v)
     if before.get("tracking_uri") is None:  # written before the driver fixed the default store
         before["tracking_uri"] = default_tracking_uri(cfg.output)
     for k in ("data", "output", "train_data", "val_data", "test_data"):  # the same place written two ways
