@@ -1,7 +1,8 @@
 """`train_loop_per_worker`: what each Ray Train worker runs.
 
     resume from ray.train.get_checkpoint() → this rank's seeded stream of batches (stream.py) →
-    groups of grad_accum micro-batches → collate + masks → train_step (step.py: DDP, autocast,
+    groups of grad_accum micro-batches → collate + masks (in a background thread, the next steps
+    ahead: batches.Ahead) → train_step (step.py: DDP, autocast,
     health check agreed by all ranks, clip, EMA) → metrics (rank 0 → MLflow) → checkpoint via
     ray.train.report every N steps → final model (rank 0)
 
