@@ -47,6 +47,16 @@ def _choose(n_from: np.ndarray, k: np.ndarray, width: int, rng: np.random.Genera
     return values, np.arange(K)[None, :] < k[:, None]
 
 
+def _mark_spans(out: np.ndarray, starts: np.ndarray, valid: np.ndarray, span: int, limit: np.ndarray,
+                offset: int = 0) -> None:
+    """Set out[b, offset + s … offset + s + span - 1] for each valid start s (B, K) of row b, clipped
+    to the row's `limit` (B,) steps."""
+    idx = starts[:, :, None] + np.arange(span)[None, None, :]  # (B, K, span)
+    keep = valid[:, :, None] & (idx < limit[:, None, None])
+    b = np.broadcast_to(np.arange(len(out))[:, None, None], idx.shape)
+    out[b[keep], offset + idx[keep]] = True
+
+
 def beit_block_mask(batch: int, h: int, w: int, num_masked: int, rng: np.random.Generator,
                     min_block: int = 16, max_block: int | None = None,
                     min_aspect: float = 0.3) -> np.ndarray:
@@ -123,10 +133,7 @@ def span_mask(lengths: np.ndarray, T: int, mask_prob: float, span: int, rng: np.
     min_len = np.where(lengths - span <= num, lengths - num - 1, span)
     n_from = np.maximum(lengths - min_len, 1)
     starts, valid = _choose(n_from, np.minimum(num, n_from), int(n_from.max()), rng)
-    idx = starts[:, :, None] + np.arange(span)[None, None, :]  # (B, K, span)
-    keep = valid[:, :, None] & (idx < lengths[:, None, None])
-    b = np.broadcast_to(np.arange(B)[:, None, None], idx.shape)
-    out[b[keep], idx[keep]] = True
+    _mark_spans(out, starts, valid, span, lengths)
     if require_same:
         out = fix_counts(out, int(out.sum(1).min()), rng)  # every row has ≥ the minimum: only drops
     return out
@@ -145,10 +152,7 @@ def token_mask(lengths: np.ndarray, T: int, mask_prob: float, rng: np.random.Gen
     num = np.where(n > 0, np.minimum(np.maximum(num, 1), np.maximum(n // span, 1)), 0)
     n_from = np.maximum(n - span + 1, 1)
     starts, valid = _choose(n_from, num, max(int(n_from.max(initial=1)), 1), rng)
-    idx = starts[:, :, None] + np.arange(span)[None, None, :]  # (B, K, span), within the maskable range
-    keep = valid[:, :, None] & (idx < n[:, None, None])
-    b = np.broadcast_to(np.arange(B)[:, None, None], idx.shape)
-    out[b[keep], lo + idx[keep]] = True
+    _mark_spans(out, starts, valid, span, n, offset=lo)
     return out
 
 
