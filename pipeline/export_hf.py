@@ -192,6 +192,17 @@ def _load(hf, sd: dict, allow_missing: set[str] = frozenset()) -> None:
     hf.eval()
 
 
+def _after_bn(model, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the first head Linear with the model's eval-mode feature_bn folded in:
+    W·(x − μ)/σ + b = (W/σ)·x + (b − (W/σ)·μ)."""
+    w, b = linear.weight, linear.bias
+    if hasattr(model, "feature_bn"):
+        bn = model.feature_bn
+        w = w * (bn.running_var + bn.eps).rsqrt()
+        b = b - w @ bn.running_mean
+    return w, b
+
+
 def finetuned_to_hf(model, labels: list[str]):
     """A FineTuneModel (pipeline/model/finetune.py) → the Hugging Face task class with equal logits:
     image → Data2VecVisionForImageClassification (mean-pooled patches + LayerNorm), audio classify →
@@ -221,16 +232,16 @@ def finetuned_to_hf(model, labels: list[str]):
             hf_cfg.use_mean_pooling = True
             sd = {k: v for k, v in sd.items() if not k.startswith(f"{prefix}.layernorm.")}
             _ln(sd, f"{prefix}.pooler.layernorm", model.fc_norm)
-            _lin(sd, "classifier", model.head.weight, model.head.bias)
+            _lin(sd, "classifier", *_after_bn(model, model.head))
             cls = tf.Data2VecVisionForImageClassification
         elif m == "audio":
             D = model.cfg.encoder.dim
             hf_cfg.classifier_proj_size, hf_cfg.use_weighted_layer_sum = D, False
             _lin(sd, "projector", torch.eye(D), torch.zeros(D))  # mean(h)·I = mean(h): our head follows
-            _lin(sd, "classifier", model.head.weight, model.head.bias)
+            _lin(sd, "classifier", *_after_bn(model, model.head))
             cls = tf.Data2VecAudioForSequenceClassification
         else:
-            _lin(sd, "classifier.dense", model.head["dense"].weight, model.head["dense"].bias)
+            _lin(sd, "classifier.dense", *_after_bn(model, model.head["dense"]))
             _lin(sd, "classifier.out_proj", model.head["out_proj"].weight, model.head["out_proj"].bias)
             cls = tf.Data2VecTextForSequenceClassification
     hf = cls(hf_cfg)

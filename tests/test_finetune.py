@@ -87,10 +87,14 @@ def test_export_task_class_gives_equal_logits(tmp_path, modality, task, mode):
 
     labels = build_vocab(["one two"]) if task == "ctc" else ["a", "b", "c"]
     torch.manual_seed(0)
-    m = FineTuneModel(tiny(modality, mode), task, len(labels), time_masks=modality == "audio").eval()
+    bn = task == "classify"  # feature_bn is folded into the first head Linear
+    m = FineTuneModel(tiny(modality, mode), task, len(labels), time_masks=modality == "audio", feature_bn=bn).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        if bn:  # running statistics far from the identity, as after training
+            m.feature_bn.running_mean.normal_(0, 2.0)
+            m.feature_bn.running_var.uniform_(0.01, 4.0)
     export_finetuned(m, labels, str(tmp_path / "hf"))
     arch = AutoConfig.from_pretrained(str(tmp_path / "hf")).architectures[0]
     hf = getattr(tf, arch).from_pretrained(str(tmp_path / "hf")).eval()

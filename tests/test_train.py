@@ -130,6 +130,11 @@ def test_lr_schedules():
     assert lr_at(110, t) == pytest.approx(0.0, abs=1e-12)
     tri = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_scale=0.01, schedule="tri_stage")
     assert lr_at(50, tri) == 1.0 and lr_at(110, tri) == pytest.approx(0.01)
+    # fine-tuning's phase ratio [0.1, 0.4, 0.5], final scale 0.05: hold to step 10 + 40, then
+    # decay exponentially over the last 50 steps (half-way: 0.05 ** 0.5)
+    ft = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_scale=0.05, schedule="tri_stage",
+                     tri_stage_hold=0.4)
+    assert lr_at(49, ft) == 1.0 and lr_at(75, ft) == pytest.approx(0.05 ** 0.5) and lr_at(100, ft) == pytest.approx(0.05)
 
 
 def test_reference_batch_derives_accumulation_for_the_worker_count():
@@ -282,16 +287,24 @@ def test_run_is_browsable_after_ray_is_gone_with_curves_and_one_progress_line(de
 
 
 def test_resume_accepts_a_run_written_before_fields_were_added(tmp_path):
-    """A run whose config.json predates model.frontend.mask_id / train.reference_batch /
-    train.scale_lr resumes (they meant 4 / null / false); a real change is still refused."""
+    """A run whose config.json predates the fields in ADDED_FIELDS (model.frontend.mask_id,
+    train.reference_batch, …) resumes, since they meant the values written there; a real change is
+    still refused."""
     from pipeline.train.launch import ADDED_FIELDS, check_resume
 
     cfg = resolve("image", "d", str(tmp_path), "demo", None, {})
-    old = cfg.to_dict()
-    del old["model"]["frontend"]["mask_id"], old["train"]["reference_batch"], old["train"]["scale_lr"]
+    old, removed = cfg.to_dict(), set()
+    for key, value in ADDED_FIELDS.items():
+        *path, last = key.split(".")
+        section = old
+        for p in path:
+            section = section.get(p, {})
+        if last in section:
+            assert section.pop(last) == value  # today's default is what an old run meant
+            removed.add(key)
+    assert removed >= {"model.frontend.mask_id", "train.reference_batch", "train.scale_lr", "train.tri_stage_hold"}
     (tmp_path / "config.json").write_text(json.dumps(old))
     (tmp_path / "ray" / "pretrain").mkdir(parents=True)
-    assert set(ADDED_FIELDS) == {"model.frontend.mask_id", "train.reference_batch", "train.scale_lr"}
     check_resume(cfg)
     with pytest.raises(ConfigError, match=r"^train\.grad_accum: .*1 → 2, train\.reference_batch: None → 64"):
         check_resume(resolve("image", "d", str(tmp_path), "demo", None, {"train.reference_batch": 64}))

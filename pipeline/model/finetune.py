@@ -11,6 +11,12 @@
         text:  the <s> token ─► dropout ─► Linear(D, D) ─► tanh ─► dropout ─► Linear(D, n)
                (RoBERTa's classification head, as fairseq's and Hugging Face's data2vec text)
     ctc (audio): frames ─► Linear(D, vocab) per 50 Hz frame; blank = id 0
+    feature_bn (classify, optional): the pooled vector (text: the <s> output) is standardized over
+        the batch by a BatchNorm without affine right before the head — MAE's linear-probe head.
+        Briefly pretrained encoders put every sample near one common vector (demo image encoder:
+        the samples' spread is 5% of the mean's norm), which a freshly initialized head cannot read
+        at a fine-tuning LR for tens of steps while the encoder drifts. In eval mode it is an affine
+        map, folded into the head on export.
 
 Parameter names of the front end and encoder are those of `Data2Vec` ("frontend.…", "encoder.…"),
 so a pretrained student loads with `load_state_dict(..., strict=False)`.
@@ -33,7 +39,8 @@ TASKS = ("classify", "ctc")
 
 class FineTuneModel(nn.Module):
     def __init__(self, cfg: ModelConfig, task: str, num_outputs: int, *, drop_path: float = 0.0,
-                 head_dropout: float = 0.0, freeze_feature_encoder: bool = False, time_masks: bool = False):
+                 head_dropout: float = 0.0, feature_bn: bool = False, freeze_feature_encoder: bool = False,
+                 time_masks: bool = False):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -55,11 +62,22 @@ class FineTuneModel(nn.Module):
             self.head = nn.Linear(D, num_outputs)
         if task == "classify" and cfg.modality == "image":
             self.fc_norm = nn.LayerNorm(D)
+        if feature_bn:
+            if task != "classify":
+                raise ValueError("feature_bn applies to classify only")
+            self.feature_bn = nn.BatchNorm1d(D, affine=False)
         self.head_drop = nn.Dropout(head_dropout)
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+
+    @classmethod
+    def for_task(cls, cfg: ModelConfig, f, num_outputs: int) -> "FineTuneModel":
+        """The model a fine-tuning run's task settings (`pipeline.train.config.TaskConfig`) describe."""
+        return cls(cfg, f.task, num_outputs, drop_path=f.drop_path, head_dropout=f.head_dropout,
+                   feature_bn=f.feature_bn, freeze_feature_encoder=f.freeze_feature_encoder,
+                   time_masks=f.mask_time_prob > 0)
 
     def encode(self, batch: dict, mask: torch.Tensor | None = None):
         """→ (h (B, n_extra + T, D) final encoder output, pad (B, T) or None)."""
@@ -84,7 +102,8 @@ class FineTuneModel(nn.Module):
         if self.task == "ctc":
             return self.head(self.head_drop(h[:, n:])), pad
         if self.cfg.modality == "text":
-            x = torch.tanh(self.head["dense"](self.head_drop(h[:, 0])))  # <s>
+            x = self._standardize(h[:, 0])  # <s>
+            x = torch.tanh(self.head["dense"](self.head_drop(x)))
             return self.head["out_proj"](self.head_drop(x))
         h = h[:, n:]  # (B, T, D) without the CLS
         if pad is None:
@@ -94,7 +113,11 @@ class FineTuneModel(nn.Module):
             pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
         if hasattr(self, "fc_norm"):
             pooled = self.fc_norm(pooled)
-        return self.head(self.head_drop(pooled))
+        return self.head(self.head_drop(self._standardize(pooled)))
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) → (B, D); identity without feature_bn."""
+        return self.feature_bn(x) if hasattr(self, "feature_bn") else x
 
     def layer_id(self, name: str) -> int:
         """Depth of a parameter for layer-wise LR decay: front end and mask embedding 0, block i →

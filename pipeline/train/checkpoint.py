@@ -95,9 +95,7 @@ def load_finetuned(path: str):
 
     fs, root = storage.resolve(path)
     cfg = FineTuneConfig.from_dict(json.loads(storage.read_text(fs, f"{root}/config.json")))
-    f = cfg.finetune
-    model = FineTuneModel(cfg.model, f.task, len(cfg.labels), drop_path=f.drop_path, head_dropout=f.head_dropout,
-                          freeze_feature_encoder=f.freeze_feature_encoder, time_masks=f.mask_time_prob > 0)
+    model = FineTuneModel.for_task(cfg.model, cfg.finetune, len(cfg.labels))
     with fs.open_input_stream(f"{root}/model.safetensors") as fh:
         model.load_state_dict(load(fh.read()))
     return model.eval(), cfg

@@ -59,10 +59,13 @@ class TrainConfig:
     or one micro-batch per worker is already larger), scale lr linearly by effective / reference."""
     lr: float = 1e-3
     min_lr_scale: float = 0.01
-    """Cosine decays to lr × min_lr_scale."""
+    """Both schedules end at lr × min_lr_scale."""
     warmup_steps: int = 1000
     schedule: str = "cosine"
-    """"cosine" (warm-up + cosine) or "tri_stage" (warm-up, hold, exponential decay: 3%/90%/7%)."""
+    """"cosine" (warm-up + cosine) or "tri_stage" (warm-up, hold, exponential decay)."""
+    tri_stage_hold: float = 0.9
+    """tri_stage: the fraction of max_steps held at the peak after the warm-up; the rest decays
+    (fairseq phase_ratio: pretraining [0.03, 0.9, 0.07], fine-tuning [0.1, 0.4, 0.5])."""
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.01
@@ -118,6 +121,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_scale <= 1, "min_lr_scale", "must be in [0, 1]")
+        _check(0 <= self.tri_stage_hold <= 1, "tri_stage_hold", "must be in [0, 1]")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.schedule in ("cosine", "tri_stage"), "schedule",
                f"must be 'cosine' or 'tri_stage', got {self.schedule!r}")
@@ -331,6 +335,9 @@ class TaskConfig:
     drop_path: float = 0.0
     """Stochastic depth of the last block (linearly less in earlier blocks)."""
     head_dropout: float = 0.0
+    feature_bn: bool = False
+    """classify: standardize the pooled features over the batch (BatchNorm without affine, MAE's
+    linear-probe head) before the head, so a new head reads them from the first steps."""
     label_smoothing: float = 0.0
     freeze_feature_encoder: bool = False
     """Audio: the CNN stays as pretrained and runs without gradients."""
@@ -418,6 +425,7 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     except TypeError as e:
         raise ConfigError(f"config: {e}") from None
     f, t = cfg.finetune, cfg.train
+    check(not (f.feature_bn and f.task == "ctc"), "finetune.feature_bn", "applies to classify only, not ctc")
     if modality != "audio":
         for name in ("mask_time_prob", "freeze_feature_encoder"):
             check(not getattr(f, name), f"finetune.{name}", f"applies to audio only, not {modality}")

@@ -34,8 +34,7 @@ def build_model(cfg: FineTuneConfig) -> FineTuneModel:
     """The fine-tuning model at its starting point: seeded random init, then the --init weights."""
     f = cfg.finetune
     torch.manual_seed(cfg.train.seed)  # identical initial weights (head, scratch) on every rank
-    model = FineTuneModel(cfg.model, f.task, len(cfg.labels), drop_path=f.drop_path, head_dropout=f.head_dropout,
-                          freeze_feature_encoder=f.freeze_feature_encoder, time_masks=f.mask_time_prob > 0)
+    model = FineTuneModel.for_task(cfg.model, f, len(cfg.labels))
     if cfg.init != "scratch":
         from pipeline.init_weights import read_init
 

@@ -49,7 +49,8 @@ RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_
 
 
 # Fields added after runs were already written with this layout, with the value those runs used.
-ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "train.scale_lr": False}
+ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "train.scale_lr": False,
+               "train.tri_stage_hold": 0.9, "finetune.feature_bn": False}
 
 
 def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resumable=RESUMABLE_CHANGES) -> None:
@@ -63,7 +64,8 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resuma
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
     now = flatten(cfg.to_dict())
     for k, v in ADDED_FIELDS.items():  # an older config.json lacks them, and meant these values
-        before.setdefault(k, v)
+        if k in now:  # (a pretraining run has no finetune.* fields at all)
+            before.setdefault(k, v)
     if before.get("tracking_uri") is None:  # written before the driver fixed the default store
         before["tracking_uri"] = default_tracking_uri(cfg.output)
     for k in ("data", "output", "train_data", "val_data", "test_data"):  # the same place written two ways

@@ -28,9 +28,9 @@ def lr_at(step: int, t: TrainConfig) -> float:
     if t.schedule == "cosine":
         p = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
         return t.peak_lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-    # tri_stage (fairseq, phase_ratio [warm-up, 0.9, rest]): hold for 90% of the run after the
-    # warm-up, then decay exponentially to lr × min_lr_scale.
-    hold_end = min(t.max_steps, t.warmup_steps + int(0.9 * t.max_steps))
+    # tri_stage (fairseq, phase_ratio [warm-up, hold, rest]): hold for tri_stage_hold of the run
+    # after the warm-up, then decay exponentially to lr × min_lr_scale.
+    hold_end = min(t.max_steps, t.warmup_steps + int(t.tri_stage_hold * t.max_steps))
     if step < hold_end:
         return t.peak_lr
     p = (step - hold_end) / max(1, t.max_steps - hold_end)
