@@ -170,6 +170,7 @@ def test_finetune_from_pretrained_resumes_bit_identical(demo_shards, tmp_path, c
     wa, wb = (load_file(os.path.join(x, "final", "model.safetensors")) for x in (a, b))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    assert wa["feature_bn.running_mean"].abs().sum() > 0  # the demo's image head: its statistics resume too
     assert sa["test_accuracy"] == sb["test_accuracy"] and sa["best_step"] == sb["best_step"]
     # the encoder started from the pretrained weights (not a fresh init)
     pre = load_file(os.path.join(run, "final", "model.safetensors"))
@@ -194,6 +195,8 @@ def test_finetune_config_errors_before_ray(demo_shards, tmp_path, capsys):
     assert "finetune.nope" in capsys.readouterr().err
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "finetune.mask_time_prob=0.2"]) == 2
     assert "finetune.mask_time_prob: applies to audio only" in capsys.readouterr().err
+    assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "train.batch_size=1"]) == 2
+    assert "finetune.feature_bn: standardizes over the batch" in capsys.readouterr().err
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "labels=[a, b]"]) == 2
     assert "labels: set by the command line" in capsys.readouterr().err
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "model.frontend.image_size=32"]) == 2

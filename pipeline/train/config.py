@@ -426,6 +426,8 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
         raise ConfigError(f"config: {e}") from None
     f, t = cfg.finetune, cfg.train
     check(not (f.feature_bn and f.task == "ctc"), "finetune.feature_bn", "applies to classify only, not ctc")
+    check(not f.feature_bn or t.batch_size >= 2, "finetune.feature_bn",
+          f"standardizes over the batch, so it needs train.batch_size >= 2 (got {t.batch_size})")
     if modality != "audio":
         for name in ("mask_time_prob", "freeze_feature_encoder"):
             check(not getattr(f, name), f"finetune.{name}", f"applies to audio only, not {modality}")
