@@ -157,3 +157,20 @@ def test_print_config_is_a_config_file_that_resolves_to_itself(tmp_path):
     again = resolve("audio", "data", "out", "base", str(f), {})
     assert again.to_dict()["model"] == printed["model"]
     assert again.to_dict()["train"] == {**printed["train"], "betas": list(printed["train"]["betas"])}
+
+
+def test_audio_finetune_schedule_follows_fairseq_phases():
+    """fairseq's wav2vec2/data2vec audio fine-tuning: tri_stage with phase ratio [0.1, 0.4, 0.5] and
+    final_lr_scale 0.05 (examples/wav2vec/config/finetuning/base_100h.yaml): the LR holds the peak to
+    50% of the run, then decays to 5% of it."""
+    from pipeline.recipes import finetune_recipe
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.step import lr_at
+
+    for task in ("classify", "ctc"):
+        t = TrainConfig(**finetune_recipe("audio", task, "base").train)
+        assert (t.warmup_steps, t.max_steps, t.lr) == (8_000, 80_000, 5e-5)
+        assert lr_at(39_999, t) == t.lr and lr_at(40_001, t) < t.lr
+        assert lr_at(80_000, t) == pytest.approx(0.05 * t.lr)
+    demo = TrainConfig(**finetune_recipe("audio", "classify", "demo").train)
+    assert lr_at(149, demo) == demo.lr and lr_at(300, demo) == pytest.approx(0.05 * demo.lr)
