@@ -4,13 +4,16 @@ the training labels, with the same budget (steps, batch, recipe) for both inits.
 
     .venv/bin/python -m benchmarks.finetune --runs RUNS [--output OUT] [--modalities image,audio,text,ctc]
         [--fractions 0.1,1.0] [--steps image=300,audio=300,text=300,ctc=600] [--num-workers 1]
+        [--encoders image=RUN_DIR/final,audio=...]
 
 RUNS is a `python -m jobs.demo --output RUNS` folder: RUNS/data/<modality>_{train,test} (labeled
 splits) and RUNS/<modality>-d2v2/final (the pretrained encoders). A seeded, class-stratified 15% of
 <modality>_train becomes the validation split (model selection); the rest is the training split
 that --fractions subsample (`jobs.finetune --label-fraction`); <modality>_test is scored once.
 ctc: spoken digit strings made by `jobs.prepare_demo --modalities ctc` (held-out voices in val and
-test), fine-tuned from RUNS/audio-d2v2/final. The classical baseline (pixels / MFCC statistics /
+test), fine-tuned from RUNS/audio-d2v2/final. --encoders replaces RUNS' encoder of a modality with
+another one (e.g. a longer `jobs.pretrain` on the same RUNS/data/<modality>_train; use a new
+--output, since a finished run with another init is not re-run). The classical baseline (pixels / MFCC statistics /
 TF-IDF + logistic regression, `pipeline.probe.classical_probe`) is fitted on the same labeled rows;
 it has no CTC counterpart. Every fine-tuning run is one `python -m jobs.finetune` process.
 Prints a table, then one JSON line.
@@ -71,7 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", default="0.1,1.0")
     p.add_argument("--steps", default=STEPS)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--encoders", default="", help="modality=RUN_DIR/final,... instead of RUNS/<modality>-d2v2/final")
     a = p.parse_args(argv)
+    encoders = dict(kv.split("=", 1) for kv in a.encoders.split(",") if kv)
     out = a.output or os.path.join(a.runs, "finetune_bench")
     os.makedirs(out, exist_ok=True)
     steps = dict(kv.split("=") for kv in a.steps.split(","))
@@ -79,9 +84,10 @@ def main(argv=None) -> int:
     results, table = {}, []
     for mod in a.modalities.split(","):
         modality, task = ("audio", "ctc") if mod == "ctc" else (mod, "classify")
-        pretrained = os.path.join(a.runs, f"{modality}-d2v2", "final")
+        pretrained = encoders.get(modality) or os.path.join(a.runs, f"{modality}-d2v2", "final")
         if not os.path.exists(os.path.join(pretrained, "model.safetensors")):
-            print(f"error: {pretrained} is missing; run `python -m jobs.demo --output {a.runs}` first", file=sys.stderr)
+            print(f"error: {pretrained} is missing; run `python -m jobs.demo --output {a.runs}` first"
+                  " (or pass an existing --encoders folder)", file=sys.stderr)
             return 2
         data = splits(a.runs, out, mod)
         for frac in fractions:
@@ -115,7 +121,9 @@ def main(argv=None) -> int:
     low = min(fractions)
     better = {mod: (row["data2vec"] < row["scratch"]) if mod == "ctc" else (row["data2vec"] > row["scratch"])
               for mod, frac, row in table if frac == low}
-    print(json.dumps({"results": results, f"data2vec_beats_scratch_at_{low:g}": better}))
+    classical = {f"{mod}_{frac:g}": row["data2vec"] > row["classical"] for mod, frac, row in table if "classical" in row}
+    print(json.dumps({"results": results, f"data2vec_beats_scratch_at_{low:g}": better,
+                      "data2vec_beats_classical": classical, "encoders": encoders}))
     return 0
 
 

@@ -181,3 +181,26 @@ def test_text_control_script_runs(demo_shards):
     # an untrained tied head predicts ~uniformly: cross-entropy ≈ ln(vocabulary)
     assert abs(res["curves"]["mlm_bert15"][0]["mlm_ce"] - np.log(res["vocab_size"])) < 0.3
     assert set(res["d2v_minus_mlm_topic"]) == {"0", "2"} and "| d2v1 | 2 |" in text
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_with_another_encoder(demo_shards, tmp_path):
+    """benchmarks.finetune end to end at 2 steps: both inits, the classical baseline, and --encoders
+    replacing RUNS' encoder (RUNS holds only the labeled data here)."""
+    from benchmarks.finetune import main
+    from jobs.pretrain import main as pretrain
+
+    d, runs = demo_shards, tmp_path / "runs"
+    (runs / "data").mkdir(parents=True)
+    for s in ("train", "test"):
+        os.symlink(d[f"image_{s}"], runs / "data" / f"image_{s}")
+    enc = str(tmp_path / "enc")
+    assert pretrain(["--modality", "image", "--data", d["image"], "--output", enc, "--max-steps", "2",
+                     "--set", "train.batch_size=8", "--set", "train.warmup_steps=1"]) == 0
+    text, s = run_main(main, ["--runs", str(runs), "--output", str(tmp_path / "out"), "--modalities", "image",
+                              "--fractions", "1.0", "--steps", "image=2", "--encoders", f"image={enc}/final"])
+    row = s["results"]["image_1"]
+    assert 0 <= row["data2vec"] <= 1 and 0 <= row["scratch"] <= 1 and row["classical"] > 0.5  # pixels on digits
+    assert s["encoders"] == {"image": f"{enc}/final"} and set(s["data2vec_beats_classical"]) == {"image_1"}
+    assert "| image | 100% | test accuracy |" in text
+    assert json.load(open(tmp_path / "out" / "image-data2vec-1" / "config.json"))["init"] == f"{enc}/final"
