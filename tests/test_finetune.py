@@ -280,3 +280,12 @@ def test_ctc_learns_digit_strings(ctc_shards, tmp_path, capsys):
     from transformers import Data2VecAudioForCTC, Wav2Vec2Processor
     assert isinstance(Data2VecAudioForCTC.from_pretrained(str(tmp_path / "hf")), Data2VecAudioForCTC)
     assert Wav2Vec2Processor.from_pretrained(str(tmp_path / "hf")).tokenizer.pad_token_id == 0
+
+
+def test_feature_bn_is_refused_for_ctc():
+    from pipeline.config import ConfigError
+    from pipeline.train.config import TaskConfig
+    with pytest.raises(ConfigError, match=r"^finetune\.feature_bn: applies to classify only"):
+        TaskConfig(task="ctc", feature_bn=True)
+    with pytest.raises(ValueError, match="classify only"):
+        FineTuneModel(tiny("audio", "d2v2"), "ctc", 5, feature_bn=True)

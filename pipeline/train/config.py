@@ -359,6 +359,7 @@ class TaskConfig:
         c(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)")
         c(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         c(self.freeze_encoder_steps >= 0, "freeze_encoder_steps", "must be >= 0")
+        c(not (self.feature_bn and self.task == "ctc"), "feature_bn", "applies to classify only, not ctc")
         c(0 <= self.mask_time_prob < 1, "mask_time_prob", "must be in [0, 1)")
         c(self.mask_time_length >= 1, "mask_time_length", "must be >= 1")
         c(self.patience >= 0, "patience", "must be >= 0")
@@ -425,7 +426,6 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     except TypeError as e:
         raise ConfigError(f"config: {e}") from None
     f, t = cfg.finetune, cfg.train
-    check(not (f.feature_bn and f.task == "ctc"), "finetune.feature_bn", "applies to classify only, not ctc")
     check(not f.feature_bn or t.batch_size >= 2, "finetune.feature_bn",
           f"standardizes over the batch, so it needs train.batch_size >= 2 (got {t.batch_size})")
     if modality != "audio":

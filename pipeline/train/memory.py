@@ -36,7 +36,7 @@ def _param_counts(cfg) -> tuple[int, int]:
 
     if getattr(cfg, "finetune", None) is not None:
         with torch.device("meta"):
-            model = FineTuneModel(cfg.model, cfg.finetune.task, len(cfg.labels))
+            model = FineTuneModel.for_task(cfg.model, cfg.finetune, len(cfg.labels))
         return sum(p.numel() for p in model.parameters()), 0
     with torch.device("meta"):
         model = Data2Vec(cfg.model)
