@@ -9,11 +9,15 @@ threads, batch of the preset) for `steps` steps; samples/s is taken over the sec
 first half warms up: Ray start-up, first blocks, allocator). The bare side is the worker's step on
 in-memory batches (benchmarks/harness.py). data-wait = share of the Ray worker's wall time spent
 waiting for its next batch (what the training loop logs as `data_wait_fraction`).
+While the Ray side runs, benchmarks/proc_cpu.py reads every process's CPU time from /proc: the
+`ray bg` column is the cores Ray's own processes use meanwhile (raylet, GCS, dashboard, log monitor,
+Ray Train's controller actors; not the worker, not Ray Data's read tasks), `other` the rest of
+the machine. On a CPU-only node their share of the cores is time the step cannot have.
 `base` = the base model preset (768 × 12) on the demo's data (images keep their 28 px, patch 4).
 Each row repeats the pair (bare, Ray) `--repeats` times, alternating, and reports the median
 overhead with its range. Prints a table, then one JSON line: {"ray_overhead": worst row's median
 1 − ray/bare, "ray_overhead_range": [lowest, highest single pair], "data_wait_fraction": worst
-row's median}.
+row's median, "ray_background_cores": worst row's median (null off Linux)}.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.harness import Trainer, demo_run_config, load_rows  # noqa: E402
+from benchmarks.proc_cpu import CpuSampler  # noqa: E402
 from pipeline.train.config import RunConfig  # noqa: E402
 
 
@@ -49,13 +54,15 @@ def bare_samples_per_s(cfg: RunConfig) -> float:
     return cfg.train.batch_size * (steps // 2) / tr.train(steps // 2)
 
 
-def ray_metrics(cfg: RunConfig) -> dict:
+def ray_metrics(cfg: RunConfig) -> tuple[dict, dict]:
+    """(the run's last logging window = its second half, cores per process group meanwhile)."""
     from pipeline.train.launch import run_pretraining
 
-    result = run_pretraining(cfg)
+    with CpuSampler() as cpu:
+        result = run_pretraining(cfg)
     if result.error:
         raise RuntimeError(f"{cfg.modality} Ray run failed: {result.error}")
-    return result.metrics  # the last logging window = the second half of the run
+    return result.metrics, cpu.cores()
 
 
 def main(argv=None) -> int:
@@ -74,29 +81,34 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         for mod in a.modalities.split(","):
             steps = a.steps if size == "demo" else a.base_steps
-            over, waits, bares, rays = [], [], [], []
+            over, waits, bares, rays, bgs, others = [], [], [], [], [], []
             for _ in range(max(1, a.repeats)):  # A, B, A, B, …: drift on a shared machine hits both sides
                 with tempfile.TemporaryDirectory() as tmp:
                     cfg = run_config(mod, a.data, size, steps, tmp)
                     bare = bare_samples_per_s(cfg)
-                    m = ray_metrics(cfg)
+                    m, cores = ray_metrics(cfg)
                 bares.append(bare)
+                bgs.append(cores.get("ray", float("nan")))
+                others.append(cores.get("other", float("nan")))
                 rays.append(m["samples_per_s"])
                 over.append(1 - m["samples_per_s"] / bare)
                 waits.append(m["data_wait_fraction"])
                 print(f"  {size} {mod}: bare {bare:.2f} samples/s, ray {m['samples_per_s']:.2f}, "
-                      f"data-wait {m['data_wait_fraction']:.2%}", flush=True)
+                      f"data-wait {m['data_wait_fraction']:.2%}, cores meanwhile {cores}", flush=True)
             rows.append((size, mod, cfg.train.batch_size, steps, statistics.median(bares), statistics.median(rays),
-                         over, statistics.median(waits)))
+                         over, statistics.median(waits), statistics.median(bgs), statistics.median(others)))
     print(f"\n{'size':5} {'modality':8} {'batch':>5} {'steps':>5} {'bare sps':>9} {'ray sps':>8} "
-          f"{'overhead median (min..max)':>27} {'data-wait':>9}")
-    for size, mod, b, steps, bare, ray_sps, over, wait in rows:
+          f"{'overhead median (min..max)':>27} {'data-wait':>9} {'ray bg':>7} {'other':>6}  (cores of {os.cpu_count()})")
+    for size, mod, b, steps, bare, ray_sps, over, wait, bg, other in rows:
         spread = f"{statistics.median(over):.1%} ({min(over):.1%}..{max(over):.1%})"
-        print(f"{size:5} {mod:8} {b:5d} {steps:5d} {bare:9.2f} {ray_sps:8.2f} {spread:>27} {wait:9.2%}")
+        print(f"{size:5} {mod:8} {b:5d} {steps:5d} {bare:9.2f} {ray_sps:8.2f} {spread:>27} {wait:9.2%} "
+              f"{bg:7.2f} {other:6.2f}")
+    bg = max((r[8] for r in rows if r[8] == r[8]), default=None)  # NaN: no /proc here
     print(json.dumps({"ray_overhead": round(max(statistics.median(r[6]) for r in rows), 3),
                       "ray_overhead_range": [round(min(min(r[6]) for r in rows), 3),
                                              round(max(max(r[6]) for r in rows), 3)],
-                      "data_wait_fraction": round(max(r[7] for r in rows), 4), "repeats": a.repeats}))
+                      "data_wait_fraction": round(max(r[7] for r in rows), 4),
+                      "ray_background_cores": None if bg is None else round(bg, 3), "repeats": a.repeats}))
     return 0
 
 

@@ -91,6 +91,7 @@ def test_ray_benchmarks_run(demo_shards):
     _, r = run_main(input_pipeline, ["--data", data, "--modalities", "text", "--sizes", "demo", "--steps", "6",
                                      "--repeats", "1"])
     assert 0 <= r["data_wait_fraction"] < 1 and np.isfinite(r["ray_overhead"])
+    assert 0 < r["ray_background_cores"] < os.cpu_count()  # raylet, GCS, dashboard, … do use some CPU
     _, r = run_main(scaling, ["--data", data, "--modality", "text", "--steps", "4", "--model-modalities", "text"])
     assert r["two_worker_speedup"] > 0 and 0 < r["efficiency_64_gpus_text"] <= 1
 
@@ -204,3 +205,23 @@ def test_finetune_benchmark_with_another_encoder(demo_shards, tmp_path):
     assert s["encoders"] == {"image": f"{enc}/final"} and set(s["data2vec_beats_classical"]) == {"image_1"}
     assert "| image | 100% | test accuracy |" in text
     assert json.load(open(tmp_path / "out" / "image-data2vec-1" / "config.json"))["init"] == f"{enc}/final"
+
+
+def test_cpu_sampler_counts_a_busy_worker_and_an_idle_ray_process():
+    """Two child processes named like Ray's: a 'RayTrainWorker' spinning one core and a sleeping
+    'raylet'. Over the worker's second half the sampler sees ≈ 1 core in `worker`, ≈ 0 in `ray`."""
+    import subprocess
+    import sys
+
+    from benchmarks.proc_cpu import CpuSampler
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("reads /proc")
+    spin = "import sys, time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    with CpuSampler(every=0.1) as s:
+        idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)", "raylet"])
+        subprocess.run([sys.executable, "-c", spin, "ray::RayTrainWorker"], check=True)
+        idle.wait()
+    cores = s.cores()
+    assert 0.6 < cores["worker"] <= 1.05, cores
+    assert cores["ray"] < 0.1, cores
