@@ -77,6 +77,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
+    if m is not None:
+        print(f"{cfg.output} has already finished: its saved result follows (wall_s counts this command only)")
     if m is None:
         from pipeline.raycluster import init_ray
         from pipeline.train.launch import fit_error, local_cluster_cpus

@@ -172,6 +172,9 @@ def test_finetune_from_pretrained_resumes_bit_identical(demo_shards, tmp_path, c
         assert torch.equal(wa[k], wb[k]), k
     assert wa["feature_bn.running_mean"].abs().sum() > 0  # the demo's image head: its statistics resume too
     assert sa["test_accuracy"] == sb["test_accuracy"] and sa["best_step"] == sb["best_step"]
+    assert finetune([*base, "--output", a]) == 0  # finished: its saved result, the test split is not re-scored
+    out = capsys.readouterr().out
+    assert "has already finished" in out and json.loads(out.strip().splitlines()[-1])["test_accuracy"] == sa["test_accuracy"]
     # the encoder started from the pretrained weights (not a fresh init)
     pre = load_file(os.path.join(run, "final", "model.safetensors"))
     from pipeline.train.finetune_worker import build_model
