@@ -225,3 +225,20 @@ def test_cpu_sampler_counts_a_busy_worker_and_an_idle_ray_process():
     cores = s.cores()
     assert 0.6 < cores["worker"] <= 1.05, cores
     assert cores["ray"] < 0.1, cores
+
+
+def test_preprocess_benchmark_runs_paired_repeats(demo_raw):
+    """benchmarks.preprocess at a tiny size (its own local Ray, so a subprocess): both sides write
+    the same rows (the script asserts it) and each ratio's median lies within its range."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.preprocess", "--data", demo_raw, "--limit", "6",
+                        "--repeat", "1", "--repeats", "2", "--image-size", "28"], cwd=root, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for mod in ("image", "audio", "text"):
+        lo, hi = res[f"{mod}_ratio_range"]
+        assert 0 < lo <= res[f"{mod}_ratio"] <= hi, (mod, res)
