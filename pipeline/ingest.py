@@ -295,6 +295,15 @@ def text_samples_batch(batch: dict, *, cfg: PreprocessConfig, files: _Files) -> 
     return {"text": np.asarray(texts, dtype=object)}
 
 
+def int32_lists(rows: list[np.ndarray]) -> pa.ListArray:
+    """int32 rows → one Arrow list<int32> column, from flat values and offsets (≈ 15× faster than
+    pa.array over the row objects: the text path's per-row cost)."""
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
 class TextTokenize:
     """Actor-pool UDF: loads the tokenizer once, then files → framed/chunked token-id rows."""
 
@@ -338,7 +347,7 @@ class TextTokenize:
                 paths.append(path)
         self.files.flush(rejected)
         return pa.table({
-            "input_ids": pa.array(ids_col, pa.list_(pa.int32())),
+            "input_ids": int32_lists(ids_col),
             "length": pa.array([len(r) for r in ids_col], pa.int32()),
             "label": pa.array(labels, pa.string()),
             "path": pa.array(paths, pa.string()),

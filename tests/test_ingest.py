@@ -328,3 +328,15 @@ def test_bad_arguments_exit_with_one_line(tmp_path, args, needle):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], r.stderr
     assert "ray" not in r.stdout.lower()
+
+
+def test_int32_lists_equal_arrows_own_conversion():
+    """The text path's fast list<int32> column equals pa.array over the rows (offsets, an empty
+    row, no rows)."""
+    import pyarrow as pa
+
+    from pipeline.ingest import int32_lists
+
+    rows = [np.array([0, 5, 9, 2], np.int32), np.zeros(0, np.int32), np.array([0, 2], np.int32)]
+    assert int32_lists(rows).equals(pa.array(rows, pa.list_(pa.int32())))
+    assert int32_lists([]).equals(pa.array([], pa.list_(pa.int32())))

@@ -142,7 +142,10 @@ class RankStream:
             return
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False  # one reader per worker and epoch: its bars would flood the terminal
+        # One reader per worker and epoch (every few seconds on a small data set): its progress bars
+        # and "Starting execution of Dataset …" lines would flood the log.
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
         items = [{"path": c.path, "group": c.group, "start": c.start, "stop": c.stop} for c in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_chunks, fn_kwargs={"columns": self.columns}, batch_size=1, batch_format="numpy")
