@@ -9,10 +9,11 @@ threads, batch of the preset) for `steps` steps; samples/s is taken over the sec
 first half warms up: Ray start-up, first blocks, allocator). The bare side is the worker's step on
 in-memory batches (benchmarks/harness.py). data-wait = share of the Ray worker's wall time spent
 waiting for its next batch (what the training loop logs as `data_wait_fraction`).
-While the Ray side runs, benchmarks/proc_cpu.py reads every process's CPU time from /proc: the
-`ray bg` column is the cores Ray's own processes use meanwhile (raylet, GCS, dashboard, log monitor,
-Ray Train's controller actors; not the worker, not Ray Data's read tasks), `other` the rest of
-the machine. On a CPU-only node their share of the cores is time the step cannot have.
+While the Ray side runs, benchmarks/proc_cpu.py reads every process's CPU time from /proc and
+reports the cores used over the worker's second half: `worker` (the training worker, collation
+thread included; `bare`: the bare loop's process over its timed half), `data` (Ray Data's read tasks), `ray` (Ray's own processes: raylet, GCS,
+dashboard, log monitor, Ray Train's controller actors) and `other` (the rest of the machine). On a
+CPU-only node, cores that `ray` and `data` use are time the step cannot have.
 `base` = the base model preset (768 × 12) on the demo's data (images keep their 28 px, patch 4).
 Each row repeats the pair (bare, Ray) `--repeats` times, alternating, and reports the median
 overhead with its range. Prints a table, then one JSON line: {"ray_overhead": worst row's median
@@ -27,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -46,12 +48,15 @@ def run_config(mod: str, data: str, size: str, steps: int, output: str) -> RunCo
         "train.checkpoint_every": steps, "train.max_failures": 0}, **patch)
 
 
-def bare_samples_per_s(cfg: RunConfig) -> float:
+def bare_samples_per_s(cfg: RunConfig) -> tuple[float, float]:
+    """(samples/s over the second half, cores this process used meanwhile)."""
     torch.set_num_threads(os.cpu_count() or 1)
     tr = Trainer(cfg, load_rows(cfg.data, cfg.modality))
     steps = cfg.train.max_steps
     tr.train(steps - steps // 2)  # warm-up half
-    return cfg.train.batch_size * (steps // 2) / tr.train(steps // 2)
+    cpu = time.process_time()
+    dt = tr.train(steps // 2)
+    return cfg.train.batch_size * (steps // 2) / dt, (time.process_time() - cpu) / dt
 
 
 def ray_metrics(cfg: RunConfig) -> tuple[dict, dict]:
@@ -63,6 +68,13 @@ def ray_metrics(cfg: RunConfig) -> tuple[dict, dict]:
     if result.error:
         raise RuntimeError(f"{cfg.modality} Ray run failed: {result.error}")
     return result.metrics, cpu.cores()
+
+
+CORE_COLUMNS = ("worker", "data", "ray", "other")  # benchmarks/proc_cpu.py's groups, in the table
+
+
+def _median(cores: list[dict], group: str) -> float:
+    return statistics.median(c.get(group, float("nan")) for c in cores)
 
 
 def main(argv=None) -> int:
@@ -81,29 +93,32 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         for mod in a.modalities.split(","):
             steps = a.steps if size == "demo" else a.base_steps
-            over, waits, bares, rays, bgs, others = [], [], [], [], [], []
+            over, waits, bares, rays, cores_seen, bare_cores = [], [], [], [], [], []
             for _ in range(max(1, a.repeats)):  # A, B, A, B, …: drift on a shared machine hits both sides
                 with tempfile.TemporaryDirectory() as tmp:
                     cfg = run_config(mod, a.data, size, steps, tmp)
-                    bare = bare_samples_per_s(cfg)
+                    bare, bare_cpu = bare_samples_per_s(cfg)
                     m, cores = ray_metrics(cfg)
                 bares.append(bare)
-                bgs.append(cores.get("ray", float("nan")))
-                others.append(cores.get("other", float("nan")))
+                cores_seen.append(cores)
+                bare_cores.append(bare_cpu)
                 rays.append(m["samples_per_s"])
                 over.append(1 - m["samples_per_s"] / bare)
                 waits.append(m["data_wait_fraction"])
-                print(f"  {size} {mod}: bare {bare:.2f} samples/s, ray {m['samples_per_s']:.2f}, "
+                print(f"  {size} {mod}: bare {bare:.2f} samples/s on {bare_cpu:.2f} cores, ray {m['samples_per_s']:.2f}, "
                       f"data-wait {m['data_wait_fraction']:.2%}, cores meanwhile {cores}", flush=True)
             rows.append((size, mod, cfg.train.batch_size, steps, statistics.median(bares), statistics.median(rays),
-                         over, statistics.median(waits), statistics.median(bgs), statistics.median(others)))
+                         over, statistics.median(waits), statistics.median(bare_cores),
+                         *(_median(cores_seen, g) for g in CORE_COLUMNS)))
     print(f"\n{'size':5} {'modality':8} {'batch':>5} {'steps':>5} {'bare sps':>9} {'ray sps':>8} "
-          f"{'overhead median (min..max)':>27} {'data-wait':>9} {'ray bg':>7} {'other':>6}  (cores of {os.cpu_count()})")
-    for size, mod, b, steps, bare, ray_sps, over, wait, bg, other in rows:
+          f"{'overhead median (min..max)':>27} {'data-wait':>9} {'bare':>6} " + " ".join(f"{c:>6}" for c in CORE_COLUMNS)
+          + f"  (cores of {os.cpu_count()})")
+    for size, mod, b, steps, bare, ray_sps, over, wait, *cores in rows:
         spread = f"{statistics.median(over):.1%} ({min(over):.1%}..{max(over):.1%})"
         print(f"{size:5} {mod:8} {b:5d} {steps:5d} {bare:9.2f} {ray_sps:8.2f} {spread:>27} {wait:9.2%} "
-              f"{bg:7.2f} {other:6.2f}")
-    bg = max((r[8] for r in rows if r[8] == r[8]), default=None)  # NaN: no /proc here
+              + " ".join(f"{c:6.2f}" for c in cores))
+    ray_bg = [r[9 + CORE_COLUMNS.index("ray")] for r in rows]
+    bg = max((c for c in ray_bg if c == c), default=None)  # NaN: no /proc here
     print(json.dumps({"ray_overhead": round(max(statistics.median(r[6]) for r in rows), 3),
                       "ray_overhead_range": [round(min(min(r[6]) for r in rows), 3),
                                              round(max(max(r[6]) for r in rows), 3)],
