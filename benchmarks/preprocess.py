@@ -129,6 +129,8 @@ def main(argv=None) -> int:
             assert n1 == n2, (mod, n1, n2)
             rates.append(n2 / dt)
             ratios.append(rates[-1] / (cores * singles[-1]))
+            for tag in (f"single{r}", f"ray{r}", "warm"):  # 224-px images: ~1.7 GB per copy
+                shutil.rmtree(os.path.join(work, f"{mod}_{tag}"), ignore_errors=True)
         results[f"{mod}_ratio"] = round(statistics.median(ratios), 3)
         results[f"{mod}_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
         print(f"{mod:8} {len(files):6d} {n2:7d} {statistics.median(singles):14.1f} {statistics.median(rates):11.1f} "
