@@ -224,7 +224,11 @@ def test_cpu_sampler_counts_a_busy_worker_and_an_idle_ray_process():
         idle.wait()
     cores = s.cores()
     assert 0.6 < cores["worker"] <= 1.05, cores
-    assert cores["ray"] < 0.1, cores
+    # The session's own Ray cluster (a descendant too) is also in `ray`: check the idle child itself.
+    seen = [(t, snap[idle.pid]) for t, snap in s.samples if idle.pid in snap]
+    assert all(g == "ray" for _, (_, g) in seen)
+    (t0, (c0, _)), (t1, (c1, _)) = seen[len(seen) // 2], seen[-1]
+    assert (c1 - c0) / (t1 - t0) < 0.1, seen
 
 
 def test_preprocess_benchmark_runs_paired_repeats(demo_raw):
