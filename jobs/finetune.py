@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if m is not None:
         print(f"{cfg.output} has already finished: its saved result follows (wall_s counts this command only)")
-    if m is None:
+    else:
         from pipeline.raycluster import init_ray
         from pipeline.train.launch import fit_error, local_cluster_cpus
 
