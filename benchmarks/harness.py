@@ -117,6 +117,8 @@ def features(model: Data2Vec, rows: dict[str, list], layers=(-1,), teacher: bool
     return np.concatenate(out)
 
 
-def probe_accuracy(model: Data2Vec, train_rows, test_rows, layers=(-1,), teacher: bool = False) -> float:
+def probe_accuracy(model: Data2Vec, train_rows, test_rows, layers=(-1,), teacher: bool = False,
+                   n_jobs: int | None = None) -> float:
     xtr, xte = (features(model, r, layers, teacher) for r in (train_rows, test_rows))
-    return fit_probes(xtr, np.asarray(train_rows["label"]), xte, np.asarray(test_rows["label"]))["probe_accuracy"]
+    return fit_probes(xtr, np.asarray(train_rows["label"]), xte, np.asarray(test_rows["label"]),
+                      n_jobs=n_jobs)["probe_accuracy"]

@@ -102,7 +102,7 @@ class MLMTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
 
 def held_out_masks(cfg, rows: dict, n: int = 512) -> list:
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         curve, seconds, losses = [], 0.0, []
 
         def record(step):
-            got = probes(tr_.model, topic, order)
+            got = probes(tr_.model, topic, order, n_jobs=os.cpu_count())  # nothing else runs while probing
             if arm in MLM_MASKS:
                 got["mlm_ce"] = held_out_ce(tr_.mlm, held)
             row = {"step": step, "epochs": round(step / epoch_steps, 2), "train_s": round(seconds, 1),

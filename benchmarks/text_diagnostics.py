@@ -176,11 +176,14 @@ def target_makeup(trainer: Trainer, rows, n_batches: int = 10) -> dict[str, floa
             "r2_student_masked": _r2(y[masked], pred[masked])}
 
 
-def probes(model, topic, order) -> dict[str, float]:
-    out = {name: probe_accuracy(model, *rows) for name, rows in (("topic", topic), ("word_order", order))}
+def probes(model, topic, order, n_jobs: int | None = None) -> dict[str, float]:
+    """Topic and word-order probes of the final layer, and the topic probe of the averaged input
+    embeddings; `n_jobs` processes fit the probes' cross-validation folds."""
+    out = {name: probe_accuracy(model, *rows, n_jobs=n_jobs)
+           for name, rows in (("topic", topic), ("word_order", order))}
     emb = model.frontend.tokens.weight.detach().numpy()  # the student's input embeddings, averaged
     (tr, te), ytr, yte = topic, np.asarray(topic[0]["label"]), np.asarray(topic[1]["label"])
-    out["topic_embedding_bag"] = fit_probes(_bag(emb, tr), ytr, _bag(emb, te), yte)["probe_accuracy"]
+    out["topic_embedding_bag"] = fit_probes(_bag(emb, tr), ytr, _bag(emb, te), yte, n_jobs=n_jobs)["probe_accuracy"]
     return out
 
 
