@@ -3,7 +3,7 @@ the same front end and encoder, data, batch, optimizer and schedule — does the
 back at a CPU budget, or the budget itself?
 
     .venv/bin/python -m benchmarks.text_control [--data runs/demo/data] [--steps 2000] [--every 640]
-        [--arms mlm_bert15,mlm_span35,d2v1,d2v2] [--set train.lr=5e-4 ...] [--probe-rows N]
+        [--arms mlm_bert15,mlm_span35,d2v1,d2v2] [--set train.lr=5e-4 ...] [--probe-rows N] [--threads N]
 
 Arms, all on the demo text preset (width 128, depth 4), the demo recipe's TrainConfig (batch 32,
 AdamW lr 1e-3, warm-up + cosine over --steps, clip 4) and the same shuffled batches
@@ -144,12 +144,13 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--set", action="append", default=[], help="config override for every arm, key=value")
     p.add_argument("--probe-rows", type=int, default=0, help="probe on a seeded random N labeled rows per split (0 = all)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (and probe processes)")
     a = p.parse_args(argv)
     arms = a.arms.split(",")
     if unknown := sorted(set(arms) - set(ARMS)):
         print(f"error: --arms: unknown {unknown}; choose from {', '.join(ARMS)}", file=sys.stderr)
         return 2
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads)
     splits = text_splits(a.data)
     if splits is None:
         return 2
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         curve, seconds, losses = [], 0.0, []
 
         def record(step):
-            got = probes(tr_.model, topic, order, n_jobs=os.cpu_count())  # nothing else runs while probing
+            got = probes(tr_.model, topic, order, n_jobs=a.threads)
             if arm in MLM_MASKS:
                 got["mlm_ce"] = held_out_ce(tr_.mlm, held)
             row = {"step": step, "epochs": round(step / epoch_steps, 2), "train_s": round(seconds, 1),
