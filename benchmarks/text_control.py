@@ -10,8 +10,11 @@ AdamW lr 1e-3, warm-up + cosine over --steps, clip 4) and the same shuffled batc
 (benchmarks/harness.py, one process):
 - mlm_bert15: RoBERTa-style LM head (dense → GELU → LayerNorm → the input embeddings, tied) over
   BERT masking, 15% of tokens, 80/10/10 <mask>/random/kept, loss at every selected token;
-- mlm_span35: the same head over data2vec 1.0's text masking (35%, spans of 4, all <mask>);
-- d2v1, d2v2: the demo recipes, trained with the workers' step.
+- mlm_span35: the same head over the span masking of fairseq's released data2vec 1.0 text config
+  (35%, spans of 4, all <mask>);
+- d2v1, d2v2: the demo recipes, trained with the workers' step (the demo d2v1 masks like mlm_bert15;
+  `--set model.mask.prob=0.35 --set model.mask.length=4 --set model.mask.bert_corrupt=false` gives
+  it the released spans).
 Every --every steps (default ≈ one epoch of the demo corpus) each arm is probed on the labeled
 splits: topic (final layer, mean-pooled), topic_emb (mean of the input token embeddings) and
 word_order (bigram shift; benchmarks/text_diagnostics.py), all with the project's probe
