@@ -174,3 +174,28 @@ def test_audio_finetune_schedule_follows_fairseq_phases():
         assert lr_at(80_000, t) == pytest.approx(0.05 * t.lr)
     demo = TrainConfig(**finetune_recipe("audio", "classify", "demo").train)
     assert lr_at(149, demo) == demo.lr and lr_at(300, demo) == pytest.approx(0.05 * demo.lr)
+
+
+def test_demo_text_d2v1_masks_like_bert_and_steps():
+    """The demo text 1.0 recipe (BERT 15%, 80/10/10; benchmarks/README.md text_control): ~15% of
+    real tokens selected, ~80% of those become <mask> (id 4 with the demo tokenizer), the rest
+    random or kept, and the loss is finite with gradients on the student."""
+    import numpy as np
+    import torch
+
+    from pipeline.model.data2vec import Data2Vec, draw_masks
+    cfg = recipe("text", "d2v1", "demo", vocab_size=500).model
+    assert (cfg.mask.prob, cfg.mask.length, cfg.mask.bert_corrupt) == (0.15, 1, True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 500, (32, 64))
+    m = draw_masks(cfg, 32, 64, np.random.default_rng(1), lengths=np.full(32, 64), input_ids=ids)
+    sel, out = m["mask"], m["input_ids_masked"]
+    assert 0.12 < sel.mean() < 0.18 and (out[~sel] == ids[~sel]).all()
+    assert 0.7 < (out[sel] == 4).mean() < 0.9 and (out[sel] == ids[sel]).mean() < 0.2
+    torch.manual_seed(0)
+    model = Data2Vec(cfg)
+    res = model({"input_ids": torch.from_numpy(ids), "input_ids_masked": torch.from_numpy(out)},
+                torch.from_numpy(sel))
+    res.loss.backward()
+    assert torch.isfinite(res.loss) and res.num_masked == int((out == 4).sum())
+    assert model.frontend.tokens.weight.grad.abs().sum() > 0
