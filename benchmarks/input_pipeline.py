@@ -67,6 +67,7 @@ def ray_metrics(cfg: RunConfig) -> tuple[dict, dict]:
         result = run_pretraining(cfg)
     if result.error:
         raise RuntimeError(f"{cfg.modality} Ray run failed: {result.error}")
+    print(f"    Ray's own processes, cores: {cpu.processes('ray')}", flush=True)
     return result.metrics, cpu.cores()
 
 

@@ -30,8 +30,8 @@ def _group(cmd: str) -> str:
     return "ray"  # ray:: actors, raylet, gcs_server, dashboard and agents, log monitor, …
 
 
-def snapshot() -> dict[int, tuple[float, str]]:
-    """{pid: (user + system CPU seconds, group)} of every process readable in /proc."""
+def snapshot() -> dict[int, tuple[float, str, str]]:
+    """{pid: (user + system CPU seconds, group, short name)} of every process readable in /proc."""
     hz, me = os.sysconf("SC_CLK_TCK"), os.getpid()
     procs = {}
     for p in os.listdir("/proc"):
@@ -55,8 +55,19 @@ def snapshot() -> dict[int, tuple[float, str]]:
                 group = "driver" if pid == me else _group(name)
                 break
             up = procs[up][0]
-        out[pid] = (cpu, group)
+        out[pid] = (cpu, group, _short(name))
     return out
+
+
+def _short(cmd: str) -> str:
+    """A readable process name: 'ray::TrainController', 'raylet', 'dashboard/agent.py', …"""
+    words = cmd.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    script = next((w for w in words if w.endswith(".py")), None)
+    return "/".join(script.split("/")[-2:]) if script else os.path.basename(words[0])
 
 
 class CpuSampler:
@@ -82,13 +93,32 @@ class CpuSampler:
             self._stop.set()
             self._thread.join()
 
+    def _window(self):
+        """(first, last) sample of the second half of the training worker's life, or None."""
+        seen = [i for i, (_, s) in enumerate(self.samples) if any(v[1] == "worker" for v in s.values())]
+        if len(seen) < 3:
+            return None
+        return self.samples[(seen[0] + seen[-1]) // 2], self.samples[seen[-1]]
+
+    def _used(self, key) -> dict[str, float]:
+        """Cores per key(group, name) over the window; a process born in the window counts whole."""
+        w = self._window()
+        if w is None:
+            return {}
+        (ta, a), (tb, b) = w
+        used: dict[str, float] = {}
+        for pid, (cpu, group, name) in b.items():
+            k = key(group, name)
+            if k is not None:
+                used[k] = used.get(k, 0.0) + cpu - a.get(pid, (0.0,))[0]
+        return {k: round(v / (tb - ta), 3) for k, v in used.items()}
+
     def cores(self) -> dict[str, float]:
         """Mean cores used per group over the second half of the training worker's life."""
-        seen = [i for i, (_, s) in enumerate(self.samples) if any(g == "worker" for _, g in s.values())]
-        if len(seen) < 3:
-            return {}
-        a, b = self.samples[(seen[0] + seen[-1]) // 2], self.samples[seen[-1]]
-        used = dict.fromkeys(GROUPS, 0.0)
-        for pid, (cpu, group) in b[1].items():
-            used[group] += cpu - a[1].get(pid, (0.0, group))[0]  # a process born in the window counts whole
-        return {g: round(v / (b[0] - a[0]), 3) for g, v in used.items()}
+        used = self._used(lambda group, name: group)
+        return {g: used.get(g, 0.0) for g in GROUPS} if used else {}
+
+    def processes(self, group: str = "ray", top: int = 6) -> dict[str, float]:
+        """The `top` biggest users within `group`, by process name (same window as cores())."""
+        used = self._used(lambda g, name: name if g == group else None)
+        return dict(sorted(used.items(), key=lambda kv: -kv[1])[:top])

@@ -226,9 +226,12 @@ def test_cpu_sampler_counts_a_busy_worker_and_an_idle_ray_process():
     assert 0.6 < cores["worker"] <= 1.05, cores
     # The session's own Ray cluster (a descendant too) is also in `ray`: check the idle child itself.
     seen = [(t, snap[idle.pid]) for t, snap in s.samples if idle.pid in snap]
-    assert all(g == "ray" for _, (_, g) in seen)
-    (t0, (c0, _)), (t1, (c1, _)) = seen[len(seen) // 2], seen[-1]
+    assert all(g == "ray" for _, (_, g, _) in seen)
+    (t0, (c0, *_)), (t1, (c1, *_)) = seen[len(seen) // 2], seen[-1]
     assert (c1 - c0) / (t1 - t0) < 0.1, seen
+    # the per-process view names the spinning worker's program and gives it the same ≈ 1 core
+    name, used = next(iter(s.processes("worker").items()))  # the biggest first
+    assert name.startswith("python") and 0.6 < used <= cores["worker"] + 1e-6, s.processes("worker")
 
 
 def test_preprocess_benchmark_runs_paired_repeats(demo_raw):
