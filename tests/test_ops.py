@@ -124,10 +124,17 @@ def test_cluster_files_expose_nothing_without_authentication(tmp_path):
     assert "MLFLOW_AUTH_ADMIN_PASSWORD=$(cat " in up and "openssl rand" in up
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are drawn, so the OS cannot hand
+    the same port out twice (binding and closing one at a time did, once in CI)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _wait_http(url, timeout=120):
@@ -147,15 +154,15 @@ def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
            "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS")
-    gcs, dash, mlf = _free_port(), _free_port(), _free_port()
+    names = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    gcs, dash, mlf, *others = _free_ports(3 + len(names))
     mlflow_srv = subprocess.Popen(
         [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
          "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # A second cluster beside the test session's: every port it opens must be free and explicit.
-    ports = {k: _free_port() for k in ("ray-client-server-port", "dashboard-agent-listen-port",
-                                       "dashboard-agent-grpc-port", "metrics-export-port",
-                                       "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    ports = dict(zip(names, others))
     head_log = open(tmp_path / "head.log", "w")
     import tempfile
     short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # unix socket paths must stay < 108 bytes
