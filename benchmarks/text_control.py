@@ -154,13 +154,10 @@ def main(argv=None) -> int:
         print(f"error: --arms: unknown {unknown}; choose from {', '.join(ARMS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
-    splits = text_splits(a.data)
+    splits = text_splits(a.data, a.probe_rows)
     if splits is None:
         return 2
     pre, tr, te = splits
-    if a.probe_rows:  # a seeded random subset: labeled folders are often sorted by class
-        tr, te = ({k: [v[i] for i in np.random.default_rng(0).permutation(len(v))[: a.probe_rows]]
-                   for k, v in r.items()} for r in (tr, te))
     topic, order = (tr, te), (shifted(tr, 0), shifted(te, 1))
     sets = parse_sets(a.set)
     base = arm_config("mlm_bert15", a.data, a.steps, sets)

@@ -3,6 +3,7 @@ what the teacher's targets are made of, and whether pretraining teaches word ord
 
     .venv/bin/python -m benchmarks.text_diagnostics [--data runs/demo/data] [--steps 600] [--every 300]
         [--position-init-scale 1.0] [--init-embeddings random|cooccurrence] [--set model.ema.decay=0.99 ...]
+        [--probe-rows N]
 
 `--data` holds the demo's preprocessed text folders (`python -m jobs.demo` writes them):
 text_pretrain (unlabeled corpus + tokenizer), text_train / text_test (topic labels).
@@ -43,15 +44,20 @@ from pipeline.train.batches import collate, step_rng  # noqa: E402
 from pipeline.train.config import parse_sets  # noqa: E402
 
 
-def text_splits(data: str):
+def text_splits(data: str, probe_rows: int = 0):
     """(pretraining rows, labeled train rows, labeled test rows) of the demo's text folders under
-    `data`, or None after saying what is missing."""
+    `data`, or None after saying what is missing. `probe_rows` > 0 keeps a seeded random subset of
+    that many rows of each labeled split (not the first rows: labeled folders are often sorted by
+    class)."""
     try:
         pre = load_rows(os.path.join(data, "text_pretrain"), "text")
         tr, te = (load_rows(os.path.join(data, f"text_{s}"), "text", labeled=True) for s in ("train", "test"))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e} (run `python -m jobs.demo --modalities text` first, or pass --data)", file=sys.stderr)
         return None
+    if probe_rows:
+        tr, te = ({k: [v[i] for i in np.random.default_rng(0).permutation(len(v))[:probe_rows]]
+                   for k, v in r.items()} for r in (tr, te))
     return pre, tr, te
 
 
@@ -198,9 +204,10 @@ def main(argv=None) -> int:
                    help="cooccurrence: start the token embeddings from the corpus's PPMI-SVD word vectors "
                         "(scaled to the init's std) — does data2vec keep, improve or erode structured inputs?")
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("--probe-rows", type=int, default=0, help="probe on a seeded random N labeled rows per split (0 = all)")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    splits = text_splits(a.data)
+    splits = text_splits(a.data, a.probe_rows)
     if splits is None:
         return 2
     pre, tr, te = splits

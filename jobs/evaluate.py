@@ -108,8 +108,7 @@ def evaluate(a) -> dict:
         res["encoder"] = "classical"
     else:
         kw = dict(random_init=a.random_init, layers=a.layers, teacher=a.teacher)
-        xtr, ytr = probe.extract(a.train_data, a.checkpoint, modality, **kw)
-        xte, yte = probe.extract(a.test_data, a.checkpoint, modality, **kw)
+        (xtr, ytr), (xte, yte) = probe.extract([a.train_data, a.test_data], a.checkpoint, modality, **kw)
         res = probe.fit_probes(xtr, ytr, xte, yte)
         res["encoder"] = "random-init" if a.random_init else ("teacher" if a.teacher else "pretrained")
     res.update(modality=modality, seconds=round(time.time() - t0, 1))

@@ -113,10 +113,10 @@ def validation_probe(s: dict, final: str) -> dict:
     """The encoder's probe accuracy on the validation split (never the test split)."""
     from pipeline import probe
 
-    x, y = probe.extract(s["probe_train"], final, s["modality"], actors=1)
     if s["probe_val"]:
-        xv, yv = probe.extract(s["probe_val"], final, s["modality"], actors=1)
+        (x, y), (xv, yv) = probe.extract([s["probe_train"], s["probe_val"]], final, s["modality"], actors=1)
         return probe.fit_probes(x, y, xv, yv)
+    [(x, y)] = probe.extract([s["probe_train"]], final, s["modality"], actors=1)
     fit, val = probe.stratified_split(y, VAL_FRACTION, seed=0)
     return probe.fit_probes(x[fit], y[fit], x[val], y[val])
 
@@ -285,8 +285,7 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
     best_params = {k: v for k, v in best.config.items() if k != "_static"}
     # The test split, once: the chosen configuration's final encoder, its probe fitted on all of
     # --probe-train.
-    xtr, ytr = probe.extract(a.probe_train, best.metrics["final"], a.modality)
-    xte, yte = probe.extract(a.probe_test, best.metrics["final"], a.modality)
+    (xtr, ytr), (xte, yte) = probe.extract([a.probe_train, a.probe_test], best.metrics["final"], a.modality)
     test = probe.fit_probes(xtr, ytr, xte, yte)
     keys = list(spec)
     mlflow.log_dict(best_params, "best_config.json")

@@ -1,7 +1,7 @@
 """Frozen-encoder probes: Ray Data feature extraction (actor pool) → logistic regression + kNN.
 
-    features = extract(ds, checkpoint)      # (N, D) mean-pooled, chosen layers, Ray actor pool
-    result = fit_probes(train_feats, train_labels, test_feats, test_labels)
+    (xtr, ytr), (xte, yte) = extract([train_dir, test_dir], checkpoint, modality)  # (N, D) mean-pooled
+    result = fit_probes(xtr, ytr, xte, yte)
 
 Also the classical raw-input baselines (pixels / MFCC statistics / TF-IDF over token ids).
 """
@@ -76,10 +76,14 @@ def extract_splits(data_dirs: list[str], checkpoint: str, modality: str, *,
         return t.append_column("_src", pa.array(np.full(t.num_rows, src, np.int32)))
 
     checkpoint = os.path.abspath(checkpoint)
-    parts = [ray.data.read_parquet(os.path.join(os.path.abspath(d), "shards"), columns=FEATURE_COLUMNS[modality])
-             .map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow") for i, d in enumerate(data_dirs)]
+    shard_dirs = [os.path.join(os.path.abspath(d), "shards") for d in data_dirs]
+    parts = [ray.data.read_parquet(s, columns=FEATURE_COLUMNS[modality])
+             .map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow") for i, s in enumerate(shard_dirs)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    n = actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    # Each actor loads the model once; more actors than input files (Ray Data's read tasks) would
+    # only load it and wait.
+    files = sum(sum(f.endswith(".parquet") for f in os.listdir(s)) for s in shard_dirs)
+    n = actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1, files))
     out = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=dict(
         checkpoint=checkpoint, variants=tuple(variants), layers=layers, teacher=teacher),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n))
@@ -115,13 +119,14 @@ def extract_splits_in_process(data_dirs: list[str], checkpoint: str, modality: s
     return result
 
 
-def extract(data_dir: str, checkpoint: str, modality: str, *, random_init: bool = False,
+def extract(data_dirs: list[str], checkpoint: str, modality: str, *, random_init: bool = False,
             layers: tuple[int, ...] = (-1,), teacher: bool = False, batch_size: int = 64,
-            actors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed labeled shards → (features (N, D), labels (N,)) via a Ray Data actor pool."""
+            actors: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Preprocessed labeled folders → per folder, (features (N, D), labels (N,)) of one encoder
+    (the checkpoint, or its architecture at random init), in one actor-pool pass."""
     v = "random" if random_init else "pretrained"
-    return extract_splits([data_dir], checkpoint, modality, variants=(v,), layers=layers, teacher=teacher,
-                          batch_size=batch_size, actors=actors)[0][v]
+    return [split[v] for split in extract_splits(data_dirs, checkpoint, modality, variants=(v,), layers=layers,
+                                                 teacher=teacher, batch_size=batch_size, actors=actors)]
 
 
 PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)

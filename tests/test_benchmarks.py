@@ -126,7 +126,8 @@ def test_text_diagnostics_word_order_rows_and_variance_shares():
 def test_text_diagnostics_script_runs(demo_shards):
     from benchmarks.text_diagnostics import main
     data = os.path.dirname(demo_shards["text"])
-    text, r = run_main(main, ["--data", data, "--steps", "2", "--every", "2", "--init-embeddings", "cooccurrence"])
+    text, r = run_main(main, ["--data", data, "--steps", "2", "--every", "2", "--init-embeddings", "cooccurrence",
+                                 "--probe-rows", "400"])
     assert {"tfidf", "lsa128", "cooc128"} <= set(r["ceilings"]) and [c["step"] for c in r["curve"]] == [0, 2]
     assert all(0 <= c["topic_embedding_bag"] <= 1 for c in r["curve"]) and "topic_emb" in text
 

@@ -1,6 +1,7 @@
 """Probes prove learning; sweeps run on Ray Tune with nested MLflow runs."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -182,7 +183,11 @@ def test_in_process_extraction_matches_the_actor_pool(demo_shards, tmp_path):
     assert pretrain(["--modality", "text", "--data", demo_shards["text"], "--output", out, "--max-steps", "1",
                      "--set", "train.batch_size=8", "--set", "train.warmup_steps=0"]) == 0
     dirs = [demo_shards["text_train"], demo_shards["text_test"]]
-    pool = probe.extract_splits(dirs, os.path.join(out, "final"), "text", variants=("random", "pretrained"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pool = probe.extract_splits(dirs, os.path.join(out, "final"), "text", variants=("random", "pretrained"))
+    # The pool is no larger than the input files: no actor is started only to wait.
+    assert not [w for w in seen if "concurrent actors" in str(w.message)], [str(w.message) for w in seen]
     local = probe.extract_splits_in_process(dirs, os.path.join(out, "final"), "text",
                                             variants=("random", "pretrained"))
     for a, b in zip(pool, local):
