@@ -75,14 +75,15 @@ def extract_splits(data_dirs: list[str], checkpoint: str, modality: str, *,
     def tag(t: pa.Table, src: int) -> pa.Table:
         return t.append_column("_src", pa.array(np.full(t.num_rows, src, np.int32)))
 
+    from pipeline import storage
+
     checkpoint = os.path.abspath(checkpoint)
-    shard_dirs = [os.path.join(os.path.abspath(d), "shards") for d in data_dirs]
-    parts = [ray.data.read_parquet(s, columns=FEATURE_COLUMNS[modality])
-             .map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow") for i, s in enumerate(shard_dirs)]
+    parts = [ray.data.read_parquet(os.path.join(os.path.abspath(d), "shards"), columns=FEATURE_COLUMNS[modality])
+             .map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow") for i, d in enumerate(data_dirs)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # Each actor loads the model once; more actors than input files (Ray Data's read tasks) would
     # only load it and wait.
-    files = sum(sum(f.endswith(".parquet") for f in os.listdir(s)) for s in shard_dirs)
+    files = sum(len(storage.shard_files(*storage.resolve(d))) for d in data_dirs)
     n = actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1, files))
     out = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=dict(
         checkpoint=checkpoint, variants=tuple(variants), layers=layers, teacher=teacher),

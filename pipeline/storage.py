@@ -41,6 +41,12 @@ def list_files(fs: pafs.FileSystem, root: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
+def shard_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The Parquet shards of the preprocessed folder at `root` (pipeline/ingest.py writes them to
+    ROOT/shards/), sorted."""
+    return [f for f in list_files(fs, f"{root}/shards") if f.endswith(".parquet")]
+
+
 def label_of(root: str, path: str) -> str | None:
     """ROOT/<class>/.../file → '<class>'; a file directly under ROOT has no label."""
     rel = path[len(root):].lstrip("/") if path.startswith(root) else os.path.basename(path)

@@ -45,7 +45,7 @@ def list_chunks(data: str, columns: list[str]) -> list[Chunk]:
     from pipeline import storage
 
     fs, root = storage.resolve(data)
-    files = [f for f in storage.list_files(fs, f"{root}/shards") if f.endswith(".parquet")]
+    files = storage.shard_files(fs, root)
     chunks = []
     for f in files:
         with fs.open_input_file(f) as fh:

@@ -179,7 +179,7 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
     from pipeline.config import ROW_GROUP_ROWS
 
     fs, root = storage.resolve(src)
-    files = [f for f in storage.list_files(fs, f"{root}/shards") if f.endswith(".parquet")]
+    files = storage.shard_files(fs, root)
     values, where = [], []  # target value and (file, row group, row) of every labeled row
     for fi, f in enumerate(files):
         with fs.open_input_file(f) as fh:
