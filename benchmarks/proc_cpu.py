@@ -7,8 +7,9 @@ Ray Train's controller actors); then this driver; then everything else on the ma
         run_pretraining(cfg)
     s.cores()   # {"worker": 1.71, "data": 0.04, "ray": 0.17, "driver": 0.0, "other": 0.03}
 
-`cores()` averages over the second half of the training worker's life (its start-up, the first
-blocks and the allocator warm-up fall in the first half, like the samples/s the run reports).
+`cores()` averages over the last `tail` share of the training worker's life (default its second
+half; start-up, the first blocks and the allocator warm-up fall before it, like the steps before
+the window whose samples/s the run reports).
 Elsewhere than Linux it returns {}.
 """
 from __future__ import annotations
@@ -73,8 +74,8 @@ def _short(cmd: str) -> str:
 class CpuSampler:
     """Samples snapshot() every `every` seconds while the block runs."""
 
-    def __init__(self, every: float = 0.5):
-        self.every, self.samples = every, []
+    def __init__(self, every: float = 0.5, tail: float = 0.5):
+        self.every, self.tail, self.samples = every, tail, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-sampler")
 
@@ -94,11 +95,12 @@ class CpuSampler:
             self._thread.join()
 
     def _window(self):
-        """(first, last) sample of the second half of the training worker's life, or None."""
+        """(first, last) sample of the last `tail` of the training worker's life, or None."""
         seen = [i for i, (_, s) in enumerate(self.samples) if any(v[1] == "worker" for v in s.values())]
         if len(seen) < 3:
             return None
-        return self.samples[(seen[0] + seen[-1]) // 2], self.samples[seen[-1]]
+        first = min(seen[-2], seen[-1] - max(1, round((seen[-1] - seen[0]) * self.tail)))
+        return self.samples[first], self.samples[seen[-1]]
 
     def _used(self, key) -> dict[str, float]:
         """Cores per key(group, name) over the window; a process born in the window counts whole."""
@@ -114,7 +116,7 @@ class CpuSampler:
         return {k: round(v / (tb - ta), 3) for k, v in used.items()}
 
     def cores(self) -> dict[str, float]:
-        """Mean cores used per group over the second half of the training worker's life."""
+        """Mean cores used per group over the last `tail` of the training worker's life."""
         used = self._used(lambda group, name: group)
         return {g: used.get(g, 0.0) for g in GROUPS} if used else {}
 

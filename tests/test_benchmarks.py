@@ -89,8 +89,9 @@ def test_ray_benchmarks_run(demo_shards):
     from benchmarks.scaling import main as scaling
     data = os.path.dirname(demo_shards["image"])
     _, r = run_main(input_pipeline, ["--data", data, "--modalities", "text", "--sizes", "demo", "--steps", "6",
-                                     "--repeats", "1"])
+                                     "--repeats", "1", "--warmup-s", "0", "--measure-s", "0"])
     assert 0 <= r["data_wait_fraction"] < 1 and np.isfinite(r["ray_overhead"])
+    assert 0 < r["ray_startup_s"] < 300  # Ray, the worker group and its first blocks start in that time
     assert 0 < r["ray_background_cores"] < os.cpu_count()  # raylet, GCS, dashboard, … do use some CPU
     _, r = run_main(scaling, ["--data", data, "--modality", "text", "--steps", "4", "--model-modalities", "text"])
     assert r["two_worker_speedup"] > 0 and 0 < r["efficiency_64_gpus_text"] <= 1
@@ -233,6 +234,24 @@ def test_cpu_sampler_counts_a_busy_worker_and_an_idle_ray_process():
     # the per-process view names the spinning worker's program and gives it the same ≈ 1 core
     name, used = next(iter(s.processes("worker").items()))  # the biggest first
     assert name.startswith("python") and 0.6 < used <= cores["worker"] + 1e-6, s.processes("worker")
+
+
+def test_cpu_sampler_tail_is_the_end_of_the_workers_life():
+    """A 'RayTrainWorker' that sleeps 2 s and then spins 2 s: over the last 40% of its life the
+    sampler sees ≈ 1 core, over its whole life ≈ half of one."""
+    import subprocess
+    import sys
+
+    from benchmarks.proc_cpu import CpuSampler
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("reads /proc")
+    late = "import time\ntime.sleep(2)\nt = time.time()\nwhile time.time() - t < 2: pass"
+    with CpuSampler(every=0.1, tail=0.4) as s:
+        subprocess.run([sys.executable, "-c", late, "ray::RayTrainWorker"], check=True)
+    assert 0.75 < s.cores()["worker"] <= 1.05, s.cores()
+    s.tail = 1.0
+    assert 0.3 < s.cores()["worker"] < 0.7, s.cores()
 
 
 def test_preprocess_benchmark_runs_paired_repeats(demo_raw):
