@@ -12,9 +12,9 @@ both sides and in every pair of the row:
   seconds (a 5-s window of fast demo image steps swung by ±20% from pair to pair);
 - warm-up: at least `--warmup-s` seconds, rounded up to a multiple of the measured steps. Ray's own
   processes use 0.25 cores in the first 15 s of a run and 0.17-0.19 cores in the second half of a
-  60-step run, but 0.08-0.11 from about a minute on; a training run lasts hours. That start-up is
-  a fixed cost per run (and per restart or trial), reported apart as `start s`: the Ray run's
-  wall time less its training time.
+  60-step run, but 0.11-0.17 in training runs past a minute; a training run lasts hours. That
+  start-up is a fixed cost per run (and per restart or trial), reported apart as `start s`: the
+  Ray run's wall time less its training time.
 `--warmup-s 0 --measure-s 0` gives `steps` warm-up and `steps` measured steps (until 2026-11-29:
 60 steps per run, the second half measured). The bare side is the worker's step on in-memory
 batches (benchmarks/harness.py).
