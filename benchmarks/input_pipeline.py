@@ -12,9 +12,10 @@ both sides and in every pair of the row:
   seconds (a 5-s window of fast demo image steps swung by ±20% from pair to pair);
 - warm-up: at least `--warmup-s` seconds, rounded up to a multiple of the measured steps. Ray's own
   processes use 0.25 cores in the first 15 s of a run and 0.17-0.19 cores in the second half of a
-  60-step run, but 0.11-0.17 in training runs past a minute; a training run lasts hours. That
-  start-up is a fixed cost per run (and per restart or trial), reported apart as `start s`: the
-  Ray run's wall time less its training time.
+  60-step run, but 0.11-0.17 in training runs past a minute; a training run lasts hours. Start-up
+  and shut-down are a fixed cost per run (and per restart or trial), reported apart as `fixed s`:
+  the Ray run's wall time less its training time (Ray Train's controller and worker group, the
+  model's build, the first blocks; at the end the checkpoint, the final model, the shut-down).
 `--warmup-s 0 --measure-s 0` gives `steps` warm-up and `steps` measured steps (until 2026-11-29:
 60 steps per run, the second half measured). The bare side is the worker's step on in-memory
 batches (benchmarks/harness.py).
@@ -30,8 +31,8 @@ are time the step cannot have.
 Each row repeats the pair (bare, Ray) `--repeats` times, alternating, and reports the median
 overhead with its range. Prints a table, then one JSON line: {"ray_overhead": worst row's median
 1 − ray/bare, "ray_overhead_range": [lowest, highest single pair], "data_wait_fraction": worst
-row's median, "ray_background_cores": worst row's median (null off Linux), "ray_startup_s": worst
-row's median start-up seconds, "warmup_s", "measure_s", "repeats"}.
+row's median, "ray_background_cores": worst row's median (null off Linux), "ray_fixed_s": worst
+row's median fixed seconds per run, "warmup_s", "measure_s", "repeats"}.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def bare_samples_per_s(cfg: RunConfig, steps: int) -> tuple[float, float]:
 
 def ray_metrics(cfg: RunConfig) -> tuple[dict, dict, float]:
     """(the run's last logging window = its measured steps, cores per process group meanwhile,
-    start-up seconds = the run's wall time less its training time)."""
+    fixed seconds = the run's wall time less its training time)."""
     from pipeline.train.launch import run_pretraining
 
     t0 = time.perf_counter()
@@ -136,31 +137,31 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 warm, steps = step_counts(run_config(mod, a.data, size, steps, steps, tmp), steps, a.warmup_s,
                                           a.measure_s)
-            over, waits, bares, rays, cores_seen, bare_cores, starts = [], [], [], [], [], [], []
+            over, waits, bares, rays, cores_seen, bare_cores, fixeds = [], [], [], [], [], [], []
             for _ in range(max(1, a.repeats)):  # A, B, A, B, …: drift on a shared machine hits both sides
                 with tempfile.TemporaryDirectory() as tmp:
                     cfg = run_config(mod, a.data, size, warm, steps, tmp)
                     bare, bare_cpu = bare_samples_per_s(cfg, steps)
-                    m, cores, start = ray_metrics(cfg)
+                    m, cores, fixed = ray_metrics(cfg)
                 bares.append(bare)
                 cores_seen.append(cores)
                 bare_cores.append(bare_cpu)
-                starts.append(start)
+                fixeds.append(fixed)
                 rays.append(m["samples_per_s"])
                 over.append(1 - m["samples_per_s"] / bare)
                 waits.append(m["data_wait_fraction"])
                 print(f"  {size} {mod}: bare {bare:.2f} samples/s on {bare_cpu:.2f} cores, ray {m['samples_per_s']:.2f}, "
-                      f"data-wait {m['data_wait_fraction']:.2%}, start-up {start:.1f} s, cores meanwhile {cores}",
+                      f"data-wait {m['data_wait_fraction']:.2%}, fixed {fixed:.1f} s, cores meanwhile {cores}",
                       flush=True)
             rows.append((size, mod, cfg.train.batch_size, f"{warm}+{steps}", statistics.median(bares),
-                         statistics.median(rays), over, statistics.median(waits), statistics.median(starts),
+                         statistics.median(rays), over, statistics.median(waits), statistics.median(fixeds),
                          statistics.median(bare_cores), *(_median(cores_seen, g) for g in CORE_COLUMNS)))
     print(f"\n{'size':5} {'modality':8} {'batch':>5} {'warm+measured':>13} {'bare sps':>9} {'ray sps':>8} "
-          f"{'overhead median (min..max)':>27} {'data-wait':>9} {'start s':>7} {'bare':>6} "
+          f"{'overhead median (min..max)':>27} {'data-wait':>9} {'fixed s':>7} {'bare':>6} "
           + " ".join(f"{c:>6}" for c in CORE_COLUMNS) + f"  (cores of {os.cpu_count()})")
-    for size, mod, b, steps, bare, ray_sps, over, wait, start, *cores in rows:
+    for size, mod, b, steps, bare, ray_sps, over, wait, fixed, *cores in rows:
         spread = f"{statistics.median(over):.1%} ({min(over):.1%}..{max(over):.1%})"
-        print(f"{size:5} {mod:8} {b:5d} {steps:>13} {bare:9.2f} {ray_sps:8.2f} {spread:>27} {wait:9.2%} {start:7.1f} "
+        print(f"{size:5} {mod:8} {b:5d} {steps:>13} {bare:9.2f} {ray_sps:8.2f} {spread:>27} {wait:9.2%} {fixed:7.1f} "
               + " ".join(f"{c:6.2f}" for c in cores))
     ray_bg = [r[10 + CORE_COLUMNS.index("ray")] for r in rows]
     bg = max((c for c in ray_bg if c == c), default=None)  # NaN: no /proc here
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
                                              round(max(max(r[6]) for r in rows), 3)],
                       "data_wait_fraction": round(max(r[7] for r in rows), 4),
                       "ray_background_cores": None if bg is None else round(bg, 3),
-                      "ray_startup_s": round(max(r[8] for r in rows), 1), "warmup_s": a.warmup_s, "measure_s": a.measure_s,
+                      "ray_fixed_s": round(max(r[8] for r in rows), 1), "warmup_s": a.warmup_s, "measure_s": a.measure_s,
                       "repeats": a.repeats}))
     return 0
 
