@@ -69,14 +69,13 @@ def step_counts(cfg: RunConfig, steps: int, warmup_s: float, measure_s: float) -
     """(warm-up steps, measured steps) at the bare loop's pace (a few timed steps): at least
     `steps` measured steps lasting at least `measure_s` seconds, after at least `warmup_s` seconds
     of warm-up, rounded up to a multiple of the measured steps (at least one)."""
-    per_step = 0.0
-    if warmup_s > 0 or measure_s > 0:
-        tr = Trainer(cfg, load_rows(cfg.data, cfg.modality))
-        tr.train(2)  # first steps: allocator, lazy init
-        per_step = tr.train(3) / 3
-    measured = max(steps, math.ceil(measure_s / per_step)) if per_step else steps
-    warm = measured * max(1, math.ceil(warmup_s / per_step / measured)) if per_step else measured
-    return warm, measured
+    if warmup_s <= 0 and measure_s <= 0:
+        return steps, steps
+    tr = Trainer(cfg, load_rows(cfg.data, cfg.modality))
+    tr.train(2)  # first steps: allocator, lazy init
+    per_step = tr.train(3) / 3
+    measured = max(steps, math.ceil(measure_s / per_step))
+    return measured * max(1, math.ceil(warmup_s / per_step / measured)), measured
 
 
 def bare_samples_per_s(cfg: RunConfig, steps: int) -> tuple[float, float]:
