@@ -97,6 +97,19 @@ def test_ray_benchmarks_run(demo_shards):
     assert r["two_worker_speedup"] > 0 and 0 < r["efficiency_64_gpus_text"] <= 1
 
 
+def test_input_pipeline_step_counts_cover_the_asked_seconds(demo_shards, tmp_path):
+    """The warm-up and measured steps derived from timed bare steps: at least --steps measured,
+    a whole number of measured windows of warm-up, and more steps when more seconds are asked."""
+    from benchmarks.input_pipeline import run_config, step_counts
+    data = os.path.dirname(demo_shards["text"])
+    cfg = run_config("text", data, "demo", 2, 2, str(tmp_path))
+    assert step_counts(cfg, 2, 0, 0) == (2, 2)
+    warm, measured = step_counts(cfg, 2, 2.0, 1.0)
+    assert measured >= 2 and warm >= measured and warm % measured == 0
+    long_warm, long_measured = step_counts(cfg, 2, 20.0, 10.0)
+    assert long_measured > measured and long_warm > warm and long_warm % long_measured == 0
+
+
 def test_text_diagnostics_word_order_rows_and_variance_shares():
     """The word-order probe rows swap exactly two adjacent, different sub-word tokens in the
     shifted half and leave the rest (and <s>/</s>) untouched; the R² of per-group means equals a
