@@ -166,14 +166,34 @@ def main(argv=None) -> int:
         prepare(["--output", a.data, "--modalities", ",".join(missing)])
 
     from pipeline.raycluster import init_ray
-    from pipeline.train.config import resolve
-    from pipeline.train.launch import frontend_from_manifest, read_manifest, run_pretraining
 
     os.makedirs(a.output, exist_ok=True)
     # One local cluster for everything: the demo's single training worker + 2 CPUs for Ray Data.
     init_ray(num_cpus=max(os.cpu_count() or 1, 3), dashboard=True)
     uri = "sqlite:///" + os.path.abspath(os.path.join(a.output, "mlflow.db"))
     parent_id = parent_run(uri, a.output)
+    try:
+        code = run_demo(a, mods, uri, parent_id, t_start)
+    except BaseException:
+        end_parent(uri, parent_id, "FAILED")
+        raise
+    if code:
+        end_parent(uri, parent_id, "FAILED")
+    return code
+
+
+def end_parent(uri: str, parent_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_terminated(parent_id, status)
+
+
+def run_demo(a, mods: list[str], uri: str, parent_id: str, t_start: float) -> int:
+    """Every modality's preprocess → pretraining → probe, then the summary; 0, or the exit code
+    of the first failure (its message printed)."""
+    from pipeline.train.config import resolve
+    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest, run_pretraining
+
     rows = []
     for mod in mods:
         dirs = preprocess_all(mod, a.data, os.path.join(a.output, "data"))
@@ -192,9 +212,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         t0 = time.time()
-        result = run_pretraining(cfg)
-        if result.error:
-            print(f"error: {mod} pretraining failed: {result.error}", file=sys.stderr)
+        result, error = fit_error(lambda: run_pretraining(cfg))
+        if error:
+            print(f"error: {mod} pretraining failed: {error}", file=sys.stderr)
             return 1
         wall = time.time() - t0
         acc = probe_modality(mod, os.path.join(cfg.output, "final"), ptr, pte)
@@ -214,7 +234,11 @@ def main(argv=None) -> int:
               f"(pretrained, {m.get('step')} steps, {wall:.0f} s); classical baseline {acc['classical']:.3f}",
               flush=True)
 
-    ctc = finetune_ctc(a, uri, parent_id) if a.ctc else None
+    ctc = None
+    if a.ctc:
+        ctc = finetune_ctc(a, uri, parent_id)
+        if isinstance(ctc, int):
+            return ctc
     total = time.time() - t_start
     log_summary(uri, parent_id, rows, total)
     print("\nmodality  mode  steps  pretrain_s  samples/s  data_wait  probe_random  probe_pretrained  classical")
@@ -232,13 +256,16 @@ def main(argv=None) -> int:
 CTC_STEPS = 300
 
 
-def finetune_ctc(a, uri: str, parent_id: str) -> dict:
+def finetune_ctc(a, uri: str, parent_id: str) -> dict | int:
     """Spoken digit strings → CTC fine-tuning of the demo's pretrained audio encoder (a child run of
-    the demo), scored on held-out voices. Returns {"test_cer", "test_wer", "steps", "finetune_s"}."""
+    the demo), scored on held-out voices. Returns {"test_cer", "test_wer", "steps", "finetune_s"},
+    or the exit code of a failure (its message printed): 2 for a config the pre-flight refuses, 1
+    for a failed run."""
     from types import SimpleNamespace
 
     from pipeline.ingest import run
     from pipeline.train import finetune_launch as fl
+    from pipeline.train.launch import fit_error
 
     if not os.path.isdir(os.path.join(a.data, "ctc")):
         from jobs.prepare_demo import main as prepare
@@ -252,12 +279,18 @@ def finetune_ctc(a, uri: str, parent_id: str) -> dict:
     args = SimpleNamespace(modality="audio", task="ctc", init=os.path.join(a.output, f"audio-{a.mode}", "final"),
                            output=out, preset="demo", config=None, tracking_uri=uri, experiment=EXPERIMENT,
                            parent_run_id=parent_id, **data)
-    cfg = fl.build(args, {"train.max_steps": a.ctc_steps})
+    try:
+        cfg = fl.build(args, {"train.max_steps": a.ctc_steps})
+        fl.check(cfg)  # the same pre-flight as jobs.finetune: resume and memory
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
     if not os.path.isfile(os.path.join(out, "final", "metrics.json")):
-        result = fl.run_finetuning(cfg)
-        if result.error:
-            raise SystemExit(f"error: CTC fine-tuning failed: {result.error}")
+        _, error = fit_error(lambda: fl.run_finetuning(cfg))
+        if error:
+            print(f"error: CTC fine-tuning failed: {error}", file=sys.stderr)
+            return 1
     m = json.load(open(os.path.join(out, "final", "metrics.json")))
     r = {"test_cer": round(m["test_cer"], 3), "test_wer": round(m["test_wer"], 3), "steps": m["steps"],
          "finetune_s": round(time.time() - t0, 1)}

@@ -171,7 +171,8 @@ def _image_parts(model):
         _ln(sd, f"{p}.layernorm_after", blk.norm2)
         _lin(sd, f"{p}.intermediate.dense", blk.fc1.weight, blk.fc1.bias)
         _lin(sd, f"{p}.output.dense", blk.fc2.weight, blk.fc2.bias)
-    _ln(sd, "layernorm", enc.norm)
+    if enc.norm is not None:  # a fine-tuned image model's head owns the final norm (pooler.layernorm)
+        _ln(sd, "layernorm", enc.norm)
     return hf_cfg, sd
 
 
@@ -228,9 +229,8 @@ def finetuned_to_hf(model, labels: list[str]):
             if not model.frontend.num_extra:
                 raise NotRepresentable("Data2VecVisionForImageClassification always has a CLS token; this encoder has none")
             # use_mean_pooling: no final LayerNorm on the tokens, the pooler's LayerNorm on their
-            # mean (= our fc_norm); our final norm is not used by the classifier.
+            # mean (= our fc_norm, which is the fine-tuning model's only final norm).
             hf_cfg.use_mean_pooling = True
-            sd = {k: v for k, v in sd.items() if not k.startswith(f"{prefix}.layernorm.")}
             _ln(sd, f"{prefix}.pooler.layernorm", model.fc_norm)
             _lin(sd, "classifier", *_after_bn(model, model.head))
             cls = tf.Data2VecVisionForImageClassification

@@ -65,6 +65,7 @@ FRONTEND_FIELDS = {
 HF_TYPES = {"data2vec-vision": "image", "data2vec-audio": "audio", "data2vec-text": "text"}
 OUR_LN_EPS = 1e-5
 STUDENT = ("frontend.", "encoder.")
+MASK_EMB = "mask_emb"
 
 
 @dataclass
@@ -80,7 +81,9 @@ class InitCheckpoint:
     """FrontEndConfig fields its weights fix (image: patch_size, cls_token; audio: conv_channels,
     conv_pos_width, conv_pos_depth, conv_pos_groups; text: vocab_size, max_positions)."""
     state: dict
-    """Student weights in our Data2Vec naming: keys start with "frontend." or "encoder." only."""
+    """Student weights in our Data2Vec naming: "frontend.…", "encoder.…" and, where the checkpoint
+    has one, the mask embedding "mask_emb" (data2vec 1.0 audio/image; Hugging Face's
+    masked_spec_embed)."""
     mode: str | None
     """Ours: the run's model.mode; Hugging Face: None."""
 
@@ -135,8 +138,8 @@ def _weights(fs, root: str, path: str) -> dict:
 
 def _read_ours(path: str, config: dict, tensors: dict) -> InitCheckpoint:
     cfg = ModelConfig.from_dict(config["model"])
-    state = {k: v for k, v in tensors.items() if k.startswith(STUDENT)}
-    if not state:
+    state = {k: v for k, v in tensors.items() if k.startswith(STUDENT) or k == MASK_EMB}
+    if not any(k.startswith(STUDENT) for k in state):
         raise ValueError(f"init: {path!r}: model.safetensors holds no frontend.* / encoder.* weights")
     return InitCheckpoint(
         modality=cfg.modality, source="ours", path=path,
@@ -330,6 +333,8 @@ def _audio(hf: _HF) -> InitCheckpoint:
     for i in range(n_pos):
         hf.lin(sd, f"frontend.pos_conv.{i}.0", f"encoder.pos_conv_embed.layers.{i}.conv")
     hf.lin(sd, "frontend.pos_norm", "encoder.layer_norm")
+    if "masked_spec_embed" in hf.sd:  # created by HF when its time masks are on: the pretrained mask embedding
+        sd[MASK_EMB] = hf.t("masked_spec_embed")
     for i in range(depth):
         p, o = f"encoder.layers.{i}", f"encoder.blocks.{i}"
         hf.qkv(sd, f"{o}.attn.qkv", f"{p}.attention.q_proj", f"{p}.attention.k_proj", f"{p}.attention.v_proj")
@@ -340,7 +345,7 @@ def _audio(hf: _HF) -> InitCheckpoint:
         hf.lin(sd, f"{o}.norm2", f"{p}.final_layer_norm")
     return hf.finish("audio", _encoder_dict(D, depth, heads, ratio, False),
                      {"conv_channels": dims[0], "conv_pos_width": width, "conv_pos_depth": n_pos,
-                      "conv_pos_groups": groups}, sd, ignorable=("masked_spec_embed",))
+                      "conv_pos_groups": groups}, sd, ignorable=())
 
 
 # ----------------------------------------------------------------------------- text
@@ -406,14 +411,19 @@ def apply_init(model, init: InitCheckpoint) -> None:
     if model.cfg.modality != init.modality:
         raise ValueError(f"init: {init.path!r} is a {init.modality} checkpoint but the model is {model.cfg.modality}")
     want = {k: v for k, v in model.state_dict().items() if k.startswith(STUDENT)}
-    missing = sorted(set(want) - set(init.state))
-    unexpected = sorted(set(init.state) - set(want))
-    shapes = [f"{k} {tuple(init.state[k].shape)} != {tuple(want[k].shape)}"
-              for k in sorted(set(want) & set(init.state)) if init.state[k].shape != want[k].shape]
+    state = dict(init.state)
+    if MASK_EMB in state and getattr(model, MASK_EMB, None) is not None:
+        want[MASK_EMB] = model.mask_emb  # 1.0 ← 1.0: the pretrained mask embedding goes on
+    else:
+        state.pop(MASK_EMB, None)  # 2.0 drops masked steps; a 1.0 model without one keeps its fresh one
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"init: {init.path!r} does not fit this model (build it with init_model_config): "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")
-    result = model.load_state_dict(init.state, strict=False)
+    result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     model.teacher_encoder.load_state_dict(model.encoder.state_dict())
     if model.teacher_frontend is not None:

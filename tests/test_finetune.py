@@ -36,11 +36,11 @@ def test_layer_decay_scales_each_depth():
     for g in opt.param_groups:
         for p in g["params"]:
             scale[names[id(p)]] = (g["lr_scale"], g["weight_decay"])
-    # depth L = 3: front end 0.5^4, block 0 0.5^3, block 2 0.5^1, final norm and head 1
+    # depth L = 3: front end 0.5^4, block 0 0.5^3, block 2 0.5^1, the head (and its norm) 1
     assert scale["frontend.proj.weight"] == (0.0625, 0.05)
     assert scale["encoder.blocks.0.fc1.weight"] == (0.125, 0.05)
     assert scale["encoder.blocks.2.fc1.bias"] == (0.5, 0.0)
-    assert scale["head.weight"] == (1.0, 0.05) and scale["encoder.norm.weight"] == (1.0, 0.0)
+    assert scale["head.weight"] == (1.0, 0.05) and scale["fc_norm.weight"] == (1.0, 0.0)
     assert scale["frontend.cls"][1] == 0.0
 
 
@@ -292,3 +292,81 @@ def test_feature_bn_is_refused_for_ctc():
         TaskConfig(task="ctc", feature_bn=True)
     with pytest.raises(ValueError, match="classify only"):
         FineTuneModel(tiny("audio", "d2v2"), "ctc", 5, feature_bn=True)
+
+
+@pytest.mark.parametrize("mode", ["d2v1", "d2v2"])
+def test_image_head_owns_the_final_norm_so_every_weight_gets_a_gradient(tmp_path, mode):
+    """DDP needs a gradient for every trainable weight at every step: a pre-LN (1.0) image
+    encoder's own final LayerNorm, which the pooling head skips, must not exist at all; the
+    checkpoint's copy is reported as not used."""
+    from pipeline.init_weights import read_init
+    from pipeline.train.checkpoint import save_final
+    from tests.test_export_hf import _perturbed
+    from tests.test_model import batch_for
+    cfg = tiny("image", mode)
+    m = FineTuneModel(cfg, "classify", 3)
+    assert m.encoder.norm is None and hasattr(m, "fc_norm")
+    m(batch_for("image")).logsumexp(-1).sum().backward()
+    assert [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None] == []
+    save_final(str(tmp_path / "final"), _perturbed(cfg), {"model": cfg.to_dict(), "modality": "image"})
+    report = m.load_pretrained(read_init(str(tmp_path / "final")).state)
+    if mode == "d2v1":  # pre-LN: its final norm and its mask embedding are named as not used
+        assert report["encoder.norm.weight"].startswith("not used: the pre-LN encoder's final LayerNorm")
+        assert report["mask_emb"].startswith("not used")
+    assert report["fc_norm.weight"] == report["head.weight"] == "fresh: the task head"
+
+
+def test_pretrained_mask_embedding_reaches_audio_finetuning(tmp_path):
+    """fairseq and Hugging Face fill time-masked frames with the pretrained mask embedding: ours
+    (1.0 audio final/) and Hugging Face's masked_spec_embed both arrive in FineTuneModel.mask_emb;
+    a 2.0 checkpoint has none and the report says the embedding starts fresh."""
+    from pipeline.init_weights import init_model_config, read_init
+    from pipeline.train.checkpoint import save_final
+    from tests.test_export_hf import _perturbed
+    from tests.test_init_weights import _hf_model
+    cfg = tiny("audio", "d2v1")
+    pre = _perturbed(cfg)
+    save_final(str(tmp_path / "ours"), pre, {"model": cfg.to_dict(), "modality": "audio"})
+    m = FineTuneModel(cfg, "classify", 3, time_masks=True)
+    report = m.load_pretrained(read_init(str(tmp_path / "ours")).state)
+    assert torch.equal(m.mask_emb, pre.mask_emb) and "mask_emb" not in report
+    assert torch.equal(m.encoder.blocks[1].fc1.weight, pre.encoder.blocks[1].fc1.weight)
+
+    hf = _hf_model("audio", mask_time_prob=0.05)  # HF creates masked_spec_embed only with its time masks on
+    hf.save_pretrained(str(tmp_path / "hf"))
+    init = read_init(str(tmp_path / "hf"))
+    m = FineTuneModel(init_model_config(tiny("audio", "d2v2"), init), "ctc", 8, time_masks=True)
+    m.load_pretrained(init.state)
+    assert torch.equal(m.mask_emb, hf.masked_spec_embed)
+
+    cfg2 = tiny("audio", "d2v2")
+    save_final(str(tmp_path / "v2"), _perturbed(cfg2), {"model": cfg2.to_dict(), "modality": "audio"})
+    m = FineTuneModel(cfg2, "classify", 3, time_masks=True)
+    assert m.load_pretrained(read_init(str(tmp_path / "v2")).state)["mask_emb"] == "fresh: the checkpoint has none"
+
+
+def test_label_fraction_subset_is_written_in_full_row_groups(tmp_path):
+    """A 10% subset of 64-row groups must not become 6-row groups (10× the read tasks per epoch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import ROW_GROUP_ROWS
+    from pipeline.train.tasks import write_fraction
+    src = tmp_path / "src"
+    (src / "shards").mkdir(parents=True)
+    n = 40 * ROW_GROUP_ROWS
+    for part in range(2):  # two shards: the buffer carries rows across files
+        rows = range(part * n // 2, (part + 1) * n // 2)
+        t = pa.table({"id": list(rows), "label": [f"c{i % 5}" for i in rows]})
+        pq.write_table(t, src / "shards" / f"part-{part}.parquet", row_group_size=ROW_GROUP_ROWS)
+    (src / "manifest.json").write_text(json.dumps({"modality": "image", "counts": {"written": n}, "labels": []}))
+    m = write_fraction(str(src), str(tmp_path / "dst"), "label", 0.1, seed=3, stratified=True,
+                       rest=str(tmp_path / "rest"))
+    picked = pq.ParquetFile(tmp_path / "dst" / "shards" / "part-0.parquet")
+    rest = pq.ParquetFile(tmp_path / "rest" / "shards" / "part-0.parquet")
+    for f in (picked, rest):
+        sizes = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
+        assert all(s == ROW_GROUP_ROWS for s in sizes[:-1]) and 0 < sizes[-1] <= ROW_GROUP_ROWS, sizes
+    ids = picked.read().column("id").to_pylist() + rest.read().column("id").to_pylist()
+    assert sorted(ids) == list(range(n)) and m["counts"]["written"] == picked.metadata.num_rows
+    assert abs(picked.metadata.num_rows - n // 10) <= 5  # per class: round(10% of its rows)

@@ -192,8 +192,8 @@ def test_our_final_dir_gives_identical_tensors(tmp_path, modality, mode):
     save_final(str(tmp_path / "final"), m, {"model": cfg.to_dict(), "modality": modality})
     init = read_init(str(tmp_path / "final"))
     assert (init.source, init.mode, init.modality) == ("ours", mode, modality)
-    student = {k: v for k, v in m.state_dict().items() if k.startswith(("frontend.", "encoder."))}
-    assert set(init.state) == set(student)
+    student = {k: v for k, v in m.state_dict().items() if k.startswith(("frontend.", "encoder.")) or k == "mask_emb"}
+    assert set(init.state) == set(student) and ("mask_emb" in student) == (mode == "d2v1" and modality != "text")
     assert all(torch.equal(init.state[k], student[k]) for k in student)
     # Into a fresh model of another recipe size: the checkpoint's widths win.
     base = dataclasses.replace(tiny(modality, mode), encoder=dataclasses.replace(cfg.encoder, dim=64, depth=4))

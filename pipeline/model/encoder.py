@@ -66,9 +66,12 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig, drop_path: float = 0.0):
+    def __init__(self, cfg: EncoderConfig, drop_path: float = 0.0, final_norm: bool = True):
         """`drop_path`: stochastic depth of the last block (BEiT/MAE fine-tuning), rising linearly
-        from 0 at the first block; pretraining uses 0."""
+        from 0 at the first block; pretraining uses 0. `final_norm=False` builds a pre-LN encoder
+        without its last LayerNorm: a head that pools first and normalizes the pooled vector
+        itself (BEiT/MAE mean pooling) owns that norm, and a norm no loss reaches would leave DDP
+        waiting for its gradient."""
         super().__init__()
         self.cfg = cfg
         rates = [drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
@@ -77,21 +80,20 @@ class Encoder(nn.Module):
         # once instead; that LayerNorm lives in the front end's context part (wav2vec2's
         # `encoder.layer_norm` after the conv positions, RoBERTa's embedding LayerNorm), which
         # keeps the layouts identical to Hugging Face's Data2Vec* classes.
-        self.norm = nn.LayerNorm(cfg.dim) if cfg.pre_norm else None
+        self.norm = nn.LayerNorm(cfg.dim) if cfg.pre_norm and final_norm else None
         self.apply(_init_weights)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None, layers: str | None = None,
-                final_norm: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None,
+                layers: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x (B,T,D) → (final (B,T,D), per-layer outputs [depth × (B,T,D)]).
 
-        layers: None (no per-layer outputs), "ffn" or "block" (see EncoderConfig.layer_output).
-        final_norm=False skips a pre-LN encoder's last LayerNorm (fine-tuning pools before it)."""
+        layers: None (no per-layer outputs), "ffn" or "block" (see EncoderConfig.layer_output)."""
         outs = []
         for blk in self.blocks:
             x, ffn = blk(x, pad)
             if layers is not None:
                 outs.append(ffn if layers == "ffn" else x)
-        if self.norm is not None and final_norm:
+        if self.norm is not None:
             x = self.norm(x)
         return x, outs
 

@@ -1,9 +1,11 @@
 """Fine-tuning models: the pretrained front end + encoder with a task head. Pure PyTorch, no Ray.
 
     classify: inputs ─► front end ─► encoder ─► pooled (B, D) ─► head ─► logits (B, num_outputs)
-        image: mean over the patch outputs (before a pre-LN encoder's final LayerNorm) ─►
-               LayerNorm (fc_norm) ─► Linear — the BEiT / MAE / data2vec 2.0 fine-tuning head
-               (Hugging Face's Data2VecVisionForImageClassification with use_mean_pooling).
+        image: mean over the patch outputs ─► LayerNorm (fc_norm) ─► Linear — the BEiT / MAE /
+               data2vec 2.0 fine-tuning head (Hugging Face's Data2VecVisionForImageClassification
+               with use_mean_pooling). The head owns the final norm: a pre-LN encoder is built
+               without its own (MAE deletes it, BEiT makes it an Identity), so every parameter gets
+               a gradient, as DDP requires; the checkpoint's final norm is not used.
                Deviation from "CLS where the encoder has one": the reference fine-tunes images from
                mean-pooled patches, and data2vec 2.0 trains its CLS with a 0.01 loss weight only.
         audio: mean over real (unpadded) frames ─► Linear (Hugging Face's
@@ -18,8 +20,9 @@
         at a fine-tuning LR for tens of steps while the encoder drifts. In eval mode it is an affine
         map, folded into the head on export.
 
-Parameter names of the front end and encoder are those of `Data2Vec` ("frontend.…", "encoder.…"),
-so a pretrained student loads with `load_state_dict(..., strict=False)`.
+Parameter names of the front end, encoder and mask embedding are those of `Data2Vec`
+("frontend.…", "encoder.…", "mask_emb"). What a pretrained checkpoint gives the model, and what it
+leaves out and why, is one table per model: `FineTuneModel.init_table` (used by `load_pretrained`).
 
 Audio fine-tuning follows wav2vec 2.0 / data2vec: the CNN feature encoder is frozen (run without
 gradients) and spans of CNN frames are replaced by a learned mask embedding during training (time
@@ -48,7 +51,8 @@ class FineTuneModel(nn.Module):
             raise ValueError("task ctc needs audio")
         self.cfg, self.task, self.num_outputs = cfg, task, num_outputs
         self.frontend = build_frontend(cfg)
-        self.encoder = Encoder(cfg.encoder, drop_path=drop_path)
+        pools = task == "classify" and cfg.modality == "image"  # the head pools, then normalizes (fc_norm)
+        self.encoder = Encoder(cfg.encoder, drop_path=drop_path, final_norm=not pools)
         D = cfg.encoder.dim
         self.frozen_cnn = cfg.modality == "audio" and freeze_feature_encoder
         if self.frozen_cnn:
@@ -60,7 +64,7 @@ class FineTuneModel(nn.Module):
             self.head = nn.ModuleDict({"dense": nn.Linear(D, D), "out_proj": nn.Linear(D, num_outputs)})
         else:
             self.head = nn.Linear(D, num_outputs)
-        if task == "classify" and cfg.modality == "image":
+        if pools:
             self.fc_norm = nn.LayerNorm(D)
         if feature_bn:
             if task != "classify":
@@ -92,7 +96,7 @@ class FineTuneModel(nn.Module):
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
         h = fe.context(x, pad)
         h, hpad = fe.prepend(h, pad)
-        h, _ = self.encoder(h, hpad, final_norm=not hasattr(self, "fc_norm"))
+        h, _ = self.encoder(h, hpad)
         return h, pad
 
     def forward(self, batch: dict, mask: torch.Tensor | None = None):
@@ -118,6 +122,63 @@ class FineTuneModel(nn.Module):
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) → (B, D); identity without feature_bn."""
         return self.feature_bn(x) if hasattr(self, "feature_bn") else x
+
+    def init_table(self) -> list[tuple[str, str | None, str]]:
+        """How a pretrained checkpoint's weights (Data2Vec naming; a Hugging Face checkpoint is
+        mapped to it by pipeline.init_weights) become this model's: (checkpoint name or prefix,
+        this model's name or None = not used, why). The first matching row wins; a checkpoint
+        weight that matches no row is an error."""
+        rows: list[tuple[str, str | None, str]] = []
+        if self.encoder.norm is None and self.cfg.encoder.pre_norm:
+            rows.append(("encoder.norm.", None, "the pre-LN encoder's final LayerNorm: the image head pools the "
+                                                "patches first and normalizes the mean with its own fc_norm "
+                                                "(BEiT/MAE fine-tuning)"))
+        rows += [("frontend.", "frontend.", "front end"), ("encoder.", "encoder.", "Transformer blocks")]
+        if hasattr(self, "mask_emb"):
+            rows.append(("mask_emb", "mask_emb", "the pretrained mask embedding fills the time-masked frames "
+                                                 "(fairseq and Hugging Face keep it for fine-tuning)"))
+        else:
+            rows.append(("mask_emb", None, "this fine-tuning masks no inputs"))
+        return rows
+
+    def load_pretrained(self, state: dict) -> dict[str, str]:
+        """Copy a pretrained student's weights in by `init_table`. Raises ValueError naming the
+        front-end / encoder weights the checkpoint lacks (or that have another shape) and any
+        weight no row covers. Returns {name: why} for every checkpoint weight not used and every
+        weight of this model that keeps its fresh initialization (heads, fc_norm, a mask
+        embedding the checkpoint has none of)."""
+        own = self.state_dict()
+        table = self.init_table()
+        load, report, unknown = {}, {}, []
+        for name, value in state.items():
+            row = next((r for r in table if name == r[0] or (r[0].endswith(".") and name.startswith(r[0]))), None)
+            if row is None:
+                unknown.append(name)
+            elif row[1] is None:
+                report[name] = f"not used: {row[2]}"
+            else:
+                load[row[1] + name[len(row[0]):]] = value
+        need = sorted(k for k in own if k.startswith(("frontend.", "encoder.")))
+        missing = [k for k in need if k not in load]
+        shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in load.items()
+                  if k in own and v.shape != own[k].shape]
+        extra = sorted(set(load) - set(own))
+        if unknown or missing or shapes or extra:
+            raise ValueError(f"the checkpoint does not fit this model: missing {missing[:4]}, other shapes "
+                             f"{shapes[:4]}, weights no mapping covers {(unknown + extra)[:4]}")
+        self.load_state_dict(load, strict=False)
+        for k in own:
+            if k not in load and not k.startswith("feature_bn."):
+                report[k] = "fresh: " + ("the task head" if k.startswith(("head.", "fc_norm.")) else
+                                         "the checkpoint has none")
+        return report
+
+    def load_finetuned(self, state: dict) -> None:
+        """Load this model's own saved weights. Image models saved before the head owned the final
+        norm carry an `encoder.norm` the head never used: it is skipped."""
+        if self.encoder.norm is None:
+            state = {k: v for k, v in state.items() if not k.startswith("encoder.norm.")}
+        self.load_state_dict(state)
 
     def layer_id(self, name: str) -> int:
         """Depth of a parameter for layer-wise LR decay: front end and mask embedding 0, block i →

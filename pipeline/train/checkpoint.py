@@ -97,5 +97,5 @@ def load_finetuned(path: str):
     cfg = FineTuneConfig.from_dict(json.loads(storage.read_text(fs, f"{root}/config.json")))
     model = FineTuneModel.for_task(cfg.model, cfg.finetune, len(cfg.labels))
     with fs.open_input_stream(f"{root}/model.safetensors") as fh:
-        model.load_state_dict(load(fh.read()))
+        model.load_finetuned(load(fh.read()))
     return model.eval(), cfg

@@ -30,21 +30,32 @@ from pipeline.train.tracking import MLflowSink, NullSink, git_commit
 from pipeline.train.worker import _cpu_copy, _load, worker_context
 
 
-def build_model(cfg: FineTuneConfig) -> FineTuneModel:
-    """The fine-tuning model at its starting point: seeded random init, then the --init weights."""
+def build_model(cfg: FineTuneConfig, notes: dict | None = None) -> FineTuneModel:
+    """The fine-tuning model at its starting point: seeded random init, then the --init weights by
+    the model's name table (FineTuneModel.init_table). `notes` receives {weight: why} for what the
+    checkpoint gives that is not used and what starts fresh."""
     f = cfg.finetune
     torch.manual_seed(cfg.train.seed)  # identical initial weights (head, scratch) on every rank
     model = FineTuneModel.for_task(cfg.model, f, len(cfg.labels))
     if cfg.init != "scratch":
         from pipeline.init_weights import read_init
 
-        state = read_init(cfg.init).state
-        want = {k for k in model.state_dict() if k.startswith(("frontend.", "encoder."))}
-        missing = sorted(want - set(state))
-        if missing:
-            raise ValueError(f"init: {cfg.init!r} lacks weights for {missing[:4]}")
-        model.load_state_dict({k: v for k, v in state.items() if k in want}, strict=False)
+        try:
+            report = model.load_pretrained(read_init(cfg.init).state)
+        except ValueError as e:
+            raise ValueError(f"init: {cfg.init!r}: {e}") from None
+        if notes is not None:
+            notes.update(report)
     return model
+
+
+def init_lines(notes: dict) -> list[str]:
+    """{weight: why} → one line per reason, its weights named (prefixes shortened)."""
+    by_why: dict[str, list[str]] = {}
+    for name, why in notes.items():
+        by_why.setdefault(why, []).append(name)
+    return [f"init: {why}: {', '.join(sorted(names)[:6])}{' …' if len(names) > 6 else ''}"
+            for why, names in sorted(by_why.items())]
 
 
 def score(metrics: dict, task: str) -> float:
@@ -71,7 +82,8 @@ def finetune_loop_per_worker(config: dict) -> None:
     t, f = cfg.train, cfg.finetune
     rank, world, device, _ = worker_context(t.use_gpu)
 
-    model = build_model(cfg).to(device)
+    notes: dict = {}
+    model = build_model(cfg, notes).to(device)
     opt = build_finetune_optimizer(model, t, f.layer_decay)
     pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": float("-inf"), "best_step": 0, "bad_evals": 0,
            "stopped_early": False}
@@ -98,6 +110,9 @@ def finetune_loop_per_worker(config: dict) -> None:
                        "git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
                        "label_fraction": f.label_fraction, "ray.num_workers": world, "device": str(device)})
         val_rows = _rows(cfg.val_data, cfg.modality, f.task)
+        if ckpt is None:
+            for line in init_lines(notes):
+                print(line, flush=True)
         if ckpt is not None:
             print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, batch {pos['batch_in_epoch']})",
                   flush=True)

@@ -164,8 +164,13 @@ def fit_error(run) -> tuple[object, str | None]:
         result, error = None, e
     if not error:
         return result, None
+    return None, error_line(error)
+
+
+def error_line(error: BaseException) -> str:
+    """The worker's own exception out of Ray's report around it: its last non-empty line."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return None, lines[-1] if lines else type(error).__name__
+    return lines[-1] if lines else type(error).__name__
 
 
 def local_cluster_cpus(cfg) -> int:

@@ -201,16 +201,28 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
     for out, chosen in parts.items():
         ofs, oroot = storage.resolve(out)
         ofs.create_dir(f"{oroot}/shards", recursive=True)
-        writer = None
+        writer, buffer = None, []  # picked rows wait until they fill a whole row group
+
+        def flush(tables: list, final: bool) -> list:
+            nonlocal writer
+            t = pa.concat_tables(tables)
+            whole = t.num_rows if final else t.num_rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
+            if whole:
+                writer = writer or pq.ParquetWriter(stream, t.schema)
+                writer.write_table(t.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+            return [t.slice(whole)] if whole < t.num_rows else []
+
         with ofs.open_output_stream(f"{oroot}/shards/part-0.parquet") as stream:
             for fi, f in enumerate(files):
                 with fs.open_input_file(f) as fh:
                     pf = pq.ParquetFile(fh)
                     for g in range(pf.num_row_groups):
                         if (fi, g) in chosen:
-                            t = pf.read_row_group(g).take(pa.array(chosen[fi, g]))
-                            writer = writer or pq.ParquetWriter(stream, t.schema)
-                            writer.write_table(t, row_group_size=ROW_GROUP_ROWS)
+                            buffer.append(pf.read_row_group(g).take(pa.array(chosen[fi, g])))
+                            if sum(t.num_rows for t in buffer) >= ROW_GROUP_ROWS:
+                                buffer = flush(buffer, final=False)
+            if buffer:
+                flush(buffer, final=True)
             if writer:
                 writer.close()
         n = sum(len(v) for v in chosen.values())
