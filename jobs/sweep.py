@@ -68,7 +68,7 @@ def trial(config: dict, tracking_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.config import resolve
-    from pipeline.train.launch import frontend_from_manifest, read_manifest, run_pretraining
+    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest, run_pretraining
 
     s = config["_static"]
     params = {k: v for k, v in config.items() if k != "_static"}
@@ -88,9 +88,9 @@ def trial(config: dict, tracking_uri: str) -> None:
                       model_frontend=frontend_from_manifest(read_manifest(s["data"], s["modality"])),
                       tracking_uri=tracking_uri, experiment=s["experiment"],
                       parent_run_id=s["parent_run_id"])
-        result = run_pretraining(cfg)
-        if result.error:
-            raise RuntimeError(f"trial pretraining failed: {result.error}")
+        result, error = fit_error(lambda: run_pretraining(cfg))
+        if error:
+            raise RuntimeError(f"trial pretraining failed: {error}")
         final = os.path.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(result, trial_dir, cfg)
         res = validation_probe(s, final)
         run_id = open(os.path.join(trial_dir, "mlflow_run_id")).read().strip()
@@ -245,7 +245,6 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline import probe
     from pipeline.train.tracking import prepare_experiment
 
     space = tune_space(spec)
@@ -279,7 +278,27 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
                 metric=METRIC, mode="max", num_samples=a.num_samples, max_concurrent_trials=concurrent,
                 scheduler=ASHAScheduler(max_t=a.rounds, grace_period=1, reduction_factor=2)),
             run_config=tune.RunConfig(name="sweep", storage_path=tune_dir))
-    grid = tuner.fit()
+    try:
+        return _choose(a, spec, tuner.fit(), t0, browse, parent.info.run_id)
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+
+
+def _choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
+    """The best trial by the validation probe → its test accuracy, once; the parent run ends
+    FINISHED, or FAILED (exit code 1) when a trial failed — each failure's error printed."""
+    import mlflow
+
+    from pipeline import probe
+    from pipeline.train.launch import error_line
+
+    for e in grid.errors:
+        print(f"error: a trial failed: {error_line(e)}", file=sys.stderr)
+    if not any(METRIC in (r.metrics or {}) for r in grid):
+        print(f"error: no trial finished a round ({grid.num_errors} failed); MLflow: {browse}", file=sys.stderr)
+        mlflow.end_run(status="FAILED")
+        return 1
     df = grid.get_dataframe(filter_metric=METRIC, filter_mode="max")
     best = grid.get_best_result(metric=METRIC, mode="max")
     best_params = {k: v for k, v in best.config.items() if k != "_static"}
@@ -295,12 +314,12 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         mlflow.log_artifact(plot(df, keys, os.path.join(d, "val_probe_vs_params.png")))
-    mlflow.end_run()
+    mlflow.end_run(status="FAILED" if grid.num_errors else "FINISHED")
     print(df[[f"config/{k}" for k in keys] + [METRIC, "training_iteration"]].to_string())
     print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; chosen on the validation split "
           f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {browse}")
     print(json.dumps({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
-                      "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent.info.run_id}))
+                      "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id}))
     return 0 if grid.num_errors == 0 else 1
 
 

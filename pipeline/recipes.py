@@ -247,21 +247,43 @@ class FineTuneRecipe:
     """TaskConfig fields."""
     dropout: float
     """Encoder (and text embedding) dropout while fine-tuning."""
+    attn_dropout: float | None = None
+    """Attention dropout while fine-tuning; None: `dropout`."""
 
 
-def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
-    """Fine-tuning recipe for (modality, task, size).
+def finetune_recipe(modality: str, task: str, size: str, pre_norm: bool = False) -> FineTuneRecipe:
+    """Fine-tuning recipe for (modality, task, size); `pre_norm`: the encoder to fine-tune is pre-LN
+    (image: data2vec 1.0 / BEiT layout) or post-LN (data2vec 2.0).
 
-    base/large follow the reference fine-tuning setups: images — BEiT/MAE-style (fairseq
-    data2vec vision fine-tuning: layer-wise LR decay 0.65, drop-path 0.1, label smoothing 0.1,
-    AdamW β (0.9, 0.999), wd 0.05, cosine; mixup/cutmix and RandAugment are not modelled); audio —
-    wav2vec 2.0 / data2vec `audio/finetuning/base_100h` (frozen CNN, time masks p 0.65 × 10
-    frames, tri-stage LR 5e-5 with phases [0.1, 0.4, 0.5] and final scale 0.05, 80k updates, 8 GPUs;
-    layerdrop and channel masks not modelled);
-    text — RoBERTa/data2vec GLUE (lr 2e-5, batch 32, 6% warm-up, dropout 0.1, linear decay → our
-    cosine). `demo` scales them to minutes on 2 CPU cores: higher LR (small, briefly trained
-    encoders), fewer steps, time masks shortened to one-second digit clips. Deviation, demo only:
-    image and audio classification standardize the pooled features over the batch before the head
+    base/large take the values of the fairseq fine-tuning configs each modality cites (every one
+    checked against a table from those files in tests/test_recipes.py; fairseq @ 3d262bb):
+    - image, post-LN (2.0): examples/data2vec/config/vision/finetuning/mae_imagenet_clean.yaml —
+      lr 1e-3, batch 32 × 16 GPUs = 512, Adam β (0.9, 0.95), eps 1e-8, wd 0.05, cosine to min_lr
+      1e-6, 16k warm-up, 250.2k updates, no clipping; MaeImageClassificationConfig's layer decay
+      0.65, drop-path 0.1, label smoothing 0.1, mean pooling + fc_norm.
+    - image, pre-LN (1.0): examples/data2vec/config/vision/finetuning/imagenet.yaml — lr 5e-4,
+      batch 64 × 8 GPUs = 512, Adam β (0.9, 0.98), eps 1e-6, wd 0.01, cosine to 0, 10k warm-up,
+      100k updates, no clipping, no layer decay; label smoothing 0.1 (its model config's default);
+      drop-path 0.25 and attention dropout 0.05 come from the checkpoint's pretraining config
+      (vision/pretraining/base_imagenet_d2v1.yaml), which that model does not override; it also
+      replaces the encoder's final norm by an Identity, as our head does. Deviation: its plain
+      Adam decays every weight, ours exempts biases and norms (as data2vec 2.0's groups do).
+      Deviation, both: mixup/cutmix (0.7-0.8 / 1.0) and RandAugment are not modelled.
+    - audio: examples/wav2vec/config/finetuning/base_100h.yaml (data2vec's README fine-tunes audio
+      with the wav2vec configs) — lr 3e-5, Adam β (0.9, 0.98), eps 1e-8, wd 0, tri_stage phases
+      [0.1, 0.4, 0.5] to final scale 0.05, 80k updates, no clipping, freeze_finetune_updates 0,
+      feature_grad_mult 0 (frozen CNN), time masks p 0.65 × 10 frames, dropout 0. Its batch is
+      max_tokens 3.2M samples (200 s) × 2 GPUs × update_freq 4; ours is 8 clips of ≤ 20 s (≤ 2.56M
+      samples) × reference 8. Deviation: layerdrop 0.1, activation dropout 0.1 and channel masks
+      (p 0.5 × 64) are not modelled.
+    - text: examples/data2vec/config/v2/text_finetuning/sst_2.yaml (RoBERTa's finetuning/sst_2.yaml
+      has the same values but lr 1e-5) — lr 2e-5, batch 32 on 1 GPU, Adam β (0.9, 0.98), eps 1e-6,
+      wd 0.1, no clipping, 1 256 warm-up of 20 935 updates, pooler dropout 0, encoder dropout 0.1.
+      Deviation: its polynomial (linear) decay to 0 is our cosine to 0.
+
+    `demo` scales them to minutes on 2 CPU cores: higher LR (small, briefly trained encoders),
+    fewer steps, time masks shortened to one-second digit clips, gradient clipping at 1.0. Deviation,
+    demo only: image and audio classification standardize the pooled features over the batch before the head
     (`finetune.feature_bn`, MAE's linear-probe head). The demo's encoders, pretrained for minutes,
     put every sample near one common vector that a new head cannot read for tens of steps; measured
     2026-11-29 (`benchmarks.finetune`, 10% labels, test accuracy): image 0.681 → 0.779; audio
@@ -279,40 +301,66 @@ def finetune_recipe(modality: str, task: str, size: str) -> FineTuneRecipe:
     # chunks then holds ~16 class blocks, so the label mix drifts from window to window and the
     # classifier chases it (measured: the demo's image fine-tuning did not learn at 100% labels,
     # while 10% — one window — did). 4096 rows mix better; audio base keeps 1024 (memory).
-    common = dict(betas=(0.9, 0.999), eps=1e-8, clip_norm=1.0, min_lr_scale=0.01, log_every=10,
-                  checkpoint_every=100 if demo else 2000,
+    common = dict(log_every=10, checkpoint_every=100 if demo else 2000,
                   shuffle_buffer=1024 if (modality == "audio" and not demo) else 4096)
+    demo_opt = dict(betas=(0.9, 0.999), eps=1e-8, clip_norm=1.0, min_lr_scale=0.01)
     if modality == "image":
-        return FineTuneRecipe(
-            {**common, "max_steps": 300 if demo else 125_000, "batch_size": 32, "lr": 1e-3 if demo else 2e-3,
-             "warmup_steps": 30 if demo else 25_000, "weight_decay": 0.05, "schedule": "cosine",
-             "eval_every": 50 if demo else 2500, "reference_batch": None if demo else 32 * 8},  # base: × 8 GPUs
-            {"task": task, "layer_decay": 0.75 if demo else 0.65, "drop_path": 0.1, "label_smoothing": 0.1,
-             "feature_bn": demo},
+        if demo:
+            return FineTuneRecipe(
+                {**common, **demo_opt, "max_steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30,
+                 "weight_decay": 0.05, "schedule": "cosine", "eval_every": 50, "reference_batch": None},
+                {"task": task, "layer_decay": 0.75, "drop_path": 0.1, "label_smoothing": 0.1, "feature_bn": True},
+                dropout=0.0)
+        if pre_norm:  # vision/finetuning/imagenet.yaml: batch 64 × 8 GPUs
+            return FineTuneRecipe(
+                {**common, "max_steps": 100_000, "batch_size": 64, "reference_batch": 64 * 8, "lr": 5e-4,
+                 "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01, "clip_norm": 0.0, "schedule": "cosine",
+                 "warmup_steps": 10_000, "min_lr_scale": 0.0, "eval_every": 2500},
+                {"task": task, "layer_decay": 1.0, "drop_path": 0.25, "label_smoothing": 0.1, "feature_bn": False},
+                dropout=0.0, attn_dropout=0.05)
+        return FineTuneRecipe(  # vision/finetuning/mae_imagenet_clean.yaml: batch 32 × 16 GPUs
+            {**common, "max_steps": 250_200, "batch_size": 32, "reference_batch": 32 * 16, "lr": 1e-3,
+             "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05, "clip_norm": 0.0, "schedule": "cosine",
+             "warmup_steps": 16_000, "min_lr_scale": 1e-6 / 1e-3, "eval_every": 2500},
+            {"task": task, "layer_decay": 0.65, "drop_path": 0.1, "label_smoothing": 0.1, "feature_bn": False},
             dropout=0.0)
     if modality == "audio":
         ctc = task == "ctc"
-        return FineTuneRecipe(
-            {**common, "max_steps": (600 if ctc else 300) if demo else 80_000, "batch_size": 16 if demo else 8,
-             "lr": 1e-3 if demo else 5e-5, "warmup_steps": (60 if ctc else 30) if demo else 8_000,
-             "weight_decay": 0.0 if not demo else 0.01, "audio_max_samples": 320_000,
-             # fairseq's fine-tuning tri_stage: phase ratio [0.1, 0.4, 0.5], final lr scale 0.05. The
-             # demo's CTC keeps the peak for 90%: it emits only blanks for its first ~175 steps, and
-             # its measured curves (README) were taken with that schedule.
-             "schedule": "tri_stage", "tri_stage_hold": 0.9 if (demo and ctc) else 0.4,
-             "min_lr_scale": 0.01 if (demo and ctc) else 0.05,
-             "eval_every": 50 if demo else 2000, "reference_batch": None if demo else 8 * 8},  # base: × 8 GPUs
-            {"task": task, "freeze_feature_encoder": True, "feature_bn": demo and not ctc,
-             # head warm-up (fairseq freeze_finetune_updates): CTC only, ~5% of the run
-             "freeze_encoder_steps": (30 if demo else 4_000) if ctc else 0,
-             "mask_time_prob": 0.1 if demo else 0.65, "mask_time_length": 4 if demo else 10},
-            dropout=0.0 if demo else 0.1)
+        if demo:
+            return FineTuneRecipe(
+                {**common, **demo_opt, "max_steps": 600 if ctc else 300, "batch_size": 16, "lr": 1e-3,
+                 "warmup_steps": 60 if ctc else 30, "weight_decay": 0.01, "audio_max_samples": 320_000,
+                 # fairseq's tri_stage phases; the demo's CTC keeps the peak for 90% and ends at 1%: it
+                 # emits only blanks for its first ~175 steps, and its measured curves (README) were
+                 # taken with that schedule.
+                 "schedule": "tri_stage", "tri_stage_hold": 0.9 if ctc else 0.4, "min_lr_scale": 0.01 if ctc else 0.05,
+                 "eval_every": 50, "reference_batch": None},
+                {"task": task, "freeze_feature_encoder": True, "feature_bn": not ctc,
+                 # Deviation, demo CTC only: 30 head-only steps (fairseq base_100h has
+                 # freeze_finetune_updates 0); a minutes-long run's random head otherwise drags the
+                 # briefly pretrained encoder for its first steps.
+                 "freeze_encoder_steps": 30 if ctc else 0, "mask_time_prob": 0.1, "mask_time_length": 4},
+                dropout=0.0)
+        return FineTuneRecipe(  # wav2vec/config/finetuning/base_100h.yaml
+            {**common, "max_steps": 80_000, "batch_size": 8, "reference_batch": 8 * 8, "lr": 3e-5,
+             "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "clip_norm": 0.0, "warmup_steps": 8_000,
+             "schedule": "tri_stage", "tri_stage_hold": 0.4, "min_lr_scale": 0.05, "audio_max_samples": 320_000,
+             "eval_every": 2000},
+            {"task": task, "freeze_feature_encoder": True, "feature_bn": False, "freeze_encoder_steps": 0,
+             "mask_time_prob": 0.65, "mask_time_length": 10},
+            dropout=0.0)
     if modality == "text":
-        return FineTuneRecipe(
-            {**common, "max_steps": 300 if demo else 20_000, "batch_size": 32, "lr": 5e-4 if demo else 2e-5,
-             "warmup_steps": 18 if demo else 1_200, "weight_decay": 0.01 if demo else 0.1, "schedule": "cosine",
-             "text_max_tokens": 128 if demo else 512, "eval_every": 50 if demo else 1000,
-             "reference_batch": None if demo else 32},  # base: 32 on one GPU
-            {"task": task, "head_dropout": 0.1},
+        if demo:
+            return FineTuneRecipe(
+                {**common, **demo_opt, "max_steps": 300, "batch_size": 32, "lr": 5e-4, "warmup_steps": 18,
+                 "weight_decay": 0.01, "schedule": "cosine", "text_max_tokens": 128, "eval_every": 50,
+                 "reference_batch": None},
+                {"task": task, "head_dropout": 0.1},
+                dropout=0.1)
+        return FineTuneRecipe(  # data2vec/config/v2/text_finetuning/sst_2.yaml: batch 32 on one GPU
+            {**common, "max_steps": 20_935, "batch_size": 32, "reference_batch": 32, "lr": 2e-5,
+             "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1, "clip_norm": 0.0, "warmup_steps": 1_256,
+             "schedule": "cosine", "min_lr_scale": 0.0, "text_max_tokens": 512, "eval_every": 1000},
+            {"task": task, "head_dropout": 0.0},
             dropout=0.1)
     raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")

@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local, tmp_path, capsys):
+def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local, tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from jobs.demo import EXPERIMENT, main
@@ -38,3 +38,21 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
     for key in ("val_loss", "probe.knn_accuracy", "probe.linear_accuracy"):
         steps = [p.step for p in client.get_metric_history(child.info.run_id, key)]
         assert steps[0] == 0 and steps[-1] == 6, (key, steps)
+
+    # A failing pretraining (a NaN loss from an absurd LR; the preprocessed data copied over):
+    # exit 1 with the worker's own error, and no MLflow run of the demo left RUNNING.
+    import shutil
+
+    import jobs.demo
+    bad = str(tmp_path / "bad")
+    shutil.copytree(os.path.join(out, "data"), os.path.join(bad, "data"))
+    settings = jobs.demo.curve_settings
+    monkeypatch.setattr(jobs.demo, "curve_settings", lambda mod, steps: {
+        **settings(mod, steps), "train.lr": 1e30, "train.warmup_steps": 1, "train.max_failures": 0})
+    capsys.readouterr()
+    assert main(["--data", demo_raw, "--output", bad, "--modalities", "image", "--steps-scale", "0.05"]) == 1
+    err = capsys.readouterr().err
+    assert "error: image pretraining failed: " in err and "NonFiniteLoss" in err, err[-2000:]
+    client = MlflowClient("sqlite:///" + os.path.join(bad, "mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {"demo": "FAILED", "image-d2v2-demo": "FAILED"}

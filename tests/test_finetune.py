@@ -242,6 +242,34 @@ def test_pretrain_and_finetune_from_a_hugging_face_folder(demo_shards, tmp_path,
     assert s["init"] == hf_dir and s["steps"] == 2
 
 
+@pytest.mark.slow
+def test_pre_ln_image_encoders_finetune_on_two_workers(demo_shards, tmp_path, capsys):
+    """The pre-LN image encoders — data2vec 1.0's, and every Hugging Face Data2VecVisionModel — on 2
+    DDP workers: the head pools before the encoder's final norm, which therefore must not exist
+    (DDP fails at the second step on a weight without a gradient). The log names it as not used."""
+    from jobs.pretrain import main as pretrain
+    from tests.test_init_weights import _hf_model
+    d = demo_shards
+    run = str(tmp_path / "pre")
+    assert pretrain(["--modality", "image", "--data", d["image"], "--output", run, "--max-steps", "2",
+                     "--set", "model.mode=d2v1", *SMALL]) == 0
+    hf_dir = str(tmp_path / "hf")
+    _hf_model("image").save_pretrained(hf_dir)  # 28-px images, 4-px patches: the demo data's grid
+    capsys.readouterr()
+    for init in (os.path.join(run, "final"), hf_dir):
+        out = str(tmp_path / f"ft-{os.path.basename(init)}")
+        assert finetune(["--task", "classify", "--modality", "image", "--init", init, "--train-data", d["image_train"],
+                         "--val-data", d["image_test"], "--test-data", d["image_test"], "--output", out,
+                         "--max-steps", "3", "--set", "train.eval_every=3", *SMALL]) == 0, init
+        assert last_json(capsys)["steps"] == 3
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlflow.db"))
+        tags = client.get_run(open(os.path.join(out, "mlflow_run_id")).read().strip()).data.tags
+        assert "init: not used: the pre-LN encoder's final LayerNorm" in tags["init.weights"]
+        assert "encoder.norm.weight" in tags["init.weights"]
+        assert "encoder.norm.weight" not in load_file(os.path.join(out, "final", "model.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def ctc_shards(ray_local, tmp_path_factory):
     """Spoken digit strings (jobs.prepare_demo's CTC data, held-out voices in val/test), preprocessed."""

@@ -197,3 +197,29 @@ def test_in_process_extraction_matches_the_actor_pool(demo_shards, tmp_path):
             ia, ib = np.argsort(xa[:, 0]), np.argsort(xb[:, 0])  # rows in one order (identical rows tie)
             np.testing.assert_allclose(xa[ia], xb[ib], rtol=1e-4, atol=1e-5)
     assert not np.allclose(pool[0]["random"][0].mean(0), pool[0]["pretrained"][0].mean(0))
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_exits_non_zero_with_the_workers_error_and_failed_runs(demo_shards, tmp_path, capsys):
+    """Ray Train V2's fit() raises on a failed run: the trial fails with the worker's own error
+    (here a NaN loss from an absurd LR), the sweep says so and exits 1, and both the trial's and
+    the sweep's MLflow runs end FAILED — none is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sweep import main as sweep
+    out = str(tmp_path / "sweep")
+    space = tmp_path / "space.yaml"
+    space.write_text("model.ema.decay: {choice: [0.999]}\n")
+    rc = sweep(["--modality", "image", "--data", demo_shards["image"], "--probe-train", demo_shards["image_train"],
+                "--probe-test", demo_shards["image_test"], "--num-samples", "1", "--search-space", str(space),
+                "--output", out, "--rounds", "1", "--steps-per-round", "3", "--set", "train.batch_size=16",
+                "--set", "train.lr=1e30", "--set", "train.warmup_steps=1", "--set", "train.max_failures=0"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "error: a trial failed: " in err and "NonFiniteLoss" in err, err[-2000:]
+    client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
+    parent_id = open(os.path.join(out, "mlflow_parent_run_id")).read().strip()
+    assert client.get_run(parent_id).info.status == "FAILED"
+    exp = client.get_experiment_by_name("data2vec-sweep")
+    trial, = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert trial.info.status == "FAILED"

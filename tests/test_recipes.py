@@ -136,6 +136,60 @@ def test_recipe_matches_reference_config(key):
     assert not wrong, wrong  # field: (ours, reference)
 
 
+# Fine-tuning (modality, task, encoder) → {dotted field: the cited config's value} (fairseq @ 3d262bb).
+# Batch = per GPU (reference_batch = × its GPU count). Fields a config leaves unset take fairseq's
+# defaults: clip_norm 0, weight_decay 0, min_lr 0.
+FINETUNE_REFERENCE = {
+    # examples/data2vec/config/vision/finetuning/mae_imagenet_clean.yaml (+ MaeImageClassificationConfig)
+    ("image", "classify", "post-LN"): {
+        "train.lr": 1e-3, "train.batch_size": 32, "train.reference_batch": 512, "train.betas": [0.9, 0.95],
+        "train.eps": 1e-8, "train.weight_decay": 0.05, "train.schedule": "cosine", "train.warmup_steps": 16_000,
+        "train.max_steps": 250_200, "train.min_lr_scale": 1e-6 / 1e-3, "train.clip_norm": 0.0,
+        "finetune.layer_decay": 0.65, "finetune.drop_path": 0.1, "finetune.label_smoothing": 0.1,
+        "model.encoder.dropout": 0.0, "model.encoder.attn_dropout": 0.0},
+    # examples/data2vec/config/vision/finetuning/imagenet.yaml (+ Data2VecImageClassificationConfig)
+    ("image", "classify", "pre-LN"): {
+        "train.lr": 5e-4, "train.batch_size": 64, "train.reference_batch": 512, "train.betas": [0.9, 0.98],
+        "train.eps": 1e-6, "train.weight_decay": 0.01, "train.schedule": "cosine", "train.warmup_steps": 10_000,
+        "train.max_steps": 100_000, "train.min_lr_scale": 0.0, "train.clip_norm": 0.0,
+        "finetune.layer_decay": 1.0, "finetune.label_smoothing": 0.1,
+        # not overridden by that model: the checkpoint's pretraining config (pretraining/base_imagenet_d2v1.yaml)
+        "finetune.drop_path": 0.25, "model.encoder.attn_dropout": 0.05, "model.encoder.dropout": 0.0},
+    # examples/wav2vec/config/finetuning/base_100h.yaml (batch: max_tokens 3.2M × 2 GPUs × update_freq 4)
+    **{("audio", task, "post-LN"): {
+        "train.lr": 3e-5, "train.reference_batch": 64, "train.betas": [0.9, 0.98], "train.eps": 1e-8,
+        "train.weight_decay": 0.0, "train.schedule": "tri_stage", "train.warmup_steps": 8_000,
+        "train.tri_stage_hold": 0.4, "train.min_lr_scale": 0.05, "train.max_steps": 80_000, "train.clip_norm": 0.0,
+        "finetune.freeze_encoder_steps": 0, "finetune.freeze_feature_encoder": True,
+        "finetune.mask_time_prob": 0.65, "finetune.mask_time_length": 10,
+        "model.encoder.dropout": 0.0, "model.encoder.attn_dropout": 0.0} for task in ("classify", "ctc")},
+    # examples/data2vec/config/v2/text_finetuning/sst_2.yaml (batch 32 on 1 GPU; polynomial decay to 0)
+    ("text", "classify", "post-LN"): {
+        "train.lr": 2e-5, "train.batch_size": 32, "train.reference_batch": 32, "train.betas": [0.9, 0.98],
+        "train.eps": 1e-6, "train.weight_decay": 0.1, "train.clip_norm": 0.0, "train.warmup_steps": 1_256,
+        "train.max_steps": 20_935, "train.min_lr_scale": 0.0, "finetune.head_dropout": 0.0,
+        "model.encoder.dropout": 0.1, "model.encoder.attn_dropout": 0.1},
+}
+
+
+@pytest.mark.parametrize("key", sorted(FINETUNE_REFERENCE), ids=lambda k: "-".join(k))
+def test_finetune_recipe_matches_reference_config(key):
+    """Through resolve_finetune (what jobs.finetune runs), from a pretrained init of that layout."""
+    import dataclasses
+
+    from pipeline.train.config import resolve_finetune
+    modality, task, layout = key
+    fe = {"image": {"image_size": 224}, "text": {"vocab_size": 50_000}}.get(modality, {})
+    model = recipe(modality, "d2v1" if layout == "pre-LN" else "d2v2", "base", **fe).model
+    assert model.encoder.pre_norm == (layout == "pre-LN")
+    model = dataclasses.replace(model, target=dataclasses.replace(model.target, top_k=1))
+    cfg = resolve_finetune(modality=modality, task=task, init="/ckpt/final", model=model, train_data="a",
+                           val_data="b", test_data="c", output="o", labels=["x", "y"], preset_name="base").to_dict()
+    wrong = {k: (_get(cfg, k), v) for k, v in FINETUNE_REFERENCE[key].items()
+             if not (_get(cfg, k) == pytest.approx(v) if isinstance(v, float) else _get(cfg, k) == v)}
+    assert not wrong, wrong  # field: (ours, reference)
+
+
 def test_demo_recipe_keeps_the_patch_grid_small_for_any_image_size():
     for px, patch in ((28, 4), (32, 4), (64, 8), (96, 8), (100, 10), (224, 16), (384, 32)):
         assert demo_patch_size(px) == patch
@@ -169,7 +223,7 @@ def test_audio_finetune_schedule_follows_fairseq_phases():
 
     for task in ("classify", "ctc"):
         t = TrainConfig(**finetune_recipe("audio", task, "base").train)
-        assert (t.warmup_steps, t.max_steps, t.lr) == (8_000, 80_000, 5e-5)
+        assert (t.warmup_steps, t.max_steps, t.lr) == (8_000, 80_000, 3e-5)
         assert lr_at(39_999, t) == t.lr and lr_at(40_001, t) < t.lr
         assert lr_at(80_000, t) == pytest.approx(0.05 * t.lr)
     demo = TrainConfig(**finetune_recipe("audio", "classify", "demo").train)

@@ -194,7 +194,7 @@ def test_two_workers_accumulate_on_224px_folders_through_file_uris(demo_raw, ray
     assert rc == 0
     client, run = mlflow_metrics(str(out))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
-    from pipeline.train.worker import node_cpus, threads_for_worker
+    from pipeline.train.loop import node_cpus, threads_for_worker
     assert run.data.tags["torch.threads_per_worker"] == str(threads_for_worker(node_cpus(), 2))
     assert run.data.tags["train.effective_batch"] == "16"
     cfg = json.load(open(out / "final" / "config.json"))

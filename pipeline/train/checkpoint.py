@@ -16,7 +16,7 @@ STATE = "state.pt"
 
 
 def save_state(path: str, *, model, optimizer, config: dict, **position) -> None:
-    """`position`: step, epoch, batch_in_epoch (and lr_scale, rollbacks) — where to resume."""
+    """`position`: step, epoch, step_in_epoch and the task's own fields (loop.py) — where to resume."""
     os.makedirs(path, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **position}
     tmp = os.path.join(path, STATE + ".tmp")

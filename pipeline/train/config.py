@@ -397,8 +397,9 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     the --init checkpoint, or the preset's for scratch) with the recipe's fine-tuning dropout."""
     from pipeline.recipes import finetune_recipe
 
-    r = finetune_recipe(modality, task, preset_name)
-    enc = dataclasses.replace(model.encoder, dropout=r.dropout, attn_dropout=r.dropout)
+    r = finetune_recipe(modality, task, preset_name, pre_norm=model.encoder.pre_norm)
+    enc = dataclasses.replace(model.encoder, dropout=r.dropout,
+                              attn_dropout=r.dropout if r.attn_dropout is None else r.attn_dropout)
     model = dataclasses.replace(model, encoder=enc)
     paths = {k: _absolute(v) if v else v for k, v in
              dict(train_data=train_data, val_data=val_data, test_data=test_data, output=output).items()}

@@ -17,10 +17,6 @@ from pipeline.train.launch import check_resume, fit, frontend_from_manifest, rea
 from pipeline.train.stream import list_chunks
 from pipeline.train.tasks import build_vocab, target_column, write_fraction
 
-# Fields a resumed fine-tuning run may change (the rest would change what is trained).
-RESUMABLE = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
-             "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb", "tracking_uri",
-             "experiment", "parent_run_id"}
 SPLITS = {"train_data": "--train-data", "val_data": "--val-data", "test_data": "--test-data"}
 
 
@@ -171,5 +167,5 @@ def check(cfg: FineTuneConfig, allow_change: bool = False) -> None:
     """Before Ray starts: a resume must not change the schedule, and a step must fit in a worker."""
     from pipeline.train.memory import check_memory
 
-    check_resume(cfg, allow_change, name="finetune", resumable=RESUMABLE)
+    check_resume(cfg, allow_change, name="finetune")
     check_memory(cfg)

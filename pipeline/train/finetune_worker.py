@@ -1,6 +1,7 @@
-"""`finetune_loop_per_worker`: what each Ray Train worker runs to fine-tune. Same conventions as
-pretraining (worker.py): seeded resumable stream of batches (stream.py), DDP, grad_accum groups,
-bf16 autocast on GPU, checkpoint via ray.train.report every N steps, MLflow on rank 0.
+"""`finetune_loop_per_worker`: what each Ray Train worker runs to fine-tune. The step loop (seeded
+resumable stream, batches ahead, grad_accum groups, metric windows, logging, checkpoints via
+ray.train.report, epochs) is loop.py's, shared with pretraining; this file holds what fine-tuning
+adds:
 
     init (--init checkpoint or seeded scratch) → stream → collate (targets, audio time masks) →
     finetune_step (step.py) → every train.eval_every steps rank 0 scores --val-data, keeps the best
@@ -11,23 +12,21 @@ bf16 autocast on GPU, checkpoint via ray.train.report every N steps, MLflow on r
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-import time
 
 import torch
 
 from pipeline import storage
 from pipeline.model.finetune import FineTuneModel
-from pipeline.train.batches import COLUMNS, Ahead, step_rng
-from pipeline.train.checkpoint import load_state, save_final, save_state
+from pipeline.train.batches import COLUMNS
+from pipeline.train.checkpoint import save_final
 from pipeline.train.config import FineTuneConfig
 from pipeline.train.curves import read_rows
+from pipeline.train.loop import POSITION, Task, copy_to_local, cpu_copy, restore, run_steps, worker_context
 from pipeline.train.step import autocast_for, build_finetune_optimizer, finetune_step
-from pipeline.train.stream import Chunk, RankStream, list_chunks
+from pipeline.train.stream import list_chunks
 from pipeline.train.tasks import Targets, collate, evaluate, target_column
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit
-from pipeline.train.worker import _cpu_copy, _load, worker_context
 
 
 def build_model(cfg: FineTuneConfig, notes: dict | None = None) -> FineTuneModel:
@@ -73,10 +72,7 @@ def _rows(data: str, modality: str, task: str) -> dict:
 
 
 def finetune_loop_per_worker(config: dict) -> None:
-    import ray.train
     import ray.train.torch
-    import torch.distributed as dist
-    from ray.train import Checkpoint
 
     cfg = FineTuneConfig.from_dict(config["run"])
     t, f = cfg.train, cfg.finetune
@@ -85,20 +81,11 @@ def finetune_loop_per_worker(config: dict) -> None:
     notes: dict = {}
     model = build_model(cfg, notes).to(device)
     opt = build_finetune_optimizer(model, t, f.layer_decay)
-    pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": float("-inf"), "best_step": 0, "bad_evals": 0,
-           "stopped_early": False}
-    best = None  # the best weights so far (CPU copy), kept in checkpoints too
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state(d)
-        _load(model, opt, state, device)
-        best = state.get("best_model")
-        pos.update({k: state[k] for k in pos if k in state})
+    pos = {**POSITION, "best_score": float("-inf"), "best_step": 0, "bad_evals": 0, "stopped_early": False}
+    state = restore(model, opt, pos, device)
     net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
     sink = NullSink()
-    targets = Targets(f.task, cfg.labels)
     if rank == 0:
         out_fs, out_root = storage.resolve(cfg.output)
         out_fs.create_dir(out_root, recursive=True)
@@ -109,90 +96,77 @@ def finetune_loop_per_worker(config: dict) -> None:
         sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
                        "git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
                        "label_fraction": f.label_fraction, "ray.num_workers": world, "device": str(device)})
-        val_rows = _rows(cfg.val_data, cfg.modality, f.task)
-        if ckpt is None:
-            for line in init_lines(notes):
-                print(line, flush=True)
-        if ckpt is not None:
-            print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, batch {pos['batch_in_epoch']})",
-                  flush=True)
-    autocast = autocast_for(device)
-    stream = RankStream([Chunk(**c) for c in config["chunks"]], COLUMNS[cfg.modality] + [target_column(f.task)],
-                        t.batch_size, t.shuffle_buffer, t.seed, rank, world)
-    steps_per_epoch = stream.batches_per_epoch() // t.grad_accum
-    if steps_per_epoch == 0:
-        raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "
-                           f"× grad_accum ({t.grad_accum}) or use fewer workers ({world})")
-    every = t.eval_every or max(1, t.max_steps // 5)
-    stop = t.stop_at_step or t.max_steps
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0, "eval": 0.0}
-    t_start, start_step = time.perf_counter(), pos["step"]
+        if state is None and notes:
+            lines = init_lines(notes)
+            print("\n".join(lines), flush=True)
+            sink.set_tags({"init.weights": "\n".join(lines)[:5000]})  # what the checkpoint gave, what starts fresh
+    try:
+        task = FineTuning(cfg, model, net, opt, rank, world, device, sink, best=(state or {}).get("best_model"))
+        run_steps(task, model=model, opt=opt, pos=pos, t=t, rank=rank, world=world, chunks=config["chunks"],
+                  sink=sink, config=cfg.to_dict(), resumed=state is not None)
+        if rank == 0 and (pos["step"] >= t.max_steps or pos["stopped_early"]):
+            _finish(cfg, model, task.best, pos, task.targets, device, task.autocast, sink)
+    except BaseException:
+        sink.close("FAILED")  # the MLflow run of a failed worker says so (a restart reopens it)
+        raise
+    sink.close()
 
-    groups = stream.groups(pos["epoch"], pos["batch_in_epoch"], t.grad_accum)
-    # The next steps' batches (+ time masks), collated in the background across epochs (batches.Ahead).
-    ahead = Ahead(lambda step: [collate(nb, cfg.modality, cfg.model, targets, step_rng(t.seed, rank, step, i), t,
-                                        f.mask_time_prob, f.mask_time_length) for i, nb in enumerate(next(groups))],
-                  pos["step"], stop)
-    while pos["step"] < stop and not pos["stopped_early"]:
-        t_wait = time.perf_counter()
-        while pos["batch_in_epoch"] < steps_per_epoch and pos["step"] < stop and not pos["stopped_early"]:
-            step, micro = ahead.get()
-            assert step == pos["step"], (step, pos["step"])
-            torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31)  # dropout, drop-path
-            micro = [({k: v.to(device) for k, v in x.items()}, {k: v.to(device) for k, v in y.items()},
-                      None if m is None else m.to(device)) for x, y, m in micro]
-            window["wait"] += time.perf_counter() - t_wait
-            m = finetune_step(model, net, opt, micro, step, t, f, autocast=autocast, world=world)
-            pos["step"] += 1
-            pos["batch_in_epoch"] += 1
-            step = pos["step"]
-            window["loss"] += m["loss"]
-            window["n"] += 1
-            window["samples"] += t.batch_size * t.grad_accum * world
-            if step % every == 0 or step == t.max_steps:
-                t_eval = time.perf_counter()
-                stop_now = torch.zeros(1, device=device)
-                if rank == 0:
-                    v = evaluate(model, val_rows, targets, device, t.batch_size, autocast)
-                    s = score(v, f.task)
-                    if s > pos["best_score"]:
-                        pos.update(best_score=s, best_step=step, bad_evals=0)
-                        best = _cpu_copy(model.state_dict())
-                    else:
-                        pos["bad_evals"] += 1
-                    stop_now[0] = float(f.patience > 0 and pos["bad_evals"] >= f.patience)
-                    sink.log_metrics({f"val_{k}": x for k, x in v.items() if k != "examples"}, step)
-                    print(f"eval step {step}: " + " ".join(f"val_{k} {x:.4f}" for k, x in v.items() if k != "examples")
-                          + (f" e.g. {v['examples']}" if "examples" in v else ""), flush=True)
-                if world > 1:
-                    dist.broadcast(stop_now, 0)
-                pos["stopped_early"] = bool(stop_now.item())
-                window["eval"] += time.perf_counter() - t_eval
-            if step % t.log_every == 0 or step == stop or pos["stopped_early"]:
-                now = time.perf_counter()
-                dt = now - window["t0"] - window["eval"]
-                metrics = {"loss": window["loss"] / max(window["n"], 1), "lr": m["lr"],
-                           "samples_per_s": window["samples"] / dt, "data_wait_fraction": window["wait"] / dt,
-                           "epoch": pos["epoch"]}
-                sink.log_metrics(metrics, step)
-                if rank == 0:
-                    eta = (now - t_start) / max(step - start_step, 1) * (stop - step)
-                    print(f"step {step}/{t.max_steps} loss {metrics['loss']:.4f} lr {m['lr']:.2e} "
-                          f"{metrics['samples_per_s']:.1f} samples/s ETA {eta:.0f}s", flush=True)
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0, "eval": 0.0}
-            if step % t.checkpoint_every == 0 or step == stop or pos["stopped_early"]:
-                saved = dict(pos)
-                if saved["batch_in_epoch"] == steps_per_epoch:
-                    saved.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
-                _report(ray.train, Checkpoint, rank, model, opt, saved, cfg, best)
-            t_wait = time.perf_counter()
-        if pos["batch_in_epoch"] >= steps_per_epoch:
-            pos.update(epoch=pos["epoch"] + 1, batch_in_epoch=0)
-    ahead.close()
-    if rank == 0 and (pos["step"] >= t.max_steps or pos["stopped_early"]):
-        _finish(cfg, model, best, pos, targets, device, autocast, sink)
-    if rank == 0:
-        sink.close()
+
+class FineTuning(Task):
+    """The supervised step (step.finetune_step), and every train.eval_every steps rank 0's score
+    on --val-data: the best weights so far are kept (and checkpointed), early stopping is decided
+    on rank 0 and broadcast to every rank."""
+
+    def __init__(self, cfg: FineTuneConfig, model, net, opt, rank: int, world: int, device, sink, best=None):
+        t, f = cfg.train, cfg.finetune
+        self.cfg, self.t, self.f, self.model, self.net, self.opt = cfg, t, f, model, net, opt
+        self.rank, self.world, self.device, self.sink = rank, world, device, sink
+        self.columns = COLUMNS[cfg.modality] + [target_column(f.task)]
+        self.targets = Targets(f.task, cfg.labels)
+        self.autocast = autocast_for(device)
+        self.every = t.eval_every or max(1, t.max_steps // 5)
+        self.best = best  # the best weights so far (CPU copy)
+        self.val_rows = _rows(cfg.val_data, cfg.modality, f.task) if rank == 0 else None
+
+    def collate(self, batch, rng):
+        f = self.f
+        return collate(batch, self.cfg.modality, self.cfg.model, self.targets, rng, self.t, f.mask_time_prob,
+                       f.mask_time_length)
+
+    def step(self, step, micro, pos):
+        d = self.device
+        micro = [({k: v.to(d) for k, v in x.items()}, {k: v.to(d) for k, v in y.items()},
+                  None if m is None else m.to(d)) for x, y, m in micro]
+        return finetune_step(self.model, self.net, self.opt, micro, step, self.t, self.f, autocast=self.autocast,
+                             world=self.world)
+
+    def after_step(self, step, pos):
+        if not (step % self.every == 0 or step == self.t.max_steps):
+            return
+        import torch.distributed as dist
+
+        stop_now = torch.zeros(1, device=self.device)
+        if self.rank == 0:
+            v = evaluate(self.model, self.val_rows, self.targets, self.device, self.t.batch_size, self.autocast)
+            s = score(v, self.f.task)
+            if s > pos["best_score"]:
+                pos.update(best_score=s, best_step=step, bad_evals=0)
+                self.best = cpu_copy(self.model.state_dict())
+            else:
+                pos["bad_evals"] += 1
+            stop_now[0] = float(self.f.patience > 0 and pos["bad_evals"] >= self.f.patience)
+            self.sink.log_metrics({f"val_{k}": x for k, x in v.items() if k != "examples"}, step)
+            print(f"eval step {step}: " + " ".join(f"val_{k} {x:.4f}" for k, x in v.items() if k != "examples")
+                  + (f" e.g. {v['examples']}" if "examples" in v else ""), flush=True)
+        if self.world > 1:
+            dist.broadcast(stop_now, 0)
+        pos["stopped_early"] = bool(stop_now.item())
+
+    def stopped(self, pos):
+        return pos["stopped_early"]
+
+    def checkpoint_extra(self, saved):
+        return {"best_model": self.best} if self.best is not None else {}
 
 
 def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, sink) -> None:
@@ -216,21 +190,6 @@ def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, si
               if isinstance(v, (int, float))}  # val_* stays the curve; the chosen point is best_val_*
     sink.log_metrics(logged, pos["step"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("config.json", "model.safetensors", "metrics.json"):
-            local = os.path.join(tmp, name)
-            with fs.open_input_stream(f"{root}/{name}") as src, open(local, "wb") as dst:
-                dst.write(src.read())
+        for local in copy_to_local(fs, root, ("config.json", "model.safetensors", "metrics.json"), tmp):
             sink.log_artifact(local, "final")
     print("test: " + " ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
-
-
-def _report(train, Checkpoint, rank, model, opt, pos, cfg, best):
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint (with the best weights)."""
-    metrics = {"step": pos["step"]}
-    if rank != 0:
-        train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        extra = {"best_model": best} if best is not None else {}
-        save_state(tmp, model=model, optimizer=opt, config=cfg.to_dict(), **pos, **extra)
-        train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -40,12 +40,19 @@ def frontend_from_manifest(m: dict) -> dict:
     return {}
 
 
-# Fields that may change between a run and its resume; any other difference changes what is
-# being trained (schedule, batch, model, data) and is refused unless --allow-config-change.
-RESUMABLE_CHANGES = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
-                     "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
-                     "train.on_collapse", "train.max_rollbacks", "train.eval_every", "train.val_batches",
-                     "train.probe_samples", "val_data", "probe_train", "probe_test"}
+# Fields that may change between a run and its resume, per kind of run (the Ray Train run name);
+# any other difference changes what is being trained (schedule, batch, model, data) and is refused
+# unless --allow-config-change. How a run is run and where it logs never changes its weights:
+RUN_FIELDS = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
+              "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
+              "tracking_uri", "experiment", "parent_run_id"}
+RESUMABLE = {
+    # pretraining's learning curves only watch; rollbacks act on a failure only
+    "pretrain": RUN_FIELDS | {"train.on_collapse", "train.max_rollbacks", "train.eval_every", "train.val_batches",
+                              "train.probe_samples", "val_data", "probe_train", "probe_test"},
+    # fine-tuning's validation picks the weights it keeps: eval_every and val_data are not free
+    "finetune": RUN_FIELDS,
+}
 
 
 # Fields added after runs were already written with this layout, with the value those runs used.
@@ -53,7 +60,7 @@ ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "tra
                "train.tri_stage_hold": 0.9, "finetune.feature_bn": False}
 
 
-def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resumable=RESUMABLE_CHANGES) -> None:
+def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> None:
     """Refuse to resume a run whose schedule-relevant config differs from the one it started
     with, naming the differing fields (before Ray starts)."""
     from pipeline.train.tracking import default_tracking_uri, flatten
@@ -71,7 +78,7 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain", resuma
     for k in ("data", "output", "train_data", "val_data", "test_data"):  # the same place written two ways
         if before.get(k) and now.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
             before[k] = now[k]
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in resumable)
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE[name])
     if diff and not allow_change:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:6])
         raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"

@@ -1,0 +1,259 @@
+"""The step loop every Ray Train worker runs, pretraining (worker.py) and fine-tuning
+(finetune_worker.py) alike. What differs between them is a `Task`'s hooks.
+
+    checkpoint → `restore` the run position → this rank's seeded stream (stream.py) → groups of
+    grad_accum micro-batches, collated ahead in a background thread (batches.Ahead) →
+    task.step → metric window → log line + MLflow (rank 0) → task.after_step (learning curves,
+    validation, early stop) → checkpoint via ray.train.report → epoch roll-over → … → stop
+
+The run position `pos` is what a checkpoint resumes from: step (optimizer steps so far), epoch,
+step_in_epoch (optimizer steps into that epoch: grad_accum batches each), plus the task's own
+fields (pretraining: lr_scale, rollbacks; fine-tuning: the best validation score so far …).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+
+from pipeline.train.batches import Ahead, step_rng
+from pipeline.train.checkpoint import load_state, save_state
+from pipeline.train.stream import Chunk, RankStream
+
+POSITION = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+
+
+class Restart(Exception):
+    """Raised by `Task.step` after it moved the run position back (a rollback): the loop drops the
+    steps prepared ahead and prepares them again from the new position."""
+
+
+class Task:
+    """The hooks of one kind of training; the loop calls them in this order."""
+
+    columns: list[str]
+    """Columns each worker streams."""
+    averaged: tuple[str, ...] = ("loss",)
+    """Step metrics averaged over a logging window; every other value `step` returns is logged as
+    it was at the window's last step."""
+
+    def collate(self, batch: dict, rng) -> tuple:
+        """One numpy micro-batch → tensors (+ masks), on the CPU, in the background thread."""
+        raise NotImplementedError
+
+    def begin(self, pos: dict) -> None:
+        """Before the first step of this (re)start; timed as evaluation."""
+
+    def step(self, step: int, micro: list[tuple], pos: dict) -> dict:
+        """One optimizer step over `micro` (grad_accum collated micro-batches) → metrics (at least
+        loss and lr). May move `pos` back and raise Restart."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, pos: dict) -> None:
+        """After step `step` (already counted in pos); timed as evaluation."""
+
+    def stopped(self, pos: dict) -> bool:
+        """True to end the run before its last step (early stopping)."""
+        return False
+
+    def checkpoint_extra(self, saved: dict) -> dict:
+        """Tensors saved with the model and optimizer at a checkpoint at position `saved`."""
+        return {}
+
+
+# ----------------------------------------------------------------------------- worker set-up
+def threads_for_worker(node_cpus: int, workers_on_node: int) -> int:
+    """torch threads of one worker: its node's CPUs shared by the workers on that node."""
+    return max(1, node_cpus // max(1, workers_on_node))
+
+
+def node_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware), on the node it runs on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def worker_context(use_gpu: bool):
+    """(rank, world size, device, torch threads) of this Ray Train worker; sets the thread count."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())
+    torch.set_num_threads(threads)
+    return ctx.get_world_rank(), ctx.get_world_size(), device, threads
+
+
+def cpu_copy(state):
+    """A detached CPU copy of a (nested) state dict: the best weights, a rollback's snapshot."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [cpu_copy(v) for v in state]
+    return state
+
+
+def load_model_and_optimizer(model, opt, state: dict, device) -> None:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    for s in opt.state.values():  # optimizer state follows the model to the device
+        for k, v in s.items():
+            if torch.is_tensor(v) and k != "step":
+                s[k] = v.to(device)
+
+
+def restore(model, opt, pos: dict, device) -> dict | None:
+    """Ray Train's checkpoint (a restart or a re-run) → model, optimizer and `pos` updated in place;
+    returns the whole saved state (for the task's own tensors), None on a fresh start."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = load_state(d)
+    load_model_and_optimizer(model, opt, state, device)
+    if "batch_in_epoch" in state and "step_in_epoch" not in state:  # checkpoints written before the rename
+        state["step_in_epoch"] = state["batch_in_epoch"]
+    pos.update({k: state[k] for k in pos if k in state})
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+class Meter:
+    """Seconds and samples of a logging window and of the whole run since this (re)start:
+    training time is wall time less evaluation."""
+
+    def __init__(self, averaged: tuple[str, ...]):
+        self.averaged = averaged
+        self.run = {"t0": time.perf_counter(), "wait": 0.0, "eval": 0.0, "samples": 0}
+        self.window = self._fresh()
+
+    def _fresh(self) -> dict:
+        return {"t0": time.perf_counter(), "n": 0, "wait": 0.0, "eval": 0.0, "samples": 0,
+                **{k: 0.0 for k in self.averaged}}
+
+    def add(self, key: str, seconds_or_samples: float) -> None:
+        self.window[key] += seconds_or_samples
+
+    def step(self, m: dict) -> None:
+        self.window["n"] += 1
+        for k in self.averaged:
+            self.window[k] += m[k]
+
+    def metrics(self, last: dict, epoch: int) -> dict:
+        """The window's averages, the step's other values, and rates of the window and of the run;
+        starts the next window."""
+        now, w, run = time.perf_counter(), self.window, self.run
+        for k in ("wait", "eval", "samples"):
+            run[k] += w[k]
+        dt, run_dt = now - w["t0"] - w["eval"], now - run["t0"] - run["eval"]  # training time
+        n = max(w["n"], 1)
+        out = {**{k: v for k, v in last.items() if k not in self.averaged},
+               **{k: w[k] / n for k in self.averaged},
+               "samples_per_s": w["samples"] / dt, "data_wait_fraction": w["wait"] / dt,
+               "run_samples_per_s": run["samples"] / run_dt, "run_data_wait_fraction": run["wait"] / run_dt,
+               "run_eval_fraction": run["eval"] / (now - run["t0"]), "epoch": epoch}
+        self.window = self._fresh()
+        return out
+
+
+def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, chunks: list[dict], sink,
+              config: dict, resumed: bool) -> dict:
+    """Train from `pos` to train.stop_at_step (or max_steps, or the task's early stop); returns the
+    last logged metrics. `config` is saved with every checkpoint."""
+    stream = RankStream([Chunk(**c) for c in chunks], task.columns, t.batch_size, t.shuffle_buffer, t.seed,
+                        rank, world)
+    steps_per_epoch = stream.batches_per_epoch() // t.grad_accum
+    if steps_per_epoch == 0:
+        raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "
+                           f"× grad_accum ({t.grad_accum}) or use fewer workers ({world})")
+    if resumed and rank == 0:
+        print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, its step {pos['step_in_epoch']} "
+              f"of {steps_per_epoch} = batch {pos['step_in_epoch'] * t.grad_accum} of this worker's "
+              f"{steps_per_epoch * t.grad_accum})", flush=True)
+    stop = t.stop_at_step or t.max_steps
+    t0 = time.perf_counter()
+    task.begin(pos)
+    meter = Meter(task.averaged)
+    meter.run.update(t0=t0, eval=time.perf_counter() - t0)  # the run's clock includes begin(), as evaluation
+    start_step, last = pos["step"], {}
+
+    def prepare(pos: dict) -> Ahead:
+        """The run's next steps from `pos`, collated in the background across epoch boundaries."""
+        groups = stream.groups(pos["epoch"], pos["step_in_epoch"], t.grad_accum)
+        return Ahead(lambda step: [task.collate(nb, step_rng(t.seed, rank, step, i)) for i, nb in enumerate(next(groups))],
+                     pos["step"], stop)
+
+    ahead = prepare(pos)
+    try:
+        while pos["step"] < stop and not task.stopped(pos):
+            t_wait = time.perf_counter()
+            step, micro = ahead.get()
+            assert step == pos["step"], (step, pos["step"])
+            meter.add("wait", time.perf_counter() - t_wait)
+            torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31)  # dropout, drop-path, decoder noise
+            try:
+                m = task.step(step, micro, pos)
+            except Restart:
+                ahead.close()
+                ahead = prepare(pos)  # the restored position's batches and masks
+                continue
+            epoch = pos["epoch"]
+            pos["step"] += 1
+            pos["step_in_epoch"] += 1
+            if pos["step_in_epoch"] == steps_per_epoch:  # the epoch is done: its next step is the next epoch's first
+                pos.update(epoch=epoch + 1, step_in_epoch=0)
+            step = pos["step"]
+            meter.step(m)
+            meter.add("samples", t.batch_size * t.grad_accum * world)
+            t_eval = time.perf_counter()
+            task.after_step(step, pos)
+            meter.add("eval", time.perf_counter() - t_eval)
+            end = step == stop or task.stopped(pos)
+            if step % t.log_every == 0 or end:
+                last = meter.metrics(m, epoch)
+                sink.log_metrics(last, step)
+                if rank == 0:
+                    eta = (time.perf_counter() - meter.run["t0"]) / max(step - start_step, 1) * (stop - step)
+                    print(f"step {step}/{t.max_steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
+                          f"{last['samples_per_s']:.1f} samples/s data-wait {last['data_wait_fraction']:.1%} "
+                          f"ETA {eta:.0f}s", flush=True)
+            if step % t.checkpoint_every == 0 or end:
+                report(rank, model, opt, dict(pos), config, last, task.checkpoint_extra(dict(pos)))
+    finally:
+        ahead.close()
+    return last
+
+
+def report(rank: int, model, opt, pos: dict, config: dict, metrics: dict, extra: dict) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint: model, optimizer, config,
+    the run position and the task's extra tensors."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = {**metrics, "step": pos["step"]}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(tmp, model=model, optimizer=opt, config=config, **pos, **extra)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def copy_to_local(fs, root: str, names: tuple[str, ...], tmp: str) -> list[str]:
+    """Files ROOT/NAME of a (possibly remote) folder → local copies in `tmp` (for MLflow artifacts)."""
+    out = []
+    for name in names:
+        local = os.path.join(tmp, name)
+        with fs.open_input_stream(f"{root}/{name}") as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        out.append(local)
+    return out
