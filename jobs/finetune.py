@@ -24,6 +24,7 @@ import json
 import sys
 import time
 
+from pipeline import storage
 from pipeline.config import ConfigError
 
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     keys = ["test_accuracy", "val_accuracy"] if cfg.finetune.task == "classify" else ["test_cer", "test_wer", "val_cer"]
     summary = {**{k: m.get(k) for k in keys}, "init": cfg.init, "label_fraction": cfg.finetune.label_fraction,
                "task": cfg.finetune.task, "modality": cfg.modality, "best_step": m.get("best_step"),
-               "steps": m.get("steps"), "wall_s": round(time.time() - t0, 1), "final": f"{cfg.output.rstrip('/')}/final",
+               "steps": m.get("steps"), "wall_s": round(time.time() - t0, 1), "final": storage.join(cfg.output, "final"),
                "tracking_uri": cfg.tracking_uri}
     print(f"done: {cfg.modality} {cfg.finetune.task} from {cfg.init}: " +
           ", ".join(f"{k} {summary[k]:.4f}" for k in keys) + f" (best step {m.get('best_step')} of {m.get('steps')})")

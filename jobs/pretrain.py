@@ -29,6 +29,7 @@ import os
 import sys
 import time
 
+from pipeline import storage
 from pipeline.config import ConfigError
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     summary = {"modality": cfg.modality, "mode": cfg.model.mode, "step": m.get("step"),
                "loss": m.get("loss"), "samples_per_s": m.get("run_samples_per_s"),
                "data_wait_fraction": m.get("run_data_wait_fraction"), "wall_s": round(time.time() - t0, 1),
-               "final": f"{cfg.output.rstrip('/')}/final" if m.get("step") == cfg.train.max_steps else None,
+               "final": storage.join(cfg.output, "final") if m.get("step") == cfg.train.max_steps else None,
                "tracking_uri": uri}
     print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}; MLflow UI: "
           f"mlflow ui --backend-store-uri {uri}")

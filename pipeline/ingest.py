@@ -448,7 +448,7 @@ def run(cfg: PreprocessConfig) -> dict:
         storage.write_text(out_fs, f"{out_root}/tokenizer.json", tokenizer_json)
         from tokenizers import Tokenizer
         extra_settings["vocab_size"] = Tokenizer.from_str(tokenizer_json).get_vocab_size()
-        extra_settings["tokenizer"] = f"{cfg.output.rstrip('/')}/tokenizer.json"
+        extra_settings["tokenizer"] = storage.join(cfg.output, "tokenizer.json")
         extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": mask_id}
         ds = source().map_batches(
             TextTokenize, fn_constructor_kwargs=dict(tokenizer_json=tokenizer_json, **common),

@@ -19,6 +19,14 @@ from pipeline.train.checkpoint import load_final
 FEATURE_COLUMNS = {"image": ["image", "label"], "audio": ["audio", "label"], "text": ["input_ids", "label"]}
 
 
+def read_shards(data: str, modality: str) -> "ray.data.Dataset":
+    """The feature columns of a preprocessed folder (a path or URI) as a Ray dataset."""
+    from pipeline import storage
+
+    fs, root = storage.resolve(data)
+    return ray.data.read_parquet(f"{root}/shards", filesystem=fs, columns=FEATURE_COLUMNS[modality])
+
+
 def batch_features(model, batch: dict, layers: tuple[int, ...] = (-1,), audio_group: int = 16) -> np.ndarray:
     """Mean-pooled features (B, D) of a numpy batch. Audio clips go through in length-sorted
     groups of `audio_group`, so short clips are not padded to the batch's longest (the conv front
@@ -77,9 +85,9 @@ def extract_splits(data_dirs: list[str], checkpoint: str, modality: str, *,
 
     from pipeline import storage
 
-    checkpoint = os.path.abspath(checkpoint)
-    parts = [ray.data.read_parquet(os.path.join(os.path.abspath(d), "shards"), columns=FEATURE_COLUMNS[modality])
-             .map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow") for i, d in enumerate(data_dirs)]
+    checkpoint = storage.absolute(checkpoint)
+    parts = [read_shards(d, modality).map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow")
+             for i, d in enumerate(data_dirs)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # Each actor loads the model once; more actors than input files (Ray Data's read tasks) would
     # only load it and wait.
@@ -105,7 +113,7 @@ def extract_splits_in_process(data_dirs: list[str], checkpoint: str, modality: s
     extraction itself (~30 s of the demo's ~45 s per modality on 2 cores)."""
     from pipeline.train.curves import labeled_rows
 
-    ext = FeatureExtractor(os.path.abspath(checkpoint), tuple(variants), layers, teacher=False)
+    ext = FeatureExtractor(checkpoint, tuple(variants), layers, teacher=False)
     torch.set_num_threads(os.cpu_count() or 1)  # FeatureExtractor sets 1 thread (one per actor)
     result = []
     for d in data_dirs:
@@ -178,8 +186,7 @@ def _majority(y):
 
 def classical_features(data_dir: str, modality: str):
     """Raw-input features for the classical baseline: pixels; MFCC mean+std; token-id TF-IDF rows."""
-    ds = ray.data.read_parquet(os.path.join(data_dir, "shards"), columns=FEATURE_COLUMNS[modality])
-    rows = [r for r in ds.take_all() if r["label"] is not None]
+    rows = [r for r in read_shards(data_dir, modality).take_all() if r["label"] is not None]
     labels = np.asarray([r["label"] for r in rows])
     if modality == "image":
         return np.stack([np.frombuffer(r["image"], np.uint8).astype(np.float32) / 255 for r in rows]), labels

@@ -1,4 +1,12 @@
-"""Paths that may be local folders, shared file systems or object-store URIs (via pyarrow.fs)."""
+"""Paths that may be local folders, shared file systems or object-store URIs (via pyarrow.fs).
+
+    /data/run, runs/x, file:///data/run, s3://bucket/run, gs://bucket/run,
+    s3://bucket/run?endpoint_override=HOST:PORT&scheme=http   (pyarrow's own query options)
+
+An S3 endpoint comes from the URI's query or, as MinIO/Ceph users set it, from AWS_ENDPOINT_URL
+(pyarrow's S3 client reads it); credentials from the usual AWS variables or files. `join` keeps a
+URI's query on every path built from it, so each file of a run is reached with the same options.
+"""
 from __future__ import annotations
 
 import os
@@ -15,6 +23,20 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A plain path made absolute (every process and node reads it alike); URIs unchanged."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def _split_query(uri: str) -> tuple[str, str]:
+    base, sep, query = uri.partition("?") if is_uri(uri) else (uri, "", "")
+    return base, sep + query
+
+
 def local_path(uri: str) -> str | None:
     """The local path of a plain path or a file:// URI; None for object stores (s3://, gs://, …)."""
     if "://" not in uri:
@@ -23,12 +45,34 @@ def local_path(uri: str) -> str | None:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a path or URI with '/'."""
-    return "/".join([uri.rstrip("/"), *parts])
+    """Join path parts onto a path or URI with '/', keeping a URI's query at the end:
+    join("s3://b/run?scheme=http", "final") == "s3://b/run/final?scheme=http"."""
+    base, query = _split_query(uri)
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + query
+
+
+def parent(uri: str) -> str:
+    """The folder holding a path or URI (its query kept): parent("s3://b/run/final") == "s3://b/run"."""
+    base, query = _split_query(uri)
+    base = base.rstrip("/")
+    if not is_uri(base):
+        return os.path.dirname(os.path.abspath(os.path.expanduser(base)))
+    return base.rsplit("/", 1)[0] + query
+
+
+def name(uri: str) -> str:
+    """The last part of a path or URI (without its query)."""
+    return _split_query(uri)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def is_dir(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def fs_type(fs: pafs.FileSystem, path: str) -> str:
+    """"file", "dir" or "missing"."""
+    t = fs.get_file_info(path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "missing")
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

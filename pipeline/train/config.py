@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pipeline import storage
 from pipeline.config import ConfigError, check
 from pipeline.model.config import ModelConfig
 from pipeline.recipes import recipe
@@ -213,10 +214,10 @@ class RunConfig:
 
 def read_config_file(path: str) -> dict:
     """A --config YAML file as a mapping (ConfigError if missing or not a mapping)."""
-    if not os.path.isfile(path):
+    fs, root = storage.resolve(path)
+    if storage.fs_type(fs, root) != "file":
         raise ConfigError(f"config: {path!r} does not exist")
-    with open(path) as f:
-        cfg = load_yaml(f.read()) or {}
+    cfg = load_yaml(storage.read_text(fs, root)) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"config: {path!r} must hold a mapping")
     return cfg
@@ -309,7 +310,7 @@ def _check_accumulation(train: dict, overrides: dict | None) -> None:
 
 
 def _absolute(p: str) -> str:
-    return p if "://" in p else os.path.abspath(os.path.expanduser(p))
+    return storage.absolute(p)
 
 
 def to_yaml(cfg: RunConfig) -> str:
