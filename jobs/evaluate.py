@@ -10,19 +10,18 @@ the pretraining run in MLflow (RUN_DIR/mlflow_run_id) unless --no-mlflow.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
-import os
 import sys
 import time
 
+from pipeline import storage
 from pipeline.config import ConfigError
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="RUN_DIR/final of a pretraining run")
+    p.add_argument("--checkpoint", default=None, help="RUN_DIR/final of a pretraining run (path or URI)")
     p.add_argument("--train-data", required=True, help="labeled preprocessed folder for fitting the probe")
     p.add_argument("--test-data", required=True, help="labeled preprocessed folder for scoring it")
     p.add_argument("--random-init", action="store_true", help="probe the same architecture at random init")
@@ -34,13 +33,13 @@ def parse(argv=None):
     a = p.parse_args(argv)
     for name in ("train_data", "test_data"):
         d = getattr(a, name)
-        if not os.path.isfile(os.path.join(d, "manifest.json")):
+        if not storage.is_file(storage.join(d, "manifest.json")):
             raise ConfigError(f"{name.replace('_', '-')}: {d!r} is not a preprocessed folder (no manifest.json)")
     config = None
     if not a.classical:
-        if not a.checkpoint or not os.path.isfile(os.path.join(a.checkpoint, "model.safetensors")):
+        if not a.checkpoint or not storage.is_file(storage.join(a.checkpoint, "model.safetensors")):
             raise ConfigError(f"checkpoint: {a.checkpoint!r} has no model.safetensors (pass RUN_DIR/final)")
-        config = _read_json(os.path.join(a.checkpoint, "config.json"))
+        config = storage.read_json(storage.join(a.checkpoint, "config.json"))
     a.modality = check_compatible({"train-data": a.train_data, "test-data": a.test_data}, config)
     try:
         a.layers = tuple(int(x) for x in a.layers.split(","))
@@ -52,11 +51,6 @@ def parse(argv=None):
         if bad:
             raise ConfigError(f"layers: {bad} out of range for an encoder of depth {depth} (0..{depth - 1}, or -1)")
     return a
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 _TOKENIZER_FIX = "preprocess it with --tokenizer PRETRAINING_DATA/tokenizer.json"
@@ -76,7 +70,7 @@ def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
     tokenizer than the pretraining data. Returns the modality."""
     from pipeline.train.launch import frontend_from_manifest
 
-    manifests = {name: _read_json(os.path.join(d, "manifest.json")) for name, d in dirs.items()}
+    manifests = {name: storage.read_json(storage.join(d, "manifest.json")) for name, d in dirs.items()}
     modality = config["model"]["modality"] if config else next(iter(manifests.values()))["modality"]
     against = "the checkpoint is a {} encoder" if config else "the other split holds {} rows"
     for name, m in manifests.items():
@@ -91,9 +85,9 @@ def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
         for key, have in frontend_from_manifest(m).items():
             if have != fe.get(key, 4 if key == "mask_id" else None):  # configs before mask_id had <mask> = 4
                 raise ConfigError(f"{name}: " + _MISMATCH[key].format(have=have, want=fe[key]))
-        ours, theirs = (os.path.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
-        if modality == "text" and os.path.isfile(ours) and os.path.isfile(theirs) \
-                and not filecmp.cmp(ours, theirs, shallow=False):
+        ours, theirs = (storage.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
+        if modality == "text" and config.get("data") and storage.is_file(ours) and storage.is_file(theirs) \
+                and storage.read_bytes(ours) != storage.read_bytes(theirs):
             raise ConfigError(f"{name}: tokenized with another tokenizer than the pretraining data's "
                               f"({theirs}); {_TOKENIZER_FIX}")
     return modality
@@ -116,19 +110,21 @@ def evaluate(a) -> dict:
 
 
 def log_to_mlflow(a, res: dict) -> None:
-    run_dir = os.path.dirname(os.path.abspath(a.checkpoint.rstrip("/")))
-    id_file = os.path.join(run_dir, "mlflow_run_id")
-    if a.no_mlflow or a.classical or not os.path.exists(id_file):
+    run_dir = storage.parent(a.checkpoint)
+    id_file = storage.join(run_dir, "mlflow_run_id")
+    if a.no_mlflow or a.classical or not storage.is_file(id_file):
         return
     import mlflow
     from pipeline.train.tracking import default_tracking_uri
     uri = a.tracking_uri
     if uri is None:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            uri = json.load(f).get("tracking_uri") or default_tracking_uri(run_dir)
+        uri = storage.read_json(storage.join(run_dir, "config.json")).get("tracking_uri") \
+            or default_tracking_uri(run_dir)
+    if uri is None:
+        return  # an object-store run with no tracking server named: nothing to log into
     mlflow.set_tracking_uri(uri)
     prefix = f"probe.{res['encoder']}."
-    with mlflow.start_run(run_id=open(id_file).read().strip()):
+    with mlflow.start_run(run_id=storage.read_bytes(id_file).decode().strip()):
         mlflow.log_metrics({prefix + k: res[k] for k in ("probe_accuracy", "knn_accuracy")})
 
 

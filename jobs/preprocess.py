@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from pipeline import storage
 from pipeline.config import (MODALITIES, AudioSettings, ConfigError, ImageSettings,
                              PreprocessConfig, TextSettings)
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     c = manifest["counts"]
     print(f"{cfg.modality}: read {c['read']} files, wrote {c['written']} rows to {cfg.output}/shards, "
           f"rejected {c['rejected']} (see {cfg.output}/rejected.jsonl) in {manifest['seconds']} s")
-    print(json.dumps({"manifest": f"{cfg.output}/manifest.json", **c}))
+    print(json.dumps({"manifest": storage.join(cfg.output, "manifest.json"), **c}))
     return 0
 
 

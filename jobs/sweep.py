@@ -36,6 +36,7 @@ import os
 import sys
 import time
 
+from pipeline import storage
 from pipeline.config import ConfigError
 
 DEFAULT_SPACE = {
@@ -74,7 +75,7 @@ def trial(config: dict, tracking_uri: str) -> None:
     params = {k: v for k, v in config.items() if k != "_static"}
     if "model.ema.decay" in params:  # keep the anneal monotone: end decay ≥ start decay
         params.setdefault("model.ema.end_decay", max(params["model.ema.decay"], 0.9999))
-    trial_dir = os.path.join(s["output"], "trials", ray.tune.get_context().get_trial_id())
+    trial_dir = storage.join(s["output"], "trials", ray.tune.get_context().get_trial_id())
     total = s["rounds"] * s["steps_per_round"]
     start = ray.tune.get_checkpoint()  # Tune-level resume: rounds already done
     done_rounds = 0
@@ -91,9 +92,9 @@ def trial(config: dict, tracking_uri: str) -> None:
         result, error = fit_error(lambda: run_pretraining(cfg))
         if error:
             raise RuntimeError(f"trial pretraining failed: {error}")
-        final = os.path.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(result, trial_dir, cfg)
+        final = storage.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(result, trial_dir, cfg)
         res = validation_probe(s, final)
-        run_id = open(os.path.join(trial_dir, "mlflow_run_id")).read().strip()
+        run_id = storage.read_bytes(storage.join(trial_dir, "mlflow_run_id")).decode().strip()
         client = MlflowClient(tracking_uri=tracking_uri)
         step = r * s["steps_per_round"]
         client.log_metric(run_id, "val_probe_accuracy", res["probe_accuracy"], step=step)
@@ -129,7 +130,7 @@ def _round_encoder(result, trial_dir: str, cfg) -> str:
         state = load_state(d)
     model = Data2Vec(cfg.model)
     model.load_state_dict(state["model"])
-    out = os.path.join(trial_dir, f"round_{state['step']}")
+    out = storage.join(trial_dir, f"round_{state['step']}")
     save_final(out, model, cfg.to_dict())
     return out
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
         # Validate one trial's config now (with the first value of each parameter), before Ray starts.
         probe_values = {k: (v.get("choice") or v.get("uniform") or v.get("loguniform") or v.get("randint"))[0]
                         for k, v in spec.items()}
-        check = resolve(a.modality, a.data, os.path.join(a.output, "check"), a.preset, a.config,
+        check = resolve(a.modality, a.data, storage.join(a.output, "check"), a.preset, a.config,
                         {**sets, **probe_values}, model_frontend=frontend_from_manifest(read_manifest(a.data, a.modality)))
         tune_space(spec)
     except ConfigError as e:
@@ -207,8 +208,9 @@ def main(argv=None) -> int:
     from pipeline.raycluster import init_ray
     from pipeline.train.tracking import LocalTrackingServer
 
-    out = os.path.abspath(a.output)
-    os.makedirs(out, exist_ok=True)
+    out = storage.absolute(a.output)
+    out_fs, out_root = storage.resolve(out)
+    out_fs.create_dir(out_root, recursive=True)
     tw = check.train
     per_trial = {"CPU": 1 + tw.num_workers * tw.cpus_per_worker + 1, "GPU": tw.num_workers if tw.use_gpu else 0}
     init_ray(num_cpus=max(os.cpu_count() or 1, per_trial["CPU"] * (a.max_concurrent or 1)), dashboard=True)
@@ -227,6 +229,10 @@ def main(argv=None) -> int:
               f"{have.get('GPU', 0)} GPUs; a trial holds {per_trial})")
     if a.tracking_uri:
         return _sweep(a, spec, sets, out, a.tracking_uri, concurrent, per_trial, browse=a.tracking_uri)
+    if storage.local_path(out) is None:
+        print("error: tracking_uri: an object-store --output needs --tracking-uri (an MLflow server); the "
+              "sweep's own server keeps its SQLite store in a local --output only", file=sys.stderr)
+        return 2
     if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
         print("error: tracking_uri: on a multi-node cluster pass --tracking-uri (an MLflow server every node "
               "reaches); the sweep's own server listens on this machine's loopback only", file=sys.stderr)
@@ -250,34 +256,34 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
     space = tune_space(spec)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=prepare_experiment(uri, a.experiment, artifact_location))
-    parent_file = os.path.join(out, "mlflow_parent_run_id")
-    parent_id = open(parent_file).read().strip() if os.path.exists(parent_file) else None
+    parent_file = storage.join(out, "mlflow_parent_run_id")
+    parent_id = storage.read_bytes(parent_file).decode().strip() if storage.is_file(parent_file) else None
     parent = mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{a.modality}")
     if not parent_id:
-        open(parent_file, "w").write(parent.info.run_id)
+        storage.write_text(*storage.resolve(parent_file), parent.info.run_id)
         mlflow.log_params({"modality": a.modality, "num_samples": a.num_samples, "rounds": a.rounds,
                            "steps_per_round": a.steps_per_round, "search_space": json.dumps(spec),
                            "preset": a.preset, "sets": json.dumps(sets), "trial_resources": json.dumps(per_trial),
                            "max_concurrent_trials": concurrent})
-    static = {"modality": a.modality, "data": os.path.abspath(a.data), "probe_train": os.path.abspath(a.probe_train),
-              "probe_val": os.path.abspath(a.probe_val) if a.probe_val else None, "output": out,
+    static = {"modality": a.modality, "data": storage.absolute(a.data), "probe_train": storage.absolute(a.probe_train),
+              "probe_val": storage.absolute(a.probe_val) if a.probe_val else None, "output": out,
               "preset": a.preset, "config": a.config, "sets": sets, "rounds": a.rounds,
               "steps_per_round": a.steps_per_round, "experiment": a.experiment, "parent_run_id": parent.info.run_id}
     t0 = time.time()
-    tune_dir = os.path.join(out, "tune")
+    tune_fs, tune_dir = storage.resolve(storage.join(out, "tune"))
     # The tracking URI is a parameter, not part of the (restored) search space: a resumed sweep's
     # server listens on another port.
     trainable = tune.with_resources(tune.with_parameters(trial, tracking_uri=uri), {"CPU": 1})
-    if tune.Tuner.can_restore(os.path.join(tune_dir, "sweep")):
-        tuner = tune.Tuner.restore(os.path.join(tune_dir, "sweep"), trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(f"{tune_dir}/sweep", storage_filesystem=tune_fs):
+        tuner = tune.Tuner.restore(f"{tune_dir}/sweep", trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space={**space, "_static": static},
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=a.num_samples, max_concurrent_trials=concurrent,
                 scheduler=ASHAScheduler(max_t=a.rounds, grace_period=1, reduction_factor=2)),
-            run_config=tune.RunConfig(name="sweep", storage_path=tune_dir))
+            run_config=tune.RunConfig(name="sweep", storage_path=tune_dir, storage_filesystem=tune_fs))
     try:
         return _choose(a, spec, tuner.fit(), t0, browse, parent.info.run_id)
     except BaseException:

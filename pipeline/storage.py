@@ -109,3 +109,22 @@ def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
 def read_text(fs: pafs.FileSystem, path: str) -> str:
     with fs.open_input_stream(path) as f:
         return f.read().decode("utf-8")
+
+
+# ----------------------------------------------------------------------------- by path or URI
+def is_file(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs_type(fs, path) == "file"
+
+
+def read_json(uri: str) -> dict:
+    import json
+
+    fs, path = resolve(uri)
+    return json.loads(read_text(fs, path))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()

@@ -1,0 +1,117 @@
+"""Real servers for tests that leave one process: an S3 API server on loopback (moto's standalone
+server, which pyarrow's own S3 client talks to), and a second Ray head whose processes get their
+own environment — what a user's cluster nodes have set (credentials, an S3 endpoint)."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+# moto accepts any credentials; pyarrow's client needs some, and a region.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are drawn, so the OS cannot hand
+    the same port out twice (binding and closing one at a time did, once in CI)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    import urllib.request
+    t = time.time()
+    while time.time() - t < timeout:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception as e:  # noqa: BLE001 - not up yet; an HTTP error still means it answers
+            if getattr(e, "code", None):
+                return
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except Exception:  # noqa: BLE001
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "d2v"):
+    """moto's S3 server on a loopback port with `bucket` created → its endpoint "127.0.0.1:PORT"."""
+    port, = free_ports(1)
+    proc = subprocess.Popen([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", timeout=60)
+        fs = s3_fs(f"127.0.0.1:{port}", allow_bucket_creation=True)
+        fs.create_dir(bucket)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def s3_fs(endpoint: str, **kw):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                             secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region="us-east-1", **kw)
+
+
+def upload(local_dir: str, endpoint: str, dest: str) -> None:
+    """A local folder tree → s3 `dest` ("bucket/prefix")."""
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(local_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3_fs(endpoint))
+
+
+@contextlib.contextmanager
+def ray_head(env: dict, log_path: str, num_cpus: int = 4):
+    """A second local Ray head beside the test session's, started with `env` (so its workers have
+    it, as a cluster node's processes have what the node sets) → (GCS address, dashboard URL).
+    Every port it opens is free and explicit; token authentication is off for the tests."""
+    names = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    gcs, dash, *others = free_ports(2 + len(names))
+    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # unix socket paths must stay < 108 bytes
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             "--disable-usage-stats", f"--temp-dir={short_tmp}", *(f"--{k}={v}" for k, v in zip(names, others))],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{dash}/api/version")
+        except TimeoutError:
+            raise AssertionError("ray head did not start:\n" + open(log_path).read()[-3000:]) from None
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+    finally:
+        stop(head)
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a user's shell for the job commands: no Ray address of this session's
+    cluster, token authentication off for the tests' heads, the venv's commands on PATH."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
+           **extra}
+    env.pop("RAY_ADDRESS", None)
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
