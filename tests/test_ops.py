@@ -2,11 +2,8 @@
 `ray job submit` to a real local head that logs to a real `mlflow server`."""
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -124,89 +121,49 @@ def test_cluster_files_expose_nothing_without_authentication(tmp_path):
     assert "MLFLOW_AUTH_ADMIN_PASSWORD=$(cat " in up and "openssl rand" in up
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports: every socket stays bound until all are drawn, so the OS cannot hand
-    the same port out twice (binding and closing one at a time did, once in CI)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _wait_http(url, timeout=120):
-    import urllib.request
-    t = time.time()
-    while time.time() - t < timeout:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(1)
-    raise TimeoutError(url)
-
-
 @pytest.mark.slow
-def test_ray_job_submit_logs_to_mlflow_server(demo_shards, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "",
-           "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("RAY_ADDRESS")
-    names = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
-    gcs, dash, mlf, *others = _free_ports(3 + len(names))
-    mlflow_srv = subprocess.Popen(
-        [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
-         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    # A second cluster beside the test session's: every port it opens must be free and explicit.
-    ports = dict(zip(names, others))
-    head_log = open(tmp_path / "head.log", "w")
-    import tempfile
-    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # unix socket paths must stay < 108 bytes
-    head = subprocess.Popen(
-        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--disable-usage-stats", f"--temp-dir={short_tmp}", *(f"--{k}={v}" for k, v in ports.items())],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+def test_ray_job_submit_on_s3_logs_to_mlflow_server(demo_shards, tmp_path):
+    """`ray job submit` to a real local head whose nodes set an S3 endpoint (a real S3 API server
+    on loopback): the job's data and output are s3:// URIs; it logs to a real `mlflow server`."""
+    from tests.servers import S3_CREDENTIALS, cli_env, free_ports, ray_head, s3_fs, s3_server, stop, upload, wait_http
+
+    mlf, = free_ports(1)
+    with s3_server("d2v") as endpoint:
+        env = cli_env(**S3_CREDENTIALS, AWS_ENDPOINT_URL=f"http://{endpoint}")
+        upload(demo_shards["text"], endpoint, "d2v/jobs/data")
+        mlflow_srv = subprocess.Popen(
+            [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
+             "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            _wait_http(f"http://127.0.0.1:{dash}/api/version")
-        except TimeoutError:
-            raise AssertionError("ray head did not start:\n" + open(tmp_path / "head.log").read()[-3000:])
-        _wait_http(f"http://127.0.0.1:{mlf}/health")
-        out = str(tmp_path / "run")
-        r = subprocess.run(
-            [os.path.join(BIN, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-             "--working-dir", ROOT, "--submission-id", "d2v-test", "--",
-             sys.executable, "-m", "jobs.pretrain", "--modality", "text", "--data", demo_shards["text"],
-             "--output", out, "--max-steps", "4", "--num-workers", "1", "--set", "train.batch_size=8",
-             "--set", "train.log_every=2", "--tracking-uri", f"http://127.0.0.1:{mlf}", "--experiment", "jobs"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        from ray.job_submission import JobStatus, JobSubmissionClient
-        assert JobSubmissionClient(f"http://127.0.0.1:{dash}").get_job_status("d2v-test") == JobStatus.SUCCEEDED
-        logs = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", f"http://127.0.0.1:{dash}",
-                               "d2v-test"], env=env, capture_output=True, text=True).stdout
-        assert "done: text step 4/4" in logs
-        assert logs.count("step 2/4 loss") == 1, logs  # one progress line per logging step
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient(f"http://127.0.0.1:{mlf}")
-        exp = client.get_experiment_by_name("jobs")
-        runs = client.search_runs([exp.experiment_id])
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]
-        assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"final", "masks"}
-        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-        # The artifacts went to the server's own store (proxied), not to a path on a Ray process.
-        stored = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "artifacts") for f in fs]
-        assert any(f.endswith("final/model.safetensors") for f in stored), stored
-    finally:
-        for p in (head, mlflow_srv):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=60)
-            except Exception:
-                os.killpg(p.pid, signal.SIGKILL)
+            with ray_head(env, str(tmp_path / "head.log")) as (_, dash):
+                wait_http(f"http://127.0.0.1:{mlf}/health")
+                r = subprocess.run(
+                    [os.path.join(BIN, "ray"), "job", "submit", "--address", dash, "--working-dir", ROOT,
+                     "--submission-id", "d2v-test", "--", sys.executable, "-m", "jobs.pretrain", "--modality", "text",
+                     "--data", "s3://d2v/jobs/data", "--output", "s3://d2v/jobs/run", "--max-steps", "4",
+                     "--num-workers", "1", "--set", "train.batch_size=8", "--set", "train.log_every=2",
+                     "--tracking-uri", f"http://127.0.0.1:{mlf}", "--experiment", "jobs"],
+                    env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+                assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                from ray.job_submission import JobStatus, JobSubmissionClient
+                assert JobSubmissionClient(dash).get_job_status("d2v-test") == JobStatus.SUCCEEDED
+                logs = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", dash, "d2v-test"],
+                                      env=env, capture_output=True, text=True).stdout
+            assert "done: text step 4/4" in logs
+            assert logs.count("step 2/4 loss") == 1, logs  # one progress line per logging step
+            assert s3_fs(endpoint).get_file_info("d2v/jobs/run/final/model.safetensors").size > 0
+            from mlflow.tracking import MlflowClient
+            client = MlflowClient(f"http://127.0.0.1:{mlf}")
+            exp = client.get_experiment_by_name("jobs")
+            runs = client.search_runs([exp.experiment_id])
+            assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+            assert runs[0].data.params["data"] == "s3://d2v/jobs/data"
+            assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]
+            assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"final", "masks"}
+            assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+            # The artifacts went to the server's own store (proxied), not to a path on a Ray process.
+            stored = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "artifacts") for f in fs]
+            assert any(f.endswith("final/model.safetensors") for f in stored), stored
+        finally:
+            stop(mlflow_srv)
