@@ -281,7 +281,9 @@ def finetune_ctc(a, uri: str, parent_id: str) -> dict | int:
                            parent_run_id=parent_id, **data)
     try:
         cfg = fl.build(args, {"train.max_steps": a.ctc_steps})
-        fl.check(cfg)  # the same pre-flight as jobs.finetune: resume and memory
+        cfg, memory_line = fl.check(cfg)  # the same pre-flight as jobs.finetune: memory and resume
+        if memory_line:
+            print(memory_line, flush=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

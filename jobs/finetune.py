@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     try:
         a, sets = parse(argv)
         cfg = fl.build(a, sets)
-        fl.check(cfg, a.allow_config_change)
+        cfg, memory_line = fl.check(cfg, a.allow_config_change)
         m = fl.finished(cfg)  # a finished run is reported, not re-run: the test split is scored once
         chunks = fl.training_chunks(cfg) if m is None else None
     except ConfigError as e:
@@ -84,9 +84,11 @@ def main(argv=None) -> int:
         from pipeline.raycluster import init_ray
         from pipeline.train.launch import fit_error, local_cluster_cpus
 
+        if memory_line:
+            print(memory_line, flush=True)
         print(f"batch: {cfg.train.batch_line()}", flush=True)
         init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
-        result, error = fit_error(lambda: fl.run_finetuning(cfg, chunks))
+        result, error = fit_error(lambda: fl.run_finetuning(cfg, chunks, tags={"memory": memory_line} if memory_line else None))
         if error:
             print(f"error: fine-tuning failed: {error}", file=sys.stderr)
             return 1

@@ -101,7 +101,7 @@ def build_config(argv=None):
 def main(argv=None) -> int:
     from pipeline.train.config import to_yaml
     from pipeline.train.launch import check_data, check_resume
-    from pipeline.train.memory import check_memory
+    from pipeline.train.memory import fit_memory
 
     try:
         cfg, args = build_config(argv)
@@ -109,11 +109,13 @@ def main(argv=None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         check_data(cfg)
+        cfg, memory_line = fit_memory(cfg)  # before the resume check: a resume fits the same way
         check_resume(cfg, args.allow_config_change)
-        check_memory(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if memory_line:
+        print(memory_line, flush=True)
     from pipeline.raycluster import init_ray
     from pipeline.train.launch import fit_error, local_cluster_cpus, run_pretraining
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     print(f"batch: {cfg.train.batch_line()}", flush=True)
     init_ray(num_cpus=local_cluster_cpus(cfg), dashboard=True)
     t0 = time.time()
-    result, error = fit_error(lambda: run_pretraining(cfg, fault))
+    result, error = fit_error(lambda: run_pretraining(cfg, fault, tags={"memory": memory_line} if memory_line else None))
     if error:
         print(f"error: training failed: {error}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.train.config import resolve
-from pipeline.train.memory import GB, check_memory, estimate
+from pipeline.train.memory import GB, check_memory, estimate, fit_memory, with_micro_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,25 +23,48 @@ def test_estimate_bounds_the_measured_peak_of_real_steps():
     assert 1.0 <= res["min_ratio"] and res["max_ratio"] <= 2.0, res
 
 
-def test_base_image_recipe_on_224px_is_refused_where_it_cannot_fit():
+def test_base_image_recipe_on_224px_fits_by_smaller_micro_batches_or_is_refused():
+    """Fit, don't refuse: the largest micro-batch that fits, grad_accum raised so the effective
+    batch stays; refused, naming the fields, only when one sample does not fit."""
     cfg = resolve("image", "d", "o", "base", None, {"train.num_workers": 2, "train.worker_memory_gb": 8},
                   model_frontend={"image_size": 224})
+    assert estimate(cfg)["total"] > 8 * GB
     with pytest.raises(ConfigError) as e:
         check_memory(cfg)
     msg = str(e.value)
     assert msg.startswith("train.batch_size:") and "model.decoder.clone_batch" in msg and "196 tokens" in msg
-    assert estimate(cfg)["total"] > 8 * GB
-    small = resolve("image", "d", "o", "base", None, {"train.batch_size": 1, "train.worker_memory_gb": 8},
-                    model_frontend={"image_size": 224})
-    check_memory(small)  # batch 1 fits in 8 GiB
+    fitted, line = fit_memory(cfg)
+    t, f = cfg.train, fitted.train
+    assert f.effective_batch == t.effective_batch and f.batch_size * f.grad_accum == t.batch_size * t.grad_accum
+    assert estimate(fitted)["total"] <= 8 * GB
+    bigger = [b for b in range(f.batch_size + 1, t.batch_size) if (t.batch_size * t.grad_accum) % b == 0]
+    assert all(estimate(with_micro_batch(cfg, b))["total"] > 8 * GB for b in bigger)  # the largest that fits
+    assert line.startswith(f"memory: micro-batch {f.batch_size} × grad_accum {f.grad_accum} per worker = "
+                           f"{t.batch_size * t.grad_accum}") and "of 8.0 (train.worker_memory_gb)" in line
+    assert fit_memory(fitted) == (fitted, None)  # what fits is left as it is
+    tiny = resolve("image", "d", "o", "base", None, {"train.worker_memory_gb": 1}, model_frontend={"image_size": 224})
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: a step needs about .*batch 1, 196 tokens"):
+        fit_memory(tiny)  # the process alone needs more than 1 GiB
 
 
-def test_pretrain_refuses_an_oversized_step_before_ray_starts(demo_shards, tmp_path):
+def test_pretrain_refuses_a_step_that_cannot_fit_before_ray_starts(demo_shards, tmp_path):
     r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--data", demo_shards["image"],
-                        "--output", str(tmp_path / "o"), "--set", "train.batch_size=200000"],
+                        "--output", str(tmp_path / "o"), "--set", "train.worker_memory_gb=0.5"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: train.batch_size: a step needs about"), r.stderr
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_audio_finetuning_estimate_keeps_no_activations_of_a_frozen_cnn():
+    from pipeline.recipes import recipe
+    from pipeline.train.config import resolve_finetune
+    model = recipe("audio", "d2v2", "demo").model
+    kw = dict(modality="audio", task="classify", model=model, train_data="d", val_data="v", test_data="t",
+              output="o", labels=["a", "b"], preset_name="demo")
+    frozen = estimate(resolve_finetune(init="/x/final", **kw))  # the recipe freezes the CNN
+    trained = estimate(resolve_finetune(init="scratch", **kw))  # scratch trains it
+    B, L, C = 16, 320_000, model.frontend.conv_channels
+    assert trained["activations"] - frozen["activations"] == B * L // 5 * C * (8 * 4 - 2 * 4)
 
 
 def test_finetuning_estimate_has_no_teacher_or_decoder_and_refuses_an_oversized_step():

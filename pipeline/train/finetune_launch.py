@@ -148,7 +148,7 @@ def finished(cfg: FineTuneConfig) -> dict | None:
     return json.loads(storage.read_text(fs, path)) if storage.exists(fs, path) else None
 
 
-def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None):
+def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None, tags: dict | None = None):
     """Run (or resume) the fine-tuning described by `cfg` on the connected Ray cluster."""
     from pipeline.train.finetune_worker import finetune_loop_per_worker
     from pipeline.train.tracking import prepare_experiment
@@ -160,12 +160,15 @@ def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None):
     if cfg.tracking_uri:
         prepare_experiment(cfg.tracking_uri, cfg.experiment)
     return fit(finetune_loop_per_worker, "finetune", cfg.train, cfg.output,
-               {"run": cfg.to_dict(), "chunks": [dataclasses.asdict(c) for c in chunks]})
+               {"run": cfg.to_dict(), "chunks": [dataclasses.asdict(c) for c in chunks], "tags": tags or {}})
 
 
-def check(cfg: FineTuneConfig, allow_change: bool = False) -> None:
-    """Before Ray starts: a resume must not change the schedule, and a step must fit in a worker."""
-    from pipeline.train.memory import check_memory
+def check(cfg: FineTuneConfig, allow_change: bool = False) -> tuple[FineTuneConfig, str | None]:
+    """Before Ray starts: a step must fit in a worker (else smaller micro-batches, the same
+    effective batch: memory.fit_memory) and a resume must not change the schedule. Returns the
+    config to run and the memory line to print (None when the recipe's batch fits)."""
+    from pipeline.train.memory import fit_memory
 
+    cfg, line = fit_memory(cfg)
     check_resume(cfg, allow_change, name="finetune")
-    check_memory(cfg)
+    return cfg, line

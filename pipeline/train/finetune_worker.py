@@ -96,6 +96,7 @@ def finetune_loop_per_worker(config: dict) -> None:
         sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
                        "git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
                        "label_fraction": f.label_fraction, "ray.num_workers": world, "device": str(device)})
+        sink.set_tags(config.get("tags") or {})
         if state is None and notes:
             lines = init_lines(notes)
             print("\n".join(lines), flush=True)

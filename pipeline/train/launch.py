@@ -117,8 +117,9 @@ def check_data(cfg: RunConfig) -> None:
                               f"nothing can be held out — pass --val-data")
 
 
-def run_pretraining(cfg: RunConfig, fault: dict | None = None):
-    """Run (or resume) the pretraining described by `cfg` on the connected Ray cluster."""
+def run_pretraining(cfg: RunConfig, fault: dict | None = None, tags: dict | None = None):
+    """Run (or resume) the pretraining described by `cfg` on the connected Ray cluster; `tags`
+    go onto its MLflow run (e.g. the memory pre-flight's choice)."""
     import dataclasses
 
     fs, out = storage.resolve(cfg.output)
@@ -130,7 +131,7 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None):
     # Parquet metadata is read here.
     chunks, val_chunks = data_chunks(cfg)
     return fit(train_loop_per_worker, "pretrain", cfg.train, cfg.output,
-               {"run": cfg.to_dict(), "fault": fault, "chunks": [dataclasses.asdict(c) for c in chunks],
+               {"run": cfg.to_dict(), "fault": fault, "tags": tags or {}, "chunks": [dataclasses.asdict(c) for c in chunks],
                 "val_chunks": [dataclasses.asdict(c) for c in val_chunks]})
 
 

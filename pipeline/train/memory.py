@@ -1,5 +1,7 @@
 """Pre-flight memory estimate of one training step, from the resolved config alone (no Ray, no
-data): refuse a run that cannot fit before it starts, naming the fields to change.
+data): a step that does not fit a worker is split into smaller micro-batches with more gradient
+accumulation (the same effective batch, `fit_memory`); a run is refused, naming the fields to
+change, only when a micro-batch of one sample does not fit.
 
     peak ≈ weights (student + teacher) + gradients + AdamW state (+ DDP buckets)
          + student activations kept for backward   (sequences × tokens × width × depth)
@@ -13,6 +15,7 @@ steps on CPU (tests/test_memory.py): the estimate is an upper bound within ~2× 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from pipeline.config import ConfigError
@@ -84,7 +87,11 @@ def estimate(cfg) -> dict[str, float]:
         parts["rollback snapshot"] = (student * 3 + teacher) * 4
     if m.modality == "audio":  # the waveform, and the CNN's maps: 7 layers ≈ 2× the first's length (L/5)
         parts["inputs"] = B * t.audio_max_samples * 4 * 4
-        parts["activations"] += B * t.audio_max_samples // 5 * m.frontend.conv_channels * 8 * act
+        maps = B * t.audio_max_samples // 5 * m.frontend.conv_channels
+        if finetune and cfg.finetune.freeze_feature_encoder:
+            parts["activations"] += maps * 2 * 4  # a frozen CNN runs without grad: one layer's input and output
+        else:
+            parts["activations"] += maps * 8 * act
     parts["total"] = sum(parts.values()) * OVERHEAD + PROCESS_BYTES
     return parts
 
@@ -107,6 +114,42 @@ def available_per_worker(cfg: RunConfig) -> tuple[float | None, str]:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # Ray's memory monitor kills at 95% of the node; leave room for the object store and Ray Data.
     return total * 0.8 / t.num_workers, f"this machine's memory shared by {t.num_workers} worker(s)"
+
+
+def with_micro_batch(cfg, batch_size: int):
+    """`cfg` with micro-batches of `batch_size` and grad_accum raised to keep the samples per
+    worker and step (batch_size × grad_accum), hence the effective batch."""
+    t = cfg.train
+    per_worker = t.batch_size * t.grad_accum
+    assert per_worker % batch_size == 0, (per_worker, batch_size)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch_size,
+                                                              grad_accum=per_worker // batch_size))
+
+
+def fit_memory(cfg) -> tuple[object, str | None]:
+    """(cfg, None) when a step fits a worker (or the memory is unknown); else (cfg with the largest
+    micro-batch that fits — a divisor of batch_size × grad_accum, grad_accum raised to match —,
+    the line saying so). Raises ConfigError naming the fields to change when even a micro-batch of
+    one sample does not fit."""
+    parts = estimate(cfg)
+    have, source = available_per_worker(cfg)
+    if have is None or parts["total"] <= have:
+        return cfg, None
+    t = cfg.train
+    per_worker = t.batch_size * t.grad_accum
+    # feature_bn standardizes over the micro-batch: it needs two samples
+    smallest = 2 if getattr(getattr(cfg, "finetune", None), "feature_bn", False) else 1
+    for b in range(t.batch_size - 1, smallest - 1, -1):
+        if per_worker % b:
+            continue
+        fitted = with_micro_batch(cfg, b)
+        need = estimate(fitted)["total"]
+        if need <= have:
+            return fitted, (f"memory: micro-batch {b} × grad_accum {per_worker // b} per worker = {per_worker} "
+                            f"(a micro-batch of {t.batch_size} needs about {parts['total'] / GB:.1f} GiB), "
+                            f"estimated {need / GB:.1f} GiB of {have / GB:.1f} ({source})")
+    check_memory(with_micro_batch(cfg, smallest) if per_worker % smallest == 0 else cfg)  # raises, naming the fields
+    raise AssertionError("unreachable: the smallest micro-batch did not fit")
 
 
 def check_memory(cfg) -> dict[str, float]:

@@ -63,6 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
                        "preset": cfg.preset, "ray.num_workers": world, "torch.threads_per_worker": threads,
                        "ray.cluster_cpus": config.get("cluster_cpus", "?"), "device": str(device)})
+        sink.set_tags(config.get("tags") or {})
     try:
         task = Pretraining(cfg, model, net, opt, pos, rank, world, device, sink, config)
         run_steps(task, model=model, opt=opt, pos=pos, t=t, rank=rank, world=world, chunks=config["chunks"],
