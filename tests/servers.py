@@ -108,10 +108,7 @@ def ray_head(env: dict, log_path: str, num_cpus: int = 4):
 def cli_env(**extra) -> dict:
     """The environment of a user's shell for the job commands: no Ray address of this session's
     cluster, token authentication off for the tests' heads, the venv's commands on PATH."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
-           **extra}
-    env.pop("RAY_ADDRESS", None)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        if k not in extra:
-            env.pop(k, None)
-    return env
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        env.pop(k, None)
+    return {**env, **extra}
