@@ -10,7 +10,9 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start a fresh local one.
 
     Train and Tune jobs want `dashboard=True`: Ray Train's placement-group cleanup queries the
-    State API, which the dashboard serves (see ../shared/docs/ray-notes.md §6)."""
+    State API, which the dashboard serves: without it, Tune + Train V2 runs leak placement groups
+    (the PlacementGroupCleaner of ray-project/ray PR #58515, fixing issue #54305, polls through
+    `ray.util.state`)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

@@ -1,6 +1,7 @@
 """Typed, validated model configs and named presets (demo, base, large) per modality and mode.
 
-Values follow ../shared/docs/data2vec-reference.md (fairseq data2vec 1.0 / 2.0); the `demo`
+Values follow fairseq's data2vec configs (github.com/facebookresearch/fairseq, examples/data2vec/
+config/: 1.0 and 2.0, pretraining per modality; the papers arXiv:2202.03555 and 2212.07525); the `demo`
 preset is small enough to learn visibly in minutes on 2 CPU cores. A bad value raises
 `ConfigError` naming the field (e.g. "model.encoder.heads: ...").
 """
