@@ -1,7 +1,10 @@
 """The pre-flight memory estimate (pipeline/train/memory.py) against the measured peak RSS of
 real training steps on CPU, one fresh process per configuration.
 
-    python benchmarks/memory_estimate.py [--config image,demo,d2v2,32 ...]
+    python benchmarks/memory_estimate.py [--config image,demo,d2v2,32 ...] [--config ft:audio,demo,classify,8 ...]
+
+A pretraining row is modality,size,mode,batch; a fine-tuning row ft:modality,size,task,batch (from a
+pretrained init: the audio CNN frozen, as the recipes run it; 20-s audio clips, full-length text).
 
 Prints a table (estimate, measured peak, ratio) and one JSON line last.
 """
@@ -17,7 +20,62 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DEFAULT = ["image,demo,d2v2,32", "audio,demo,d2v2,32", "text,demo,d2v1,32", "image,base,d2v2,2",
-           "image,base,d2v1,4", "audio,base,d2v1,1", "text,base,d2v2,2"]
+           "image,base,d2v1,4", "audio,base,d2v1,1", "text,base,d2v2,2",
+           "ft:image,demo,classify,32", "ft:audio,demo,classify,16", "ft:audio,demo,ctc,8", "ft:text,demo,classify,32",
+           "ft:audio,base,classify,2"]
+
+
+def _rows(modality: str, batch: int, t, rng, vocab: int = 8000):
+    """A numpy batch of full-size samples: 224-px images, audio of train.audio_max_samples, text of
+    train.text_max_tokens."""
+    import numpy as np
+
+    col = np.empty(batch, dtype=object)
+    if modality == "image":
+        col[:] = [rng.integers(0, 255, (224, 224, 3), dtype=np.uint8).tobytes() for _ in range(batch)]
+        return {"image": col}
+    if modality == "audio":
+        col[:] = [rng.standard_normal(t.audio_max_samples).astype(np.float32) for _ in range(batch)]
+        return {"audio": col}
+    n = t.text_max_tokens
+    col[:] = [np.concatenate([[0], rng.integers(5, vocab, n - 2), [2]]).astype(np.int32) for _ in range(batch)]
+    return {"input_ids": col}
+
+
+def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
+    """Two real fine-tuning steps of this config from a (random) pretrained-layout init."""
+    import numpy as np
+    import torch
+
+    from pipeline.model.finetune import FineTuneModel
+    from pipeline.recipes import recipe
+    from pipeline.train.config import resolve_finetune
+    from pipeline.train.memory import GB, estimate
+    from pipeline.train.step import build_finetune_optimizer, finetune_step
+    from pipeline.train.tasks import Targets, build_vocab, collate
+
+    fe = {"image": {"image_size": 224}, "text": {"vocab_size": 8000}}.get(modality, {})
+    labels = build_vocab(["one two three"]) if task == "ctc" else [str(i) for i in range(10)]
+    cfg = resolve_finetune(modality=modality, task=task, init="/pretrained/final", model=recipe(modality, "d2v2", size, **fe).model,
+                           train_data="d", val_data="v", test_data="t", output="o", labels=labels, preset_name=size,
+                           overrides={"train.batch_size": batch})
+    t, f = cfg.train, cfg.finetune
+    rng = np.random.default_rng(0)
+    nb = _rows(modality, batch, t, rng)
+    col = np.empty(batch, dtype=object)
+    col[:] = ["three one four one five nine two six" if task == "ctc" else str(i % 10) for i in range(batch)]
+    nb["transcript" if task == "ctc" else "label"] = col
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = FineTuneModel.for_task(cfg.model, f, len(labels))
+    opt = build_finetune_optimizer(model, t, f.layer_decay)
+    targets = Targets(task, labels)
+    for s in range(2):
+        micro = [collate(nb, modality, cfg.model, targets, np.random.default_rng(s), t, f.mask_time_prob,
+                         f.mask_time_length)]
+        finetune_step(model, model, opt, micro, s + f.freeze_encoder_steps, t, f)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"config": f"ft:{modality},{size},{task},{batch}", "estimate_gb": round(estimate(cfg)["total"] / GB, 2),
+            "peak_gb": round(peak / GB, 2)}
 
 
 def measure(modality: str, size: str, mode: str, batch: int) -> dict:
@@ -34,18 +92,7 @@ def measure(modality: str, size: str, mode: str, batch: int) -> dict:
     fe = {"image": {"image_size": 224}, "text": {"vocab_size": 8000}}.get(modality, {})
     cfg = resolve(modality, "d", "o", size, None, {"model.mode": mode, "train.batch_size": batch}, model_frontend=fe)
     t = cfg.train
-    rng = np.random.default_rng(0)
-    col = np.empty(batch, dtype=object)
-    if modality == "image":
-        col[:] = [rng.integers(0, 255, (224, 224, 3), dtype=np.uint8).tobytes() for _ in range(batch)]
-        nb = {"image": col}
-    elif modality == "audio":
-        col[:] = [rng.standard_normal(t.audio_max_samples).astype(np.float32) for _ in range(batch)]
-        nb = {"audio": col}
-    else:
-        n = t.text_max_tokens
-        col[:] = [np.concatenate([[0], rng.integers(5, 8000, n - 2), [2]]).astype(np.int32) for _ in range(batch)]
-        nb = {"input_ids": col}
+    nb = _rows(modality, batch, t, np.random.default_rng(0))
     torch.set_num_threads(os.cpu_count() or 1)
     model = Data2Vec(cfg.model)
     opt = build_optimizer(model, t)
@@ -63,8 +110,10 @@ def main(argv=None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        mod, size, mode, batch = a.one.split(",")
-        print(json.dumps(measure(mod, size, mode, int(batch))))
+        import ray.train  # noqa: F401 - a training worker's process has Ray loaded: the estimate counts it
+        ft = a.one.startswith("ft:")
+        mod, size, mode, batch = a.one.removeprefix("ft:").split(",")
+        print(json.dumps((measure_finetune if ft else measure)(mod, size, mode, int(batch))))
         return 0
     rows = []
     for c in a.config or DEFAULT:
@@ -72,10 +121,10 @@ def main(argv=None) -> int:
         if r.returncode:
             raise SystemExit(f"{c}: {r.stderr[-2000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"{'config':<24} {'estimate GiB':>12} {'peak RSS GiB':>12} {'ratio':>6}")
+    print(f"{'config':<28} {'estimate GiB':>12} {'peak RSS GiB':>12} {'ratio':>6}")
     for r in rows:
         r["ratio"] = round(r["estimate_gb"] / r["peak_gb"], 2)
-        print(f"{r['config']:<24} {r['estimate_gb']:>12.2f} {r['peak_gb']:>12.2f} {r['ratio']:>6.2f}")
+        print(f"{r['config']:<28} {r['estimate_gb']:>12.2f} {r['peak_gb']:>12.2f} {r['ratio']:>6.2f}")
     ratios = [r["ratio"] for r in rows]
     print(json.dumps({"min_ratio": min(ratios), "max_ratio": max(ratios), "rows": rows}))
     return 0

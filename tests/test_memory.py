@@ -14,10 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_estimate_bounds_the_measured_peak_of_real_steps():
-    """Two real steps per config in a fresh process (benchmarks/memory_estimate.py): the estimate
-    is at least the measured peak RSS and at most twice it."""
+    """Two real steps per config in a fresh process (benchmarks/memory_estimate.py), pretraining and
+    fine-tuning (20-s clips, frozen CNN): the estimate is at least the measured peak RSS and at most
+    twice it."""
     r = subprocess.run([sys.executable, "benchmarks/memory_estimate.py", "--config", "image,demo,d2v2,32",
-                        "--config", "audio,demo,d2v2,32"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                        "--config", "audio,demo,d2v2,32", "--config", "ft:audio,demo,classify,16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert 1.0 <= res["min_ratio"] and res["max_ratio"] <= 2.0, res

@@ -75,6 +75,12 @@ def estimate(cfg) -> dict[str, float]:
     per_token = SAVED_PER_TOKEN * D + SAVED_PER_HIDDEN * hidden
     parts = {"activations": seqs * S * L * per_token * act,
              "attention": seqs * H * S * S * L * 2 * act}
+    if finetune and m.encoder.attn_dropout == 0:
+        # Without attention dropout, scaled_dot_product_attention takes its fused kernel, which
+        # keeps no (S × S) scores for backward, only a log-sum-exp per row (measured: a 20-s audio
+        # fine-tuning step, benchmarks/memory_estimate.py). Pretraining keeps the (S × S) term: its
+        # constants were fitted with it (their estimate ÷ peak is 1.06–1.42).
+        parts["attention"] = seqs * H * S * L * 4
     if m.mode == "d2v2" and not finetune:
         d = m.decoder
         parts["decoder"] = seqs * T * (D * 3 + d.dim * 4 * d.layers) * act
