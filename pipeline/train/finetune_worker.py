@@ -49,7 +49,7 @@ def build_model(cfg: FineTuneConfig, notes: dict | None = None) -> FineTuneModel
 
 
 def init_lines(notes: dict) -> list[str]:
-    """{weight: why} → one line per reason, its weights named (prefixes shortened)."""
+    """{weight: why} → one line per reason, naming up to six of its weights."""
     by_why: dict[str, list[str]] = {}
     for name, why in notes.items():
         by_why.setdefault(why, []).append(name)
