@@ -79,8 +79,15 @@ def test_finetuning_estimate_has_no_teacher_or_decoder_and_refuses_an_oversized_
                           preset_name="base", overrides={"train.batch_size": 64, "train.worker_memory_gb": 8})
     parts = estimate(ft)
     assert "teacher" not in parts and "decoder" not in parts
-    # the whole 197-token sequence of every image goes through the encoder (no clones, no masking)
-    assert parts["attention"] == 64 * 12 * 197 * 197 * 12 * 2 * 4
+    # the whole 197-token sequence of every image goes through the encoder (no clones, no masking);
+    # without attention dropout (the 2.0 recipe) the fused attention kernel keeps a log-sum-exp per
+    # row, with it (the 1.0 recipe: 0.05) the (S × S) scores
+    assert parts["attention"] == 64 * 12 * 197 * 12 * 4
+    v1 = resolve("image", "d", "o", "base", None, {"model.mode": "d2v1"}, model_frontend={"image_size": 224})
+    ft1 = resolve_finetune(modality="image", task="classify", init="/x/final", model=v1.model, train_data="d",
+                           val_data="v", test_data="t", output="o", labels=["a", "b"], preset_name="base",
+                           overrides={"train.batch_size": 64})
+    assert ft1.model.encoder.attn_dropout == 0.05 and estimate(ft1)["attention"] == 64 * 12 * 197 * 197 * 12 * 2 * 4
     with pytest.raises(ConfigError, match=r"^train\.batch_size: a step needs about .*196 tokens per sample"):
         check_memory(ft)
     small = resolve_finetune(modality="image", task="classify", init="scratch", model=pre.model, train_data="d",
