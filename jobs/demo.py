@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+from pipeline.raycluster import print_result
 from pipeline.config import AudioSettings, ConfigError, ImageSettings, PreprocessConfig, TextSettings
 
 # Pretraining budget per modality at the demo preset (steps of batch 32, one worker per 2 cores):
@@ -248,8 +249,8 @@ def run_demo(a, mods: list[str], uri: str, parent_id: str, t_start: float) -> in
     print(f"\ntotal {total:.0f} s (samples/s and data wait: whole pretraining runs). Browse the runs (experiment "
           f"{EXPERIMENT}; the 'demo' run holds the summary table and chart):\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
-    print(json.dumps({"demo": rows, "total_s": round(total, 1), "mlflow_parent_run_id": parent_id,
-                      **({"ctc": ctc} if ctc else {})}))
+    print_result({"demo": rows, "total_s": round(total, 1), "mlflow_parent_run_id": parent_id,
+                      **({"ctc": ctc} if ctc else {})})
     return 0
 
 

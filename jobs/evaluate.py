@@ -10,11 +10,11 @@ the pretraining run in MLflow (RUN_DIR/mlflow_run_id) unless --no-mlflow.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from pipeline import storage
+from pipeline.raycluster import print_result
 from pipeline.config import ConfigError
 
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     res = evaluate(a)
     if a.checkpoint:
         log_to_mlflow(a, res)
-    print(json.dumps(res))
+    print_result(res)
     return 0
 
 

@@ -20,11 +20,11 @@ finetune.layer_decay=0.75 finetune.patience=3 … (sections model:, train:, fine
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from pipeline import storage
+from pipeline.raycluster import print_result
 from pipeline.config import ConfigError
 
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         m = fl.finished(cfg)
         if m is None:  # stopped at --stop-at-step
             print(f"stopped at step {(result.metrics or {}).get('step')}; re-run the same command to resume")
-            print(json.dumps({"step": (result.metrics or {}).get("step"), "final": None}))
+            print_result({"step": (result.metrics or {}).get("step"), "final": None})
             return 0
     keys = ["test_accuracy", "val_accuracy"] if cfg.finetune.task == "classify" else ["test_cer", "test_wer", "val_cer"]
     summary = {**{k: m.get(k) for k in keys}, "init": cfg.init, "label_fraction": cfg.finetune.label_fraction,
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                "tracking_uri": cfg.tracking_uri}
     print(f"done: {cfg.modality} {cfg.finetune.task} from {cfg.init}: " +
           ", ".join(f"{k} {summary[k]:.4f}" for k in keys) + f" (best step {m.get('best_step')} of {m.get('steps')})")
-    print(json.dumps(summary))
+    print_result(summary)
     return 0
 
 

@@ -14,10 +14,10 @@ A bad line in transcripts.tsv/.jsonl stops the job before Ray starts, naming the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pipeline import storage
+from pipeline.raycluster import print_result
 from pipeline.config import (MODALITIES, AudioSettings, ConfigError, ImageSettings,
                              PreprocessConfig, TextSettings)
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     c = manifest["counts"]
     print(f"{cfg.modality}: read {c['read']} files, wrote {c['written']} rows to {cfg.output}/shards, "
           f"rejected {c['rejected']} (see {cfg.output}/rejected.jsonl) in {manifest['seconds']} s")
-    print(json.dumps({"manifest": storage.join(cfg.output, "manifest.json"), **c}))
+    print_result({"manifest": storage.join(cfg.output, "manifest.json"), **c})
     return 0
 
 

@@ -24,12 +24,12 @@ Examples of --set: train.lr=5e-4 model.mode=d2v1 model.mask.prob=0.7 model.ema.d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from pipeline import storage
+from pipeline.raycluster import print_result
 from pipeline.config import ConfigError
 
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                "tracking_uri": uri}
     print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}; MLflow UI: "
           f"mlflow ui --backend-store-uri {uri}")
-    print(json.dumps(summary))
+    print_result(summary)
     return 0
 
 

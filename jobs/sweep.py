@@ -37,6 +37,7 @@ import sys
 import time
 
 from pipeline import storage
+from pipeline.raycluster import print_result
 from pipeline.config import ConfigError
 
 DEFAULT_SPACE = {
@@ -324,8 +325,8 @@ def _choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
     print(df[[f"config/{k}" for k in keys] + [METRIC, "training_iteration"]].to_string())
     print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; chosen on the validation split "
           f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {browse}")
-    print(json.dumps({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
-                      "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id}))
+    print_result({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
+                      "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id})
     return 0 if grid.num_errors == 0 else 1
 
 
