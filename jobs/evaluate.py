@@ -124,7 +124,7 @@ def log_to_mlflow(a, res: dict) -> None:
         return  # an object-store run with no tracking server named: nothing to log into
     mlflow.set_tracking_uri(uri)
     prefix = f"probe.{res['encoder']}."
-    with mlflow.start_run(run_id=storage.read_bytes(id_file).decode().strip()):
+    with mlflow.start_run(run_id=storage.read_text(*storage.resolve(id_file)).strip()):
         mlflow.log_metrics({prefix + k: res[k] for k in ("probe_accuracy", "knn_accuracy")})
 
 

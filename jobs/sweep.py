@@ -95,7 +95,7 @@ def trial(config: dict, tracking_uri: str) -> None:
             raise RuntimeError(f"trial pretraining failed: {error}")
         final = storage.join(trial_dir, "final") if r == s["rounds"] else _round_encoder(result, trial_dir, cfg)
         res = validation_probe(s, final)
-        run_id = storage.read_bytes(storage.join(trial_dir, "mlflow_run_id")).decode().strip()
+        run_id = storage.read_text(*storage.resolve(storage.join(trial_dir, "mlflow_run_id"))).strip()
         client = MlflowClient(tracking_uri=tracking_uri)
         step = r * s["steps_per_round"]
         client.log_metric(run_id, "val_probe_accuracy", res["probe_accuracy"], step=step)
@@ -258,7 +258,7 @@ def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_t
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=prepare_experiment(uri, a.experiment, artifact_location))
     parent_file = storage.join(out, "mlflow_parent_run_id")
-    parent_id = storage.read_bytes(parent_file).decode().strip() if storage.is_file(parent_file) else None
+    parent_id = storage.read_text(*storage.resolve(parent_file)).strip() if storage.is_file(parent_file) else None
     parent = mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{a.modality}")
     if not parent_id:
         storage.write_text(*storage.resolve(parent_file), parent.info.run_id)
@@ -326,7 +326,7 @@ def _choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
     print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; chosen on the validation split "
           f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {browse}")
     print_result({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
-                      "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id})
+                  "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id})
     return 0 if grid.num_errors == 0 else 1
 
 

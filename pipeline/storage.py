@@ -60,19 +60,9 @@ def parent(uri: str) -> str:
     return base.rsplit("/", 1)[0] + query
 
 
-def name(uri: str) -> str:
-    """The last part of a path or URI (without its query)."""
-    return _split_query(uri)[0].rstrip("/").rsplit("/", 1)[-1]
-
 
 def is_dir(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
-def fs_type(fs: pafs.FileSystem, path: str) -> str:
-    """"file", "dir" or "missing"."""
-    t = fs.get_file_info(path).type
-    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "missing")
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -114,7 +104,7 @@ def read_text(fs: pafs.FileSystem, path: str) -> str:
 # ----------------------------------------------------------------------------- by path or URI
 def is_file(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs_type(fs, path) == "file"
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def read_json(uri: str) -> dict:

@@ -213,10 +213,9 @@ class RunConfig:
 
 def read_config_file(path: str) -> dict:
     """A --config YAML file as a mapping (ConfigError if missing or not a mapping)."""
-    fs, root = storage.resolve(path)
-    if storage.fs_type(fs, root) != "file":
+    if not storage.is_file(path):
         raise ConfigError(f"config: {path!r} does not exist")
-    cfg = load_yaml(storage.read_text(fs, root)) or {}
+    cfg = load_yaml(storage.read_text(*storage.resolve(path))) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"config: {path!r} must hold a mapping")
     return cfg
