@@ -4,7 +4,7 @@ Train (resumable: re-run the same command to continue).
     python -m jobs.finetune --task classify --modality {image,audio,text} --init RUN_DIR/final|HF_DIR|scratch \\
         --train-data LABELED --val-data LABELED --test-data LABELED --output FT_DIR \\
         [--preset demo|base] [--config FILE] [--set key=value ...] [--max-steps N] [--label-fraction F] \\
-        [--num-workers W] [--use-gpu] [--tracking-uri URI] [--experiment NAME]
+        [--num-workers N|MIN-MAX] [--use-gpu] [--tracking-uri URI] [--experiment NAME]
     python -m jobs.finetune --task ctc --modality audio ...   (clips with transcripts)
 
 LABELED folders are jobs.preprocess outputs: a `label` column (DIR/<class>/<file>) for classify, a
@@ -45,21 +45,24 @@ def parse(argv=None):
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint at this step and exit")
     p.add_argument("--label-fraction", type=float, default=None,
                    help="train on this seeded, class-stratified fraction of the training labels")
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--num-workers", default=None, metavar="N|MIN-MAX",
+                   help="Ray Train workers (DDP ranks); MIN-MAX, e.g. 1-8, trains elastically")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///FT_DIR/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: data2vec-finetune)")
     p.add_argument("--allow-config-change", action="store_true")
     a = p.parse_args(argv)
-    from pipeline.train.config import parse_sets
+    from pipeline.train.config import parse_sets, parse_workers
 
     sets = parse_sets(a.sets)
     for flag, key in (("max_steps", "train.max_steps"), ("stop_at_step", "train.stop_at_step"),
-                      ("num_workers", "train.num_workers"), ("seed", "train.seed"),
+                      ("seed", "train.seed"),
                       ("label_fraction", "finetune.label_fraction")):
         if getattr(a, flag) is not None:
             sets[key] = getattr(a, flag)
+    if a.num_workers is not None:
+        sets.update(parse_workers(a.num_workers))
     if a.use_gpu:
         sets["train.use_gpu"] = True
     return a, sets

@@ -2,7 +2,7 @@
 
     python -m jobs.pretrain --modality {image,audio,text} --data PREPROCESSED_DIR --output RUN_DIR \\
         [--preset {demo,base,large}] [--config FILE.yaml] [--set key=value ...] [--max-steps N] \\
-        [--stop-at-step K] [--num-workers W] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \\
+        [--stop-at-step K] [--num-workers N|MIN-MAX] [--use-gpu] [--compile] [--tracking-uri URI] [--experiment NAME] \\
         [--val-data DIR] [--probe-train DIR --probe-test DIR] [--init RUN_DIR/final|HF_DIR] [--print-config]
         [--allow-config-change]
 
@@ -34,7 +34,7 @@ from pipeline.config import ConfigError
 
 
 def build_config(argv=None):
-    from pipeline.train.config import parse_sets, resolve
+    from pipeline.train.config import parse_sets, parse_workers, resolve
     from pipeline.train.launch import frontend_from_manifest, read_manifest
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +47,8 @@ def build_config(argv=None):
                    help="override any config field, e.g. train.lr=5e-4 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps of the run")
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint at this step and exit")
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--num-workers", default=None, metavar="N|MIN-MAX",
+                   help="Ray Train workers (DDP ranks); MIN-MAX, e.g. 1-8, trains elastically")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL + bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--seed", type=int, default=None)
@@ -65,9 +66,11 @@ def build_config(argv=None):
         p.error("--data and --output are required (unless --print-config)")
     sets = parse_sets(a.sets)
     for flag, key in (("max_steps", "train.max_steps"), ("stop_at_step", "train.stop_at_step"),
-                      ("num_workers", "train.num_workers"), ("seed", "train.seed")):
+                      ("seed", "train.seed")):
         if getattr(a, flag) is not None:
             sets[key] = getattr(a, flag)
+    if a.num_workers is not None:
+        sets.update(parse_workers(a.num_workers))
     if a.use_gpu:
         sets["train.use_gpu"] = True
     if a.compile:

@@ -75,6 +75,17 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     num_workers: int = 1
+    """Ray Train workers (DDP ranks); with min_workers, the most an elastic run uses."""
+    min_workers: int | None = None
+    """Elastic training (`--num-workers MIN-MAX`): start with whatever between min_workers and
+    num_workers the cluster has, go on with fewer when a node is lost and grow back when one joins
+    (each a restart from the last checkpoint). The effective batch stays the run's: grad_accum is
+    re-derived per world size (reference_batch, else batch_size × grad_accum × num_workers)."""
+    resize_interval_s: float = 60.0
+    """Elastic: seconds between checks whether more workers could run (each growth restarts)."""
+    worker_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each worker needs besides its CPUs/GPU, e.g. {trainer: 1} to keep
+    training workers on the nodes started with that resource (and the head's CPUs for data)."""
     cpus_per_worker: int = 1
     use_gpu: bool = False
     max_failures: int = 2
@@ -130,6 +141,12 @@ class TrainConfig:
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "min_workers",
+               f"must be in [1, num_workers={self.num_workers}] or null, got {self.min_workers}")
+        _check(self.resize_interval_s >= 0, "resize_interval_s", "must be >= 0")
+        _check(isinstance(self.worker_resources, dict) and all(isinstance(v, (int, float)) and v > 0
+                                                               for v in self.worker_resources.values()),
+               "worker_resources", f"must map resource names to amounts > 0, got {self.worker_resources!r}")
         _check(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
@@ -238,10 +255,22 @@ def _merge(base: dict, upd: dict, prefix: str = "") -> None:
         name = f"{prefix}{k}"
         if k not in base:
             raise ConfigError(f"{name}: unknown field")
-        if isinstance(base[k], dict) and isinstance(v, dict):
+        if isinstance(base[k], dict) and base[k] and isinstance(v, dict):  # a section ({} is a value: a mapping)
             _merge(base[k], v, name + ".")
         else:
             base[k] = v
+
+
+def parse_workers(value: str) -> dict[str, int]:
+    """--num-workers "4" → {"train.num_workers": 4}; "1-8" (elastic) → also train.min_workers 1."""
+    lo, sep, hi = str(value).partition("-")
+    try:
+        lo_n, hi_n = int(lo), int(hi) if sep else None
+    except ValueError:
+        raise ConfigError(f"train.num_workers: --num-workers takes N or MIN-MAX (e.g. 1-8), got {value!r}") from None
+    if hi_n is None:
+        return {"train.num_workers": lo_n}
+    return {"train.num_workers": hi_n, "train.min_workers": lo_n}
 
 
 def parse_sets(items: list[str]) -> dict[str, object]:

@@ -22,7 +22,7 @@ from pipeline.train.batches import COLUMNS
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import FineTuneConfig
 from pipeline.train.curves import read_rows
-from pipeline.train.loop import POSITION, Task, copy_to_local, cpu_copy, restore, run_steps, worker_context
+from pipeline.train.loop import POSITION, Task, at_world, copy_to_local, cpu_copy, restore, run_steps, worker_context
 from pipeline.train.step import autocast_for, build_finetune_optimizer, finetune_step
 from pipeline.train.stream import list_chunks
 from pipeline.train.tasks import Targets, collate, evaluate, target_column
@@ -74,9 +74,9 @@ def _rows(data: str, modality: str, task: str) -> dict:
 def finetune_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
-    cfg = FineTuneConfig.from_dict(config["run"])
+    rank, world, device, _ = worker_context(FineTuneConfig.from_dict(config["run"]).train.use_gpu)
+    cfg = at_world(FineTuneConfig.from_dict(config["run"]), world, rank)  # config["run"] is what is logged and saved
     t, f = cfg.train, cfg.finetune
-    rank, world, device, _ = worker_context(t.use_gpu)
 
     notes: dict = {}
     model = build_model(cfg, notes).to(device)
@@ -91,7 +91,7 @@ def finetune_loop_per_worker(config: dict) -> None:
         out_fs.create_dir(out_root, recursive=True)
         init_name = "scratch" if cfg.init == "scratch" else "pretrained"
         sink = MLflowSink(cfg.tracking_uri, cfg.experiment, cfg.output,
-                          f"{cfg.modality}-{f.task}-{init_name}-{f.label_fraction:g}", cfg.to_dict(),
+                          f"{cfg.modality}-{f.task}-{init_name}-{f.label_fraction:g}", config["run"],
                           parent_run_id=cfg.parent_run_id)
         sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
                        "git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
@@ -104,9 +104,9 @@ def finetune_loop_per_worker(config: dict) -> None:
     try:
         task = FineTuning(cfg, model, net, opt, rank, world, device, sink, best=(state or {}).get("best_model"))
         run_steps(task, model=model, opt=opt, pos=pos, t=t, rank=rank, world=world, chunks=config["chunks"],
-                  sink=sink, config=cfg.to_dict(), resumed=state is not None)
+                  sink=sink, config=config["run"], resumed=state is not None)
         if rank == 0 and (pos["step"] >= t.max_steps or pos["stopped_early"]):
-            _finish(cfg, model, task.best, pos, task.targets, device, task.autocast, sink)
+            _finish(cfg, model, task.best, pos, task.targets, device, task.autocast, sink, config["run"])
     except BaseException:
         sink.close("FAILED")  # the MLflow run of a failed worker says so (a restart reopens it)
         raise
@@ -170,7 +170,7 @@ class FineTuning(Task):
         return {"best_model": self.best} if self.best is not None else {}
 
 
-def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, sink) -> None:
+def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, sink, saved: dict) -> None:
     """Rank 0: the best weights (by validation) → one test evaluation → FT_DIR/final."""
     if best is not None:
         model.load_state_dict(best)
@@ -184,7 +184,7 @@ def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, si
                "steps": pos["step"], "stopped_early": pos["stopped_early"], "init": cfg.init,
                "label_fraction": f.label_fraction, "task": f.task, "modality": cfg.modality}
     final = storage.join(cfg.output, "final")
-    save_final(final, model, cfg.to_dict())
+    save_final(final, model, saved)
     fs, root = storage.resolve(final)
     storage.write_text(fs, f"{root}/metrics.json", json.dumps(metrics, indent=2) + "\n")
     logged = {("best_" + k if k.startswith("val_") else k): float(v) for k, v in metrics.items()

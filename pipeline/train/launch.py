@@ -11,6 +11,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train.batches import COLUMNS
 from pipeline.train.config import RunConfig
+from pipeline.train.loop import SAMPLE_LOG
 from pipeline.train.stream import CHUNK_ROWS, list_chunks, split_chunks
 from pipeline.train.tracking import prepare_experiment
 from pipeline.train.worker import train_loop_per_worker
@@ -44,6 +45,7 @@ def frontend_from_manifest(m: dict) -> dict:
 # any other difference changes what is being trained (schedule, batch, model, data) and is refused
 # unless --allow-config-change. How a run is run and where it logs never changes its weights:
 RUN_FIELDS = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
+              "train.min_workers", "train.resize_interval_s", "train.worker_resources",
               "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
               "tracking_uri", "experiment", "parent_run_id"}
 RESUMABLE = {
@@ -57,7 +59,8 @@ RESUMABLE = {
 
 # Fields added after runs were already written with this layout, with the value those runs used.
 ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "train.scale_lr": False,
-               "train.tri_stage_hold": 0.9, "finetune.feature_bn": False}
+               "train.tri_stage_hold": 0.9, "finetune.feature_bn": False, "train.min_workers": None,
+               "train.resize_interval_s": 60.0, "train.worker_resources": {}}
 
 
 def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> None:
@@ -136,25 +139,30 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None, tags: dict | None
 
 
 def fit(loop, name: str, t, output: str, loop_config: dict):
-    """Run `loop` on `t.num_workers` Ray Train workers; checkpoints under OUTPUT/ray/NAME (a re-run
-    resumes from the latest), FailureConfig restarts."""
+    """Run `loop` on `t.num_workers` Ray Train workers (elastic between t.min_workers and
+    t.num_workers when set); checkpoints under OUTPUT/ray/NAME (a re-run resumes from the latest),
+    FailureConfig restarts."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     fs, out = storage.resolve(output)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
+    workers = (t.min_workers, t.num_workers) if t.min_workers else t.num_workers
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: os.environ[k] for k in (SAMPLE_LOG,) if k in os.environ}}
     trainer = TorchTrainer(
         loop,
         train_loop_config={**loop_config, "cluster_cpus": cluster_cpus},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.resize_interval_s),
         run_config=RayRunConfig(name=name, storage_path=f"{out}/ray", storage_filesystem=fs,
                                 failure_config=FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 # Ray Train tees a worker's print() into its logger, and both reach
                                 # the terminal: one progress line per logging step needs it off.
-                                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+                                # SAMPLE_LOG: a test's hook (loop.py) reaches the workers.
+                                worker_runtime_env={"env_vars": env}),
     )
     return trainer.fit()
 

@@ -7,11 +7,16 @@
     validation, early stop) → checkpoint via ray.train.report → epoch roll-over → … → stop
 
 The run position `pos` is what a checkpoint resumes from: step (optimizer steps so far), epoch,
-step_in_epoch (optimizer steps into that epoch: grad_accum batches each), plus the task's own
-fields (pretraining: lr_scale, rollbacks; fine-tuning: the best validation score so far …).
+rest (the rows of the epoch's global order not yet read, stream.py; None = all of them),
+step_in_epoch (optimizer steps into that epoch), world (the world size that wrote it), plus the
+task's own fields (pretraining: lr_scale, rollbacks; fine-tuning: the best validation score so
+far …). Nothing in it depends on the world size, so an elastic run restarts on fewer or more
+workers (`at_world`: same effective batch, grad_accum re-derived) and reads each row once.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -20,9 +25,10 @@ import torch
 
 from pipeline.train.batches import Ahead, step_rng
 from pipeline.train.checkpoint import load_state, save_state
-from pipeline.train.stream import Chunk, RankStream
+from pipeline.train.stream import ROW_ID, Chunk, RankStream
 
-POSITION = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+POSITION = {"step": 0, "epoch": 0, "rest": None, "step_in_epoch": 0, "world": 0}
+SAMPLE_LOG = "D2V_SAMPLE_LOG"  # test hook: a file each rank appends the row ids of its steps to
 
 
 class Restart(Exception):
@@ -87,6 +93,21 @@ def worker_context(use_gpu: bool):
     threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())
     torch.set_num_threads(threads)
     return ctx.get_world_rank(), ctx.get_world_size(), device, threads
+
+
+def at_world(cfg, world: int, rank: int):
+    """`cfg` on `world` workers (an elastic run's restart, or a fixed one): the same effective batch
+    — train.reference_batch, else the config's own batch × grad_accum × num_workers — with
+    grad_accum re-derived; where it cannot be met exactly, the recipe's LR rule (train.scale_lr)
+    applies to the batch it gets."""
+    t = cfg.train
+    if world == t.num_workers:
+        return cfg
+    now = dataclasses.replace(t, num_workers=world, reference_batch=t.reference_batch or t.effective_batch)
+    if rank == 0:
+        print(f"elastic: {world} worker(s) of {t.min_workers or t.num_workers}-{t.num_workers}: {now.batch_line()}",
+              flush=True)
+    return dataclasses.replace(cfg, train=now)
 
 
 def cpu_copy(state):
@@ -171,33 +192,47 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     last logged metrics. `config` is saved with every checkpoint."""
     stream = RankStream([Chunk(**c) for c in chunks], task.columns, t.batch_size, t.shuffle_buffer, t.seed,
                         rank, world)
-    steps_per_epoch = stream.batches_per_epoch() // t.grad_accum
-    if steps_per_epoch == 0:
+    if stream.plan(None, t.grad_accum).steps == 0:
         raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "
                            f"× grad_accum ({t.grad_accum}) or use fewer workers ({world})")
-    if resumed and rank == 0:
-        print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, its step {pos['step_in_epoch']} "
-              f"of {steps_per_epoch} = batch {pos['step_in_epoch'] * t.grad_accum} of this worker's "
-              f"{steps_per_epoch * t.grad_accum})", flush=True)
+    if pos["rest"] is None and pos["step_in_epoch"]:  # written before positions were global: same world
+        pos["rest"] = stream.plan(None, t.grad_accum).left_after(pos["step_in_epoch"])
+    if resumed:
+        resized = pos["world"] and pos["world"] != world
+        if rank == 0:
+            left = stream.total if pos["rest"] is None else sum(hi - lo for lo, hi in pos["rest"])
+            print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, {left} of its {stream.total} "
+                  f"rows left) on {world} worker(s)" + (f", {pos['world']} before" if resized else ""), flush=True)
+        if resized:
+            sink.set_tags({f"resize.step{pos['step']}": f"{pos['world']} → {world} workers, grad_accum "
+                                                        f"{t.grad_accum}, effective batch {t.effective_batch}"})
+    pos["world"] = world
     stop = t.stop_at_step or t.max_steps
     t0 = time.perf_counter()
     task.begin(pos)
     meter = Meter(task.averaged)
     meter.run.update(t0=t0, eval=time.perf_counter() - t0)  # the run's clock includes begin(), as evaluation
     start_step, last = pos["step"], {}
+    sample_log = os.environ.get(SAMPLE_LOG)
+    plan, planned = None, 0  # this epoch's plan and the steps made since it was drawn
 
     def prepare(pos: dict) -> Ahead:
         """The run's next steps from `pos`, collated in the background across epoch boundaries."""
-        groups = stream.groups(pos["epoch"], pos["step_in_epoch"], t.grad_accum)
-        return Ahead(lambda step: [task.collate(nb, step_rng(t.seed, rank, step, i)) for i, nb in enumerate(next(groups))],
-                     pos["step"], stop)
+        nonlocal plan, planned
+        while (plan := stream.plan(pos["rest"], t.grad_accum)).steps == 0:  # less than a step left: next epoch
+            pos.update(epoch=pos["epoch"] + 1, step_in_epoch=0, rest=None)
+        planned = 0
+        groups = stream.groups(pos["epoch"], pos["rest"], t.grad_accum)
+        return Ahead(lambda step: [(task.collate(nb, step_rng(t.seed, rank, step, i)), nb[ROW_ID])
+                                   for i, nb in enumerate(next(groups))], pos["step"], stop)
 
     ahead = prepare(pos)
     try:
         while pos["step"] < stop and not task.stopped(pos):
             t_wait = time.perf_counter()
-            step, micro = ahead.get()
+            step, prepared = ahead.get()
             assert step == pos["step"], (step, pos["step"])
+            micro, rows = [m for m, _ in prepared], [r for _, r in prepared]
             meter.add("wait", time.perf_counter() - t_wait)
             torch.manual_seed(t.seed * 1_000_003 + rank * 10_007 + step * 31)  # dropout, drop-path, decoder noise
             try:
@@ -206,20 +241,25 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
                 ahead.close()
                 ahead = prepare(pos)  # the restored position's batches and masks
                 continue
+            if sample_log:
+                _log_rows(sample_log, step, pos["epoch"], rank, world, rows)
             epoch = pos["epoch"]
             pos["step"] += 1
             pos["step_in_epoch"] += 1
-            if pos["step_in_epoch"] == steps_per_epoch:  # the epoch is done: its next step is the next epoch's first
-                pos.update(epoch=epoch + 1, step_in_epoch=0)
+            planned += 1
+            pos["rest"] = plan.left_after(planned)
+            while plan.steps == planned:  # the epoch is done: its next step is the next epoch's first
+                pos.update(epoch=pos["epoch"] + 1, step_in_epoch=0, rest=None)
+                plan, planned = stream.plan(None, t.grad_accum), 0
             step = pos["step"]
             meter.step(m)
-            meter.add("samples", t.batch_size * t.grad_accum * world)
+            meter.add("samples", t.effective_batch)
             t_eval = time.perf_counter()
             task.after_step(step, pos)
             meter.add("eval", time.perf_counter() - t_eval)
             end = step == stop or task.stopped(pos)
             if step % t.log_every == 0 or end:
-                last = meter.metrics(m, epoch)
+                last = {**meter.metrics(m, epoch), "world_size": world, "effective_batch": t.effective_batch}
                 sink.log_metrics(last, step)
                 if rank == 0:
                     eta = (time.perf_counter() - meter.run["t0"]) / max(step - start_step, 1) * (stop - step)
@@ -231,6 +271,17 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     finally:
         ahead.close()
     return last
+
+
+def _log_rows(path: str, step: int, epoch: int, rank: int, world: int, rows: list) -> None:
+    """Test hook: one JSON line per rank and step with the stable ids of the rows it trained on."""
+    line = json.dumps({"step": step, "epoch": epoch, "rank": rank, "world": world,
+                       "rows": [int(r) for b in rows for r in b]}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write per line: the ranks' lines do not interleave
+    finally:
+        os.close(fd)
 
 
 def report(rank: int, model, opt, pos: dict, config: dict, metrics: dict, extra: dict) -> None:

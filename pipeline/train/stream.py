@@ -1,18 +1,22 @@
-"""What each rank reads, in which order: a pure function of (seed, epoch, rank), streamed with
-Ray Data.
+"""What each rank reads, in which order: a pure function of (seed, epoch), streamed with Ray Data.
 
     shard files ─(driver: Parquet metadata)─► chunks (row groups, ≤ CHUNK_ROWS rows)
-      epoch e: chunks in a seeded random order ─► rank r takes rows [r·n, (r+1)·n) of that order
-      (n = total // world: every rank gets the same number of batches)
-      ─► Ray Data reads the rank's chunks, in order, in parallel tasks
-      ─► seeded shuffle inside windows of `window` rows ─► batches of `batch_size` rows
+      epoch e's global order: the chunks in a seeded random order, then a seeded shuffle inside
+      consecutive windows of `window` rows ─► rows 0 … N−1 of the epoch
+      ─► the rows still to read (`rest`, intervals of that order) cut into `world` equal shares
+      ─► rank r's share read by Ray Data (the windows it touches, in parallel tasks), in order
+      ─► batches of `batch_size` rows, grad_accum of them per optimizer step
 
 A class-sorted folder (all cats, then all dogs) thus arrives mixed, differently every epoch.
-Because the order is a function, a resumed run starts reading at the window that holds its next
-row and skips nothing by reading it again (at most one window is re-read and shuffled).
+Because the order does not depend on the number of workers, the run position is global: the
+epoch and the intervals of its order not yet read. A restart with another world size (an
+elastic run that lost or gained a node) cuts what is left into new shares: no row of the epoch is
+skipped or read twice, counting from the checkpoint. Only the windows a share touches are read
+(a resume re-reads at most one window per share edge).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,15 +26,18 @@ import pyarrow as pa
 from pipeline.config import ROW_GROUP_ROWS
 
 CHUNK_ROWS = ROW_GROUP_ROWS  # preprocessing writes row groups of this size: a chunk reads one
+ROW_ID = "__row__"  # each batch's stable row ids (index in the run's chunk list), for tests and logs
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows [start, stop) of row group `group` of one Parquet file."""
+    """Rows [start, stop) of row group `group` of one Parquet file; `id0` is the stable id of row
+    `start` (its index in the run's whole chunk list, set by RankStream)."""
     path: str
     group: int
     start: int
     stop: int
+    id0: int = 0
 
     @property
     def rows(self) -> int:
@@ -73,111 +80,183 @@ def _uri(data: str, root: str, path: str) -> str:
     return base.rstrip("/") + path[len(root):] + (f"?{query}" if query else "")
 
 
-def rank_share(chunks: list[Chunk], seed: int, epoch: int, rank: int, world: int) -> list[Chunk]:
-    """This rank's rows for `epoch`: the chunks in a seeded random order, cut into `world` equal
-    contiguous shares (the remainder of total // world is left out this epoch)."""
-    order = np.random.default_rng([seed, epoch, 7919]).permutation(len(chunks))
-    per_rank = sum(c.rows for c in chunks) // world
-    lo, hi = rank * per_rank, (rank + 1) * per_rank
-    return _slice([chunks[i] for i in order], lo, hi)
-
-
 def _slice(chunks: list[Chunk], lo: int, hi: int) -> list[Chunk]:
     """Rows [lo, hi) of the concatenation of `chunks`, as (possibly trimmed) chunks."""
     out, pos = [], 0
     for c in chunks:
         a, b = max(lo, pos), min(hi, pos + c.rows)
         if a < b:
-            out.append(Chunk(c.path, c.group, c.start + a - pos, c.start + b - pos))
+            out.append(Chunk(c.path, c.group, c.start + a - pos, c.start + b - pos, c.id0 + a - pos))
         pos += c.rows
         if pos >= hi:
             break
     return out
 
 
+# ----------------------------------------------------------------------------- intervals
+# A set of rows of an epoch's order is a sorted list of disjoint [lo, hi) intervals (JSON-able:
+# it is saved with every checkpoint as the run position's `rest`).
+def interval_rows(iv: list) -> int:
+    return sum(hi - lo for lo, hi in iv)
+
+
+def take(iv: list, a: int, b: int) -> list[list[int]]:
+    """Rows [a, b) of the concatenation of the intervals `iv`, as intervals."""
+    out, pos = [], 0
+    for lo, hi in iv:
+        x, y = max(a, pos), min(b, pos + hi - lo)
+        if x < y:
+            out.append([lo + x - pos, lo + y - pos])
+        pos += hi - lo
+        if pos >= b:
+            break
+    return out
+
+
+def merge(iv: list) -> list[list[int]]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(iv):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How `world` ranks read the rows `rest` of an epoch, `step_rows` (batch_size × grad_accum)
+    each per optimizer step: rank r's share is rows [r·n, (r+1)·n) of `rest`, n = steps ×
+    step_rows; the remainder (fewer rows than one step of all ranks) is left for the epoch's end."""
+    rest: list
+    world: int
+    step_rows: int
+
+    @property
+    def steps(self) -> int:
+        return interval_rows(self.rest) // (self.world * self.step_rows)
+
+    def share(self, rank: int) -> list:
+        n = self.steps * self.step_rows
+        return take(self.rest, rank * n, (rank + 1) * n)
+
+    def left_after(self, steps: int) -> list:
+        """The rows not yet read after every rank made `steps` steps of this plan."""
+        n, done = self.steps * self.step_rows, steps * self.step_rows
+        parts = [take(self.rest, r * n + done, (r + 1) * n) for r in range(self.world)]
+        return merge([x for p in parts for x in p] + take(self.rest, self.world * n, interval_rows(self.rest)))
+
+
+# ----------------------------------------------------------------------------- reading
 def read_chunks(batch: dict, columns: list[str]) -> pa.Table:
-    """Ray Data map task: chunk descriptions → their rows (only the needed row group is read)."""
+    """Ray Data map task: chunk descriptions → their rows (only the needed row group is read),
+    with each row's stable id."""
     import pyarrow.parquet as pq
 
     from pipeline import storage
 
     tables = []
-    for path, group, start, stop in zip(batch["path"], batch["group"], batch["start"], batch["stop"]):
+    for path, group, start, stop, id0 in zip(batch["path"], batch["group"], batch["start"], batch["stop"],
+                                             batch["id0"]):
         fs, p = storage.resolve(str(path))
         with fs.open_input_file(p) as fh:
             t = pq.ParquetFile(fh).read_row_group(int(group), columns=columns)
-        tables.append(t.slice(int(start), int(stop) - int(start)))
+        t = t.slice(int(start), int(stop) - int(start))
+        tables.append(t.append_column(ROW_ID, pa.array(np.arange(int(id0), int(id0) + t.num_rows))))
     return pa.concat_tables(tables)
 
 
 class RankStream:
-    """Batches (numpy dicts) of one rank, epoch after epoch, resumable at any batch."""
+    """Batches (numpy dicts, plus ROW_ID) of one rank of `world`, epoch after epoch, from any
+    global position."""
 
     def __init__(self, chunks: list[Chunk], columns: list[str], batch_size: int, window: int, seed: int,
                  rank: int, world: int):
-        self.chunks, self.columns, self.batch_size = chunks, columns, batch_size
-        # Windows are whole batches, so a resume point (a batch) never splits one unevenly.
-        self.window = max(batch_size, window // batch_size * batch_size) if window else batch_size
+        offsets = np.cumsum([0] + [c.rows for c in chunks])
+        self.chunks = [dataclasses.replace(c, id0=int(o)) for c, o in zip(chunks, offsets)]
+        self.total = int(offsets[-1])
+        self.columns, self.batch_size = columns, batch_size
         self.shuffle = window > 0
+        self.window = window if window > 0 else batch_size  # without shuffling: windows are just read units
         self.seed, self.rank, self.world = seed, rank, world
 
-    def batches_per_epoch(self) -> int:
-        return sum(c.rows for c in self.chunks) // self.world // self.batch_size
+    def plan(self, rest: list | None, grad_accum: int) -> Plan:
+        """The plan for the rows `rest` of an epoch (None: the whole epoch)."""
+        return Plan([[0, self.total]] if rest is None else rest, self.world, self.batch_size * grad_accum)
 
-    def _todo(self, epoch: int, skip_batches: int) -> tuple[list[Chunk], int]:
-        """(chunks still to read, index of the first window) for a start after `skip_batches`."""
-        share = rank_share(self.chunks, self.seed, epoch, self.rank, self.world)
-        first_window = skip_batches * self.batch_size // self.window
-        return _slice(share, first_window * self.window, self.batches_per_epoch() * self.batch_size), first_window
+    def order(self, epoch: int) -> list[Chunk]:
+        """The epoch's chunks in their seeded order (the global order before the window shuffle)."""
+        perm = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.chunks))
+        return [self.chunks[i] for i in perm]
 
-    def rows_to_read(self, epoch: int, skip_batches: int = 0) -> int:
-        return sum(c.rows for c in self._todo(epoch, skip_batches)[0])
+    def _window_order(self, epoch: int, j: int) -> np.ndarray:
+        n = min(self.window, self.total - j * self.window)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, j, 104729]).permutation(n)
 
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The rank's batches of `epoch`, starting after `skip_batches` (drop_last)."""
+    def _needs(self, epoch: int, rows: list) -> list[tuple[int, np.ndarray]]:
+        """(window, positions in that window) for the rows `rows` of the epoch's order, in order."""
+        w, needs = self.window, []
+        for lo, hi in rows:
+            for j in range(lo // w, (hi - 1) // w + 1):
+                picks = self._window_order(epoch, j)[max(lo, j * w) - j * w: min(hi, (j + 1) * w) - j * w]
+                if needs and needs[-1][0] == j:
+                    needs[-1] = (j, np.concatenate([needs[-1][1], picks]))
+                else:
+                    needs.append((j, picks))
+        return needs
+
+    def rows_to_read(self, epoch: int, rows: list) -> int:
+        """Rows Ray Data reads to produce `rows` (whole windows)."""
+        return sum(min(self.window, self.total - j * self.window) for j, _ in self._needs(epoch, rows))
+
+    def read(self, epoch: int, rows: list) -> Iterator[dict]:
+        """The rows `rows` (intervals) of the epoch's order, in order, as batches of batch_size."""
         import ray
 
-        todo, first_window = self._todo(epoch, skip_batches)
-        if not todo:
+        needs = self._needs(epoch, rows)
+        if not needs:
             return
+        order, w = self.order(epoch), self.window
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         # One reader per worker and epoch (every few seconds on a small data set): its progress bars
         # and "Starting execution of Dataset …" lines would flood the log.
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        items = [{"path": c.path, "group": c.group, "start": c.start, "stop": c.stop} for c in todo]
+        items = [dataclasses.asdict(c) for j, _ in needs for c in _slice(order, j * w, (j + 1) * w)]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_chunks, fn_kwargs={"columns": self.columns}, batch_size=1, batch_format="numpy")
-        skip_rows = skip_batches * self.batch_size - first_window * self.window
-        w, pending = first_window, []
+        cols = self.columns + [ROW_ID]
+        pending, have, out, k = [], 0, [], 0
         for t in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
             pending.append(t)
-            while sum(p.num_rows for p in pending) >= self.window:
-                window, pending = _split(pa.concat_tables(pending), self.window)
-                yield from self._window_batches(window, epoch, w, skip_rows)
-                w, skip_rows = w + 1, 0
-        if pending:
-            yield from self._window_batches(pa.concat_tables(pending), epoch, w, skip_rows)
+            have += t.num_rows
+            while k < len(needs) and have >= (n := min(w, self.total - needs[k][0] * w)):
+                window, pending = _split(pa.concat_tables(pending), n)
+                have -= n
+                out.append(window.take(pa.array(needs[k][1])))
+                k += 1
+                ready = pa.concat_tables(out)
+                for a in range(0, ready.num_rows - self.batch_size + 1, self.batch_size):
+                    b = ready.slice(a, self.batch_size)
+                    yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
+                rest = ready.num_rows % self.batch_size
+                out = [ready.slice(ready.num_rows - rest)] if rest else []
 
-    def groups(self, epoch: int, step_in_epoch: int, grad_accum: int) -> Iterator[list[dict]]:
-        """Optimizer steps' micro-batch groups (grad_accum batches each) from (epoch, step) on,
-        across epoch boundaries: the next epoch's reader starts as soon as the previous one is
-        drained, not when the training loop gets there. An epoch ends at its last full group."""
-        steps = self.batches_per_epoch() // grad_accum
-        while steps:
-            batches = self.epoch(epoch, step_in_epoch * grad_accum)
-            for _ in range(step_in_epoch, steps):
+    def groups(self, epoch: int, rest: list | None, grad_accum: int) -> Iterator[list[dict]]:
+        """Optimizer steps' micro-batch groups (grad_accum batches each) of this rank from (epoch,
+        rest) on, across epoch boundaries: the next epoch's reader starts as soon as the previous
+        one is drained, not when the training loop gets there. An epoch ends at its last full step."""
+        while True:
+            plan = self.plan(rest, grad_accum)
+            if plan.steps == 0 and rest is None:
+                return
+            batches = self.read(epoch, plan.share(self.rank))
+            for _ in range(plan.steps):
                 yield [next(batches) for _ in range(grad_accum)]
-            epoch, step_in_epoch = epoch + 1, 0
-
-    def _window_batches(self, window: pa.Table, epoch: int, w: int, skip_rows: int) -> Iterator[dict]:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, w, self.rank, 104729]).permutation(window.num_rows)
-            window = window.take(pa.array(order))
-        for a in range(skip_rows, window.num_rows - self.batch_size + 1, self.batch_size):
-            b = window.slice(a, self.batch_size)
-            yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in self.columns}
+            epoch, rest = epoch + 1, None
 
 
 def _split(t: pa.Table, n: int) -> tuple[pa.Table, list[pa.Table]]:

@@ -25,8 +25,8 @@ from pipeline.train.batches import COLUMNS, collate
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import RunConfig
 from pipeline.train.curves import OnlineProbe, ValidationLoss
-from pipeline.train.loop import (POSITION, Restart, Task, copy_to_local, cpu_copy, load_model_and_optimizer,
-                                 restore, run_steps, worker_context)
+from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
+                                 load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
 from pipeline.train.stream import Chunk
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_picture
@@ -35,9 +35,9 @@ from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_pictu
 def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
-    cfg = RunConfig.from_dict(config["run"])
+    rank, world, device, threads = worker_context(RunConfig.from_dict(config["run"]).train.use_gpu)
+    cfg = at_world(RunConfig.from_dict(config["run"]), world, rank)  # config["run"] stays what is logged and saved
     t, mcfg = cfg.train, cfg.model
-    rank, world, device, threads = worker_context(t.use_gpu)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = Data2Vec(mcfg).to(device)
@@ -57,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
         out_fs, out_root = storage.resolve(cfg.output)
         out_fs.create_dir(out_root, recursive=True)
         sink = MLflowSink(cfg.tracking_uri, cfg.experiment,
-                          cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", cfg.to_dict(),
+                          cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", config["run"],
                           parent_run_id=cfg.parent_run_id)
         sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
                        "git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
@@ -67,10 +67,10 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         task = Pretraining(cfg, model, net, opt, pos, rank, world, device, sink, config)
         run_steps(task, model=model, opt=opt, pos=pos, t=t, rank=rank, world=world, chunks=config["chunks"],
-                  sink=sink, config=cfg.to_dict(), resumed=resumed)
+                  sink=sink, config=config["run"], resumed=resumed)
         if rank == 0 and pos["step"] >= t.max_steps:
             final = storage.join(cfg.output, "final")
-            save_final(final, model, cfg.to_dict())
+            save_final(final, model, config["run"])
             with tempfile.TemporaryDirectory() as tmp:
                 for local in copy_to_local(*storage.resolve(final), ("config.json", "model.safetensors"), tmp):
                     sink.log_artifact(local, "final")
@@ -136,7 +136,7 @@ class Pretraining(Task):
         t, snap = self.t, self.snapshot
         self.opt.zero_grad(set_to_none=True)  # drop this group's partial gradients
         load_model_and_optimizer(self.model, self.opt, cpu_copy(snap), self.device)  # a copy: it may serve again
-        pos.update(step=snap["step"], epoch=snap["epoch"], step_in_epoch=snap["step_in_epoch"],
+        pos.update(step=snap["step"], epoch=snap["epoch"], rest=snap["rest"], step_in_epoch=snap["step_in_epoch"],
                    rollbacks=pos["rollbacks"] + 1, lr_scale=pos["lr_scale"] * t.rollback_lr_factor)
         self.sink.log_metrics({"rollback": pos["rollbacks"], "rollback_lr_scale": pos["lr_scale"]}, step)
         self.sink.set_tags({f"rollback.{pos['rollbacks']}": f"step {step} → {pos['step']}: {type(e).__name__}: {e}"})
