@@ -2,6 +2,7 @@
 `ray.cluster_utils.Cluster`): a node that holds a training worker vanishes mid-run, as a spot
 node does, and a new node joins; the run resumes from its last checkpoint and ends with the
 weights of an uninterrupted run."""
+import json
 import os
 import re
 import subprocess
@@ -64,5 +65,81 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_an_uninterrupted_one(demo_s
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         a, b = (load_file(os.path.join(d, "final", "model.safetensors")) for d in (lost, straight))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        cluster.shutdown()
+
+
+def _committed_steps(log: str) -> dict[int, list[dict]]:
+    """The sample log's lines per step, keeping only the attempt that counted: a step re-run after
+    a restart appears again later in the file, with every rank of its world."""
+    lines = [json.loads(x) for x in open(log)]
+    steps: dict[int, list[dict]] = {}
+    for i, x in enumerate(lines):
+        steps.setdefault(x["step"], []).append(x)
+    return {s: xs[-xs[-1]["world"]:] for s, xs in steps.items()}
+
+
+@pytest.mark.slow
+def test_an_elastic_run_shrinks_grows_back_and_reads_each_row_once(demo_shards, tmp_path, monkeypatch):
+    """--num-workers 1-2 on a head (data tasks) and two one-CPU worker nodes: a worker's node is lost
+    with no replacement → the run goes on with 1 worker and grad_accum doubled; a node joins → back
+    to 2. The effective batch never changes and no row of the epoch is read twice."""
+    import mlflow
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # After a node is lost Ray Train first retries the old size on the dead node's stale resources;
+    # this bounds that wait (60 s by default) — the controller inherits it from the raylets.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+    dash_port, = free_ports(1)
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": dash_port})
+    worker_node = {"num_cpus": 1, "resources": {"trainer": 1}}  # the head keeps its CPU for the data tasks
+    nodes = {f"n{i}": cluster.add_node(**worker_node, env_vars={"D2V_TEST_NODE": f"n{i}"}) for i in range(2)}
+    log, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "elastic")
+    try:
+        cluster.wait_for_nodes()
+        env = cli_env(RAY_ADDRESS=cluster.address, D2V_SAMPLE_LOG=log)
+        args = ["--modality", "text", "--data", demo_shards["text"], "--output", out, "--max-steps", "80",
+                "--num-workers", "1-2", "--set", "train.resize_interval_s=5", "--set", "train.worker_resources={trainer: 1}",
+                "--set", "train.batch_size=8", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
+                "--set", "train.max_failures=6"]
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.pretrain", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        printed, removed, added, workers, shrunk = [], None, False, set(), False
+        for line in proc.stdout:
+            printed.append(line)
+            workers |= {int(p) for p in re.findall(r"\(RayTrainWorker pid=(\d+)", line)}
+            if removed is None and re.search(r"step [6-9]/80 loss", line):
+                removed = next(n for n in (_node_of(p, nodes) for p in sorted(workers)) if n is not None)
+                cluster.remove_node(removed, allow_graceful=False)  # a spot node, gone for good
+            shrunk = shrunk or "elastic: 1 worker(s) of 1-2" in line
+            if shrunk and not added and re.search(r"step \d+/80 loss", line):
+                nodes["n2"] = cluster.add_node(**worker_node, env_vars={"D2V_TEST_NODE": "n2"})  # capacity is back
+                added = True
+        assert proc.wait(timeout=900) == 0, "".join(printed)[-5000:]
+        text = "".join(printed)
+        assert removed is not None and added, text[-5000:]
+        assert re.search(r"resumed from step \d+ .* on 1 worker\(s\), 2 before", text), text[-5000:]
+        assert re.search(r"resumed from step \d+ .* on 2 worker\(s\), 1 before", text), text[-5000:]
+
+        client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+        run = client.search_runs([client.get_experiment_by_name("data2vec").experiment_id])[0]
+        world = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"),
+                                              key=lambda m: (m.step, m.timestamp))]
+        assert [w for i, w in enumerate(world) if i == 0 or world[i - 1] != w][:3] == [2, 1, 2], world
+        batch = {m.value for m in client.get_metric_history(run.info.run_id, "effective_batch")}
+        assert batch == {16.0}, batch  # 2 × 8 × grad_accum 1, then 1 × 8 × grad_accum 2
+        assert sum(k.startswith("resize.") for k in run.data.tags) >= 2, run.data.tags
+
+        steps = _committed_steps(log)
+        assert sorted(steps) == list(range(80))
+        rows = []
+        for s, xs in sorted(steps.items()):
+            assert sorted(x["rank"] for x in xs) == list(range(xs[0]["world"])), (s, xs)
+            assert {x["epoch"] for x in xs} == {0}  # 80 × 16 rows: the demo text's first epoch
+            rows += [r for x in xs for r in x["rows"]]
+        assert len(rows) == 80 * 16 and len(set(rows)) == len(rows)  # each row read once
+        assert {x["world"] for xs in steps.values() for x in xs} == {1, 2}
     finally:
         cluster.shutdown()
