@@ -125,12 +125,14 @@ def test_export_task_class_gives_equal_logits(tmp_path, modality, task, mode):
 @pytest.mark.parametrize("modality", ["image", "audio", "text"])
 def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, modality):
     """Scratch init (the pretrained path is tested below); 2 workers with gradient accumulation
-    derived from the reference batch (32 = 8 per worker × 2 workers × 2)."""
+    derived from the reference batch (32 = 8 per worker × 2 workers × 2). Text runs elastically
+    (--num-workers 1-2), which on a cluster with room for both starts with 2."""
     d = demo_shards
     out = str(tmp_path / "ft")
+    elastic = ["--num-workers", "1-2"] if modality == "text" else []
     assert finetune(["--task", "classify", "--modality", modality, "--init", "scratch", "--train-data",
                      d[f"{modality}_train"], "--val-data", d[f"{modality}_test"], "--test-data", d[f"{modality}_test"],
-                     "--output", out, "--max-steps", "6", "--label-fraction", "0.5", *SMALL,
+                     "--output", out, "--max-steps", "6", "--label-fraction", "0.5", *SMALL, *elastic,
                      "--set", "train.reference_batch=32", "--set", "train.eval_every=3"]) == 0
     out_text = capsys.readouterr().out
     assert "batch: effective batch 32 = 8 per worker × 2 worker(s) × grad_accum 2" in out_text
@@ -147,6 +149,8 @@ def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, mo
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == s["test_accuracy"]
     assert run.data.tags["train.effective_batch"] == "32" and run.data.params["train.grad_accum"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [3, 6]
+    for key, value in (("world_size", 2), ("effective_batch", 32)):
+        assert {m.value for m in client.get_metric_history(run.info.run_id, key)} == {value}
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """Distributed pretraining on a real local Ray cluster (2 gloo workers) with real MLflow."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -308,3 +309,28 @@ def test_resume_accepts_a_run_written_before_fields_were_added(tmp_path):
     check_resume(cfg)
     with pytest.raises(ConfigError, match=r"^train\.grad_accum: .*1 → 2, train\.reference_batch: None → 64"):
         check_resume(resolve("image", "d", str(tmp_path), "demo", None, {"train.reference_batch": 64}))
+
+
+def test_elastic_world_sizes_keep_the_runs_effective_batch(capsys):
+    """--num-workers MIN-MAX, and at_world: each world size re-derives grad_accum for the same
+    effective batch; where it cannot be met, scale_lr decides the LR."""
+    from pipeline.train.config import parse_workers
+    from pipeline.train.loop import at_world
+
+    assert parse_workers("4") == {"train.num_workers": 4}
+    assert parse_workers("1-8") == {"train.num_workers": 8, "train.min_workers": 1}
+    with pytest.raises(ConfigError, match="^train.num_workers: --num-workers takes N or MIN-MAX"):
+        parse_workers("2..4")
+    with pytest.raises(ConfigError, match=r"^train.min_workers: must be in \[1, num_workers=2\]"):
+        TrainConfig(num_workers=2, min_workers=3)
+    cfg = resolve("text", "d", "o", "demo", None, {**parse_workers("1-4"), "train.batch_size": 8,
+                                                   "train.grad_accum": 1, "train.reference_batch": None})
+    assert cfg.train.effective_batch == 32
+    for world, accum in ((4, 1), (2, 2), (1, 4)):
+        t = at_world(cfg, world, rank=0).train
+        assert (t.num_workers, t.grad_accum, t.effective_batch, t.peak_lr) == (world, accum, 32, cfg.train.lr)
+    t = at_world(cfg, 3, rank=0).train  # 32 / 24 rounds to 1 step of 24: said, LR as the recipe's rule says
+    assert (t.grad_accum, t.effective_batch) == (1, 24)
+    assert "elastic: 3 worker(s) of 1-4: effective batch 24" in capsys.readouterr().out
+    scaled = at_world(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, scale_lr=True)), 3, 0).train
+    assert scaled.peak_lr == pytest.approx(cfg.train.lr * 24 / 32)

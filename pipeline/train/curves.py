@@ -10,6 +10,8 @@ No Ray imports.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -29,7 +31,7 @@ def read_rows(chunks: list[Chunk], columns: list[str], limit: int) -> dict[str, 
     for c in chunks:
         if n >= limit:
             break
-        t = read_chunks({"path": [c.path], "group": [c.group], "start": [c.start], "stop": [c.stop]}, columns)
+        t = read_chunks({k: [v] for k, v in dataclasses.asdict(c).items()}, columns)
         tables.append(t)
         n += t.num_rows
     t = pa.concat_tables(tables).slice(0, limit) if tables else pa.table({c: [] for c in columns})
