@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null || [ ! -d /usr/share/games/fortunes ]; then
+# chromium (headless): the tests read the MLflow UI in a real browser.
+if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null || [ ! -d /usr/share/games/fortunes ] \
+    || ! command -v chromium >/dev/null; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng flite sox fortunes libsndfile1 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng flite sox fortunes libsndfile1 chromium >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

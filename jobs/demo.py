@@ -246,11 +246,15 @@ def run_demo(a, mods: list[str], uri: str, parent_id: str, t_start: float) -> in
     for r in rows:
         print(f"{r['modality']:9} {r['mode']:5} {r['steps']:5}  {r['pretrain_s']:10.1f}  {r['samples_per_s']:9.1f}  "
               f"{r['data_wait']:9.2%}  {r['probe_random']:12.3f}  {r['probe_pretrained']:16.3f}  {r['probe_classical']:9.3f}")
-    print(f"\ntotal {total:.0f} s (samples/s and data wait: whole pretraining runs). Browse the runs (experiment "
-          f"{EXPERIMENT}; the 'demo' run holds the summary table and chart):\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
-    print_result({"demo": rows, "total_s": round(total, 1), "mlflow_parent_run_id": parent_id,
-                      **({"ctc": ctc} if ctc else {})})
+    from pipeline.train.tracking import ui_hint
+
+    hint, url = ui_hint(uri, EXPERIMENT)
+    _, parent_url = ui_hint(uri, EXPERIMENT, parent_id)
+    print(f"\ntotal {total:.0f} s (samples/s and data wait: whole pretraining runs). The runs, in experiment "
+          f"{EXPERIMENT} — the 'demo' run holds the summary table and the probe chart:\n{hint}\n"
+          f"  the 'demo' run: {parent_url}")
+    print_result({"demo": rows, "total_s": round(total, 1), "mlflow_parent_run_id": parent_id, "mlflow_ui": url,
+                  "mlflow_ui_demo_run": parent_url, **({"ctc": ctc} if ctc else {})})
     return 0
 
 

@@ -105,8 +105,12 @@ def main(argv=None) -> int:
                "task": cfg.finetune.task, "modality": cfg.modality, "best_step": m.get("best_step"),
                "steps": m.get("steps"), "wall_s": round(time.time() - t0, 1), "final": storage.join(cfg.output, "final"),
                "tracking_uri": cfg.tracking_uri}
+    from pipeline.train.tracking import ui_hint
+
+    hint, summary["mlflow_ui"] = ui_hint(cfg.tracking_uri, cfg.experiment)
     print(f"done: {cfg.modality} {cfg.finetune.task} from {cfg.init}: " +
           ", ".join(f"{k} {summary[k]:.4f}" for k in keys) + f" (best step {m.get('best_step')} of {m.get('steps')})")
+    print(hint)
     print_result(summary)
     return 0
 

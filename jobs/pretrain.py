@@ -143,8 +143,10 @@ def main(argv=None) -> int:
                "data_wait_fraction": m.get("run_data_wait_fraction"), "wall_s": round(time.time() - t0, 1),
                "final": storage.join(cfg.output, "final") if m.get("step") == cfg.train.max_steps else None,
                "tracking_uri": uri}
-    print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}; MLflow UI: "
-          f"mlflow ui --backend-store-uri {uri}")
+    from pipeline.train.tracking import ui_hint
+
+    hint, summary["mlflow_ui"] = ui_hint(uri, cfg.experiment)
+    print(f"done: {cfg.modality} step {summary['step']}/{cfg.train.max_steps}\n{hint}")
     print_result(summary)
     return 0
 

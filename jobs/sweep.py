@@ -242,12 +242,14 @@ def main(argv=None) -> int:
         # Artifacts go straight to SWEEP_DIR/mlartifacts (absolute; every trial runs on this
         # machine), so the store stays browsable with `mlflow ui` after the server is gone.
         return _sweep(a, spec, sets, out, uri, concurrent, per_trial,
-                      browse=f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db",
+                      browse=f"sqlite:///{out}/mlflow.db",
                       artifact_location=f"file://{out}/mlartifacts")
 
 
 def _sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict, browse: str,
            artifact_location: str | None = None) -> int:
+    """`browse`: the tracking URI users browse afterwards (the store itself when `uri` is the
+    sweep's own server)."""
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -299,11 +301,14 @@ def _choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
 
     from pipeline import probe
     from pipeline.train.launch import error_line
+    from pipeline.train.tracking import ui_hint
+
+    hint, url = ui_hint(browse, a.experiment)
 
     for e in grid.errors:
         print(f"error: a trial failed: {error_line(e)}", file=sys.stderr)
     if not any(METRIC in (r.metrics or {}) for r in grid):
-        print(f"error: no trial finished a round ({grid.num_errors} failed); MLflow: {browse}", file=sys.stderr)
+        print(f"error: no trial finished a round ({grid.num_errors} failed)\n{hint}", file=sys.stderr)
         mlflow.end_run(status="FAILED")
         return 1
     df = grid.get_dataframe(filter_metric=METRIC, filter_mode="max")
@@ -324,9 +329,9 @@ def _choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
     mlflow.end_run(status="FAILED" if grid.num_errors else "FINISHED")
     print(df[[f"config/{k}" for k in keys] + [METRIC, "training_iteration"]].to_string())
     print(f"{len(df)} trials, {grid.num_errors} errors, {time.time() - t0:.0f} s; chosen on the validation split "
-          f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}; MLflow: {browse}")
+          f"({best.metrics[METRIC]:.3f}); its test accuracy {test['probe_accuracy']:.3f}\n{hint}")
     print_result({"best_config": best_params, "val_probe_accuracy": best.metrics[METRIC],
-                  "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id})
+                  "test_probe_accuracy": test["probe_accuracy"], "mlflow_parent_run_id": parent_id, "mlflow_ui": url})
     return 0 if grid.num_errors == 0 else 1
 
 

@@ -1,6 +1,7 @@
 """Real servers for tests that leave one process: an S3 API server on loopback (moto's standalone
-server, which pyarrow's own S3 client talks to), and a second Ray head whose processes get their
-own environment — what a user's cluster nodes have set (credentials, an S3 endpoint)."""
+server, which pyarrow's own S3 client talks to), a second Ray head whose processes get their
+own environment — what a user's cluster nodes have set (credentials, an S3 endpoint) —, and the
+MLflow UI (`mlflow ui`) read through headless Chromium."""
 import contextlib
 import os
 import signal
@@ -112,3 +113,47 @@ def cli_env(**extra) -> dict:
     for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         env.pop(k, None)
     return {**env, **extra}
+
+
+@contextlib.contextmanager
+def mlflow_ui(store_uri: str):
+    """`mlflow ui` over `store_uri` on a loopback port → its base URL, e.g. http://127.0.0.1:PORT."""
+    port, = free_ports(1)
+    proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "ui", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, cwd=tempfile.gettempdir())
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health")
+        yield base
+    finally:
+        stop(proc)
+
+
+def on_port(url: str, base: str) -> str:
+    """A printed UI URL (http://127.0.0.1:5000/#/…) served by the test's own `mlflow ui` at `base`."""
+    return base + url[url.index("/#/"):]
+
+
+def artifact_page(run_url: str, name: str) -> str:
+    """A run's page URL → the page of one of its artifacts (MLflow's hash route …/artifacts/NAME)."""
+    page, _, query = run_url.partition("?")
+    return f"{page}/artifacts/{name}" + (f"?{query}" if query else "")
+
+
+def page_text(url: str, budget_ms: int = 30000) -> str:
+    """What a user sees on `url`: Debian's headless Chromium runs the page's JavaScript (the MLflow
+    UI is a single-page app that fetches everything after load) for up to `budget_ms` of virtual
+    time, then dumps the DOM; returns its visible text (no styles or scripts)."""
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is missing: run setup.sh (it installs Debian's chromium)"
+    with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no remembered UI settings
+        r = subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                            f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+                           capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    html = re.sub(r"<(style|script)\b.*?</\1>", " ", r.stdout, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))

@@ -286,6 +286,19 @@ def test_run_is_browsable_after_ray_is_gone_with_curves_and_one_progress_line(de
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["samples_per_s"] > 0 and 0 <= summary["data_wait_fraction"] < 1
 
+    # The MLflow UI, in a real browser, at the URL the run printed (served on a free port here).
+    from tests.servers import artifact_page, mlflow_ui, on_port, page_text
+
+    assert f"then open {summary['mlflow_ui']}" in r.stdout
+    with mlflow_ui(f"sqlite:///{out}/mlflow.db") as base:
+        runs = page_text(on_port(summary["mlflow_ui"], base))
+        assert run.info.run_name in runs and "1 matching run" in runs, runs[-2000:]  # the runs table
+        run_url = on_port(summary["mlflow_ui"], base).replace("/runs?", f"/runs/{run.info.run_id}?")
+        page = page_text(run_url)
+        assert "val_loss" in page and "probe.knn_accuracy" in page, page[-2000:]
+        files = page_text(artifact_page(run_url, "final"))
+        assert "model.safetensors" in files and "masks" in files, files[-2000:]
+
 
 def test_resume_accepts_a_run_written_before_fields_were_added(tmp_path):
     """A run whose config.json predates the fields in ADDED_FIELDS (model.frontend.mask_id,

@@ -85,7 +85,36 @@ def absolute_tracking_uri(uri: str) -> str:
 
 # The UI opens an experiment with this tag on its training-runs view (MLflow 3 otherwise guesses
 # a GenAI experiment and shows traces).
+# MLflow 3.17's UI ignores this tag (it opens an experiment by the browser's "GenAI / model
+# training" toggle, GenAI by default); ui_url's `workflowType` parameter is what picks the runs view.
+# Kept for MLflow versions that read it.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI_PORT = 5000  # the port the printed `mlflow ui` command serves on
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
+    """The MLflow UI page of an experiment's training runs (or of one run): for a tracking server
+    its own address, for a local store the `mlflow ui` that ui_hint prints (`base` overrides).
+    `workflowType=machine_learning` makes MLflow 3.17's UI show the model-training view (runs,
+    charts) rather than its GenAI pages (traces)."""
+    if base is None:
+        base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else \
+            f"http://127.0.0.1:{UI_PORT}"
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
+
+
+def ui_hint(tracking_uri: str, experiment: str, run_id: str | None = None) -> tuple[str, str]:
+    """(the lines a job prints last before its JSON line: how to open the MLflow UI on its runs,
+    the URL)."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    url = ui_url(tracking_uri, exp.experiment_id if exp else "0", run_id)
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {url}", url
+    return (f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT}\n"
+            f"  then open {url}", url)
 
 
 def artifact_root(tracking_uri: str) -> str | None:
