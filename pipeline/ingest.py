@@ -307,13 +307,13 @@ def int32_lists(rows: list[np.ndarray]) -> pa.ListArray:
 class TextTokenize:
     """Actor-pool UDF: loads the tokenizer once, then files → framed/chunked token-id rows."""
 
-    def __init__(self, tokenizer_json: str, cfg: PreprocessConfig, root: str, files: _Files):
+    def __init__(self, tokenizer_file: str, cfg: PreprocessConfig, root: str, files: _Files):
         import os
         # One actor holds one CPU: keep the Rust tokenizer from spawning a thread per core.
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.tok = Tokenizer.from_str(storage.read_text(*storage.resolve(tokenizer_file)))
         self.cfg, self.root, self.files = cfg, root, files
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -450,8 +450,11 @@ def run(cfg: PreprocessConfig) -> dict:
         extra_settings["vocab_size"] = Tokenizer.from_str(tokenizer_json).get_vocab_size()
         extra_settings["tokenizer"] = storage.join(cfg.output, "tokenizer.json")
         extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": mask_id}
+        # The actors read the tokenizer from the file just written: a vocabulary is hundreds of KB,
+        # and constructor arguments that large go through the object store (which Ray logs as an
+        # error-level line for restartable actors).
         ds = source().map_batches(
-            TextTokenize, fn_constructor_kwargs=dict(tokenizer_json=tokenizer_json, **common),
+            TextTokenize, fn_constructor_kwargs=dict(tokenizer_file=extra_settings["tokenizer"], **common),
             batch_size=bs, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_cpus))
     # Small row groups: training reads (and shuffles) shards row group by row group.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ray
 
@@ -22,9 +23,48 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
+        # No node of a cluster on this machine can be preempted: Ray Train's preemption watcher
+        # (an actor per run, whose start logs an error-level line about its arguments) has nothing
+        # to watch. The cluster's processes inherit this environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                  configure_logging=True, logging_level="warning")
+    if not on_terminal():
+        quiet_ray_data()
     _STARTED_HERE = True
+
+
+def on_terminal() -> bool:
+    """Whether this job prints to a terminal. Elsewhere (a file, CI, `ray job submit` logs) Ray's
+    INFO lines — Ray Data's progress, logged as a block of lines every few seconds where no
+    progress bar can be drawn, its execution plans, Ray Train's worker-group start-up and
+    checkpoint reports — would bury the job's own progress lines, so jobs keep WARNING and up
+    there (quiet_ray_data, `train_log_level`); a terminal keeps Ray's progress bars and INFO lines."""
+    return sys.stdout.isatty()
+
+
+def train_log_level() -> str:
+    """Ray Train's console log level for this job (ray.train.LoggingConfig)."""
+    return "INFO" if on_terminal() else "WARNING"
+
+
+def quiet_ray_data(worker: bool = False) -> None:
+    """This process's Ray Data logs to the console at WARNING and up (its log file, ray-data.log in
+    the session folder, keeps everything): Ray Data's own logging config gives its console handler
+    level INFO. In a `worker` (no terminal: Ray would forward each progress-bar frame as a line)
+    progress bars are off, without Ray's reminder that they are."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures the "ray.data" logger
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = False
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, logging.StreamHandler):  # the console (the session log file is not a stream)
+            h.setLevel(logging.WARNING)
+    if worker:
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def print_result(result: dict) -> None:

@@ -14,7 +14,9 @@ def ray_local():
     """One real local Ray cluster for the session (6 logical CPUs on 2 cores: logical oversubscription is fine for tests)."""
     import ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=True, logging_level="warning")
+    from tests.servers import SESSION_RAY
+
+    ray.init(**SESSION_RAY)
     yield ray
     ray.shutdown()
 

@@ -17,6 +17,27 @@ BIN = os.path.dirname(sys.executable)
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+SESSION_RAY = dict(address="local", num_cpus=6, include_dashboard=True, logging_level="warning")
+"""The test session's own local Ray cluster (conftest.ray_local)."""
+
+
+@contextlib.contextmanager
+def alone_on_this_machine():
+    """The test session's Ray cluster shut down while a CLI starts its own, as a user's only one
+    (with two local clusters Ray's state API — Ray Train's placement-group cleaner uses it —
+    refuses to guess which to talk to), then started again for the tests that follow."""
+    import ray
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        if was_up:
+            ray.init(**SESSION_RAY)
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free ports: every socket stays bound until all are drawn, so the OS cannot hand
     the same port out twice (binding and closing one at a time did, once in CI)."""

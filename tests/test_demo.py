@@ -1,8 +1,14 @@
-"""jobs.demo end to end on a small slice of the real demo data: the story it tells in MLflow."""
+"""jobs.demo end to end on a small slice of the real demo data: the story it tells on the console
+(a file, as CI and `ray job submit` logs are), in MLflow, and in the MLflow UI in a real browser."""
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
+
+from tests.servers import ROOT, alone_on_this_machine, artifact_page, mlflow_ui, on_port, page_text
 
 
 @pytest.mark.slow
@@ -11,8 +17,25 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
 
     from jobs.demo import EXPERIMENT, main
     out = str(tmp_path / "demo")
-    assert main(["--data", demo_raw, "--output", out, "--modalities", "image", "--steps-scale", "0.05"]) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # As a user runs it, with its own local Ray cluster, its console going to a file.
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    for k in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS"):  # the test session's settings, not a user's
+        env.pop(k, None)
+    with open(tmp_path / "console.txt", "w+") as console, alone_on_this_machine():
+        r = subprocess.run([sys.executable, "-m", "jobs.demo", "--data", demo_raw, "--output", out, "--modalities",
+                            "image", "--steps-scale", "0.05"], cwd=ROOT, env=env, stdout=console,
+                           stderr=subprocess.STDOUT, timeout=900)
+        console.seek(0)
+        lines = console.read().splitlines()
+    text = "\n".join(lines)
+    assert r.returncode == 0, text[-4000:]
+    # The story, not Ray's plumbing: no progress blocks of Ray Data, no start-up and report lines
+    # of Ray Train, no error-level lines from a normal run.
+    assert len(lines) <= 25, text  # one modality of the ~40 lines the whole demo prints
+    for noise in ("logging_progress", "Reporting training result", "Failed to kill actor", " E ", "Traceback"):
+        assert noise not in text, (noise, text)
+    assert "[demo] image: preprocessed" in text and "step 6/6 loss" in text and "then open http" in text
+    last = json.loads(lines[-1])
     row = last["demo"][0]
     assert row["modality"] == "image" and row["steps"] == 6
     assert row["samples_per_s"] > 0 and 0 <= row["data_wait"] < 1  # whole-run figures
@@ -30,6 +53,18 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
     assert table[0].startswith("modality,") and table[1].startswith("image,")
 
     child, = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+    # The MLflow UI at the URLs the demo printed (served here on a free port), in headless Chromium.
+    with mlflow_ui(f"sqlite:///{out}/mlflow.db") as base:
+        runs = page_text(on_port(last["mlflow_ui"], base))
+        # The runs table: the 'demo' run, its pretraining run nested (collapsed) under it.
+        assert "2 matching runs" in runs and " demo " in runs, runs[-3000:]
+        demo_run = on_port(last["mlflow_ui_demo_run"], base)
+        assert parent.info.run_id in demo_run
+        files = page_text(artifact_page(demo_run, "probe_accuracy.png"))
+        assert "probe_accuracy.png" in files and "summary.md" in files, files[-3000:]
+        curves = page_text(demo_run.replace(parent.info.run_id, child.info.run_id))
+        assert "val_loss" in curves and "image-d2v2-demo" in curves, curves[-3000:]
     m = child.data.metrics
     assert m["final_probe.linear_pretrained"] == pytest.approx(row["probe_pretrained"], abs=1e-3)
     for k in ("final_probe.linear_random_init", "final_probe.linear_classical", "final_probe.knn_pretrained"):

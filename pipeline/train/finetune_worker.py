@@ -74,7 +74,7 @@ def _rows(data: str, modality: str, task: str) -> dict:
 def finetune_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
-    rank, world, device, _ = worker_context(FineTuneConfig.from_dict(config["run"]).train.use_gpu)
+    rank, world, device, _ = worker_context(FineTuneConfig.from_dict(config["run"]).train.use_gpu, config.get("log_level", "INFO"))
     cfg = at_world(FineTuneConfig.from_dict(config["run"]), world, rank)  # config["run"] is what is logged and saved
     t, f = cfg.train, cfg.finetune
 

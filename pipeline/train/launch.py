@@ -142,8 +142,10 @@ def fit(loop, name: str, t, output: str, loop_config: dict):
     """Run `loop` on `t.num_workers` Ray Train workers (elastic between t.min_workers and
     t.num_workers when set); checkpoints under OUTPUT/ray/NAME (a re-run resumes from the latest),
     FailureConfig restarts."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
+
+    from pipeline.raycluster import train_log_level
     from ray.train.torch import TorchTrainer
 
     fs, out = storage.resolve(output)
@@ -153,12 +155,13 @@ def fit(loop, name: str, t, output: str, loop_config: dict):
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: os.environ[k] for k in (SAMPLE_LOG,) if k in os.environ}}
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "cluster_cpus": cluster_cpus},
+        train_loop_config={**loop_config, "cluster_cpus": cluster_cpus, "log_level": train_log_level()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=t.resize_interval_s),
         run_config=RayRunConfig(name=name, storage_path=f"{out}/ray", storage_filesystem=fs,
                                 failure_config=FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                logging_config=LoggingConfig(log_level=train_log_level()),
                                 # Ray Train tees a worker's print() into its logger, and both reach
                                 # the terminal: one progress line per logging step needs it off.
                                 # SAMPLE_LOG: a test's hook (loop.py) reaches the workers.

@@ -83,11 +83,20 @@ def node_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def worker_context(use_gpu: bool):
-    """(rank, world size, device, torch threads) of this Ray Train worker; sets the thread count."""
+def worker_context(use_gpu: bool, log_level: str = "INFO"):
+    """(rank, world size, device, torch threads) of this Ray Train worker; sets the thread count
+    and the level of Ray Train's own log lines here (launch.fit: WARNING when the job's console is
+    not a terminal — its "Reporting training result …" lines reach the console through Ray's
+    logger, which Ray Train's LoggingConfig leaves alone)."""
+    import logging
+
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.train").setLevel(log_level)
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(log_level)  # Ray 2.60 names this one logger by its file
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())

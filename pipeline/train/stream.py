@@ -219,12 +219,13 @@ class RankStream:
         if not needs:
             return
         order, w = self.order(epoch), self.window
+        from pipeline.raycluster import quiet_ray_data
+
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        # One reader per worker and epoch (every few seconds on a small data set): its progress bars
-        # and "Starting execution of Dataset …" lines would flood the log.
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        # One reader per worker and epoch (every few seconds on a small data set): its progress
+        # (logged: a worker has no terminal) and execution lines would flood the driver's console.
+        quiet_ray_data(worker=True)
         items = [dataclasses.asdict(c) for j, _ in needs for c in _slice(order, j * w, (j + 1) * w)]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_chunks, fn_kwargs={"columns": self.columns}, batch_size=1, batch_format="numpy")

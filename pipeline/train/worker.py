@@ -35,7 +35,7 @@ from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_pictu
 def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
-    rank, world, device, threads = worker_context(RunConfig.from_dict(config["run"]).train.use_gpu)
+    rank, world, device, threads = worker_context(RunConfig.from_dict(config["run"]).train.use_gpu, config.get("log_level", "INFO"))
     cfg = at_world(RunConfig.from_dict(config["run"]), world, rank)  # config["run"] stays what is logged and saved
     t, mcfg = cfg.train, cfg.model
 
