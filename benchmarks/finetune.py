@@ -46,7 +46,7 @@ def run(cmd: list[str], log: str, summary: bool = True) -> dict:
 
 def splits(runs: str, out: str, modality: str, seed: int = 0) -> dict:
     """{"train", "val", "test"} preprocessed folders for one modality (val carved out of train)."""
-    from pipeline.train.tasks import write_fraction
+    from pipeline.finetune.tasks import write_fraction
 
     if modality == "ctc":
         raw, prep = os.path.join(out, "ctc_raw"), {}

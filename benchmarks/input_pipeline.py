@@ -90,7 +90,7 @@ def bare_samples_per_s(cfg: RunConfig, steps: int) -> tuple[float, float]:
 def ray_metrics(cfg: RunConfig) -> tuple[dict, dict, float]:
     """(the run's last logging window = its measured steps, cores per process group meanwhile,
     fixed seconds = the run's wall time less its training time)."""
-    from pipeline.train.launch import run_pretraining
+    from pipeline.pretrain.launch import run_pretraining
 
     t0 = time.perf_counter()
     # The measured steps' share of the worker's life (its start-up makes the share a little smaller).

@@ -51,8 +51,8 @@ def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
     from pipeline.recipes import recipe
     from pipeline.train.config import resolve_finetune
     from pipeline.train.memory import GB, estimate
-    from pipeline.train.step import build_finetune_optimizer, finetune_step
-    from pipeline.train.tasks import Targets, build_vocab, collate
+    from pipeline.finetune.step import build_finetune_optimizer, finetune_step
+    from pipeline.finetune.tasks import Targets, build_vocab, collate
 
     fe = {"image": {"image_size": 224}, "text": {"vocab_size": 8000}}.get(modality, {})
     labels = build_vocab(["one two three"]) if task == "ctc" else [str(i) for i in range(10)]

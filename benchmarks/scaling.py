@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.efficiency import synthetic  # noqa: E402
 from benchmarks.flops import counter  # noqa: E402
 from benchmarks.harness import demo_run_config  # noqa: E402
-from pipeline.model.config import preset  # noqa: E402
+from pipeline.recipes import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec  # noqa: E402
 
 H100_BF16 = 989e12
@@ -44,7 +44,7 @@ GPUS = (1, 8, 16, 32, 64)
 
 
 def measured(data: str, mod: str, workers: int, steps: int) -> float:
-    from pipeline.train.launch import run_pretraining
+    from pipeline.pretrain.launch import run_pretraining
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = demo_run_config(data, mod, tmp, overrides={

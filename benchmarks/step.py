@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.flops import counter, matmul_peak  # noqa: E402
-from pipeline.model.config import preset  # noqa: E402
+from pipeline.recipes import preset  # noqa: E402
 from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
 
 SIZES = {  # name: (image px, patch, width, depth, heads, batch)

@@ -200,7 +200,8 @@ def run_demo(a, mods: list[str], uri: str, parent_id: str, t_start: float) -> in
     """Every modality's preprocess → pretraining → probe, then the summary; 0, or the exit code
     of the first failure (its message printed)."""
     from pipeline.train.config import resolve
-    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest, run_pretraining
+    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest
+    from pipeline.pretrain.launch import run_pretraining
 
     rows = []
     for mod in mods:
@@ -276,7 +277,7 @@ def finetune_ctc(a, uri: str, parent_id: str) -> dict | int:
     from types import SimpleNamespace
 
     from pipeline.ingest import run
-    from pipeline.train import finetune_launch as fl
+    from pipeline.finetune import launch as fl
     from pipeline.train.launch import fit_error
 
     if not os.path.isdir(os.path.join(a.data, "ctc")):

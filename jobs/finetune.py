@@ -69,7 +69,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipeline.train import finetune_launch as fl
+    from pipeline.finetune import launch as fl
 
     try:
         a, sets = parse(argv)

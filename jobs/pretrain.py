@@ -103,7 +103,8 @@ def build_config(argv=None):
 
 def main(argv=None) -> int:
     from pipeline.train.config import to_yaml
-    from pipeline.train.launch import check_data, check_resume
+    from pipeline.pretrain.launch import check_data
+    from pipeline.train.launch import check_resume
     from pipeline.train.memory import fit_memory
 
     try:
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     if memory_line:
         print(memory_line, flush=True)
     from pipeline.raycluster import init_ray
-    from pipeline.train.launch import fit_error, local_cluster_cpus, run_pretraining
+    from pipeline.train.launch import fit_error, local_cluster_cpus
+    from pipeline.pretrain.launch import run_pretraining
 
     fault = {}  # test-only fault injection
     if os.environ.get("D2V_FAIL_AT_STEP"):  # one worker process dies once at this step

@@ -70,7 +70,8 @@ def trial(config: dict, tracking_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.config import resolve
-    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest, run_pretraining
+    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest
+    from pipeline.pretrain.launch import run_pretraining
 
     s = config["_static"]
     params = {k: v for k, v in config.items() if k != "_static"}

@@ -119,7 +119,7 @@ def extract_splits_in_process(data_dirs: list[str], checkpoint: str, modality: s
     """`extract_splits` in this process, reading the shards with pyarrow: for small labeled sets on
     one machine (the demo's few thousand rows), where starting an actor pool costs more than the
     extraction itself (~30 s of the demo's ~45 s per modality on 2 cores)."""
-    from pipeline.train.curves import labeled_rows
+    from pipeline.train.stream import labeled_rows
 
     ext = FeatureExtractor(checkpoint, tuple(variants), layers, teacher=False)
     torch.set_num_threads(os.cpu_count() or 1)  # FeatureExtractor sets 1 thread (one per actor)

@@ -364,3 +364,9 @@ def finetune_recipe(modality: str, task: str, size: str, pre_norm: bool = False)
             {"task": task, "head_dropout": 0.0},
             dropout=0.1)
     raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
+
+
+def preset(modality: str, size: str = "base", mode: str = "d2v2", **frontend) -> ModelConfig:
+    """The model half of the recipe for (modality, mode, size); `frontend` carries data-derived
+    settings (image_size, vocab_size) and overrides."""
+    return recipe(modality, mode, size, **frontend).model

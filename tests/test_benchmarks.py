@@ -137,6 +137,7 @@ def test_text_diagnostics_word_order_rows_and_variance_shares():
     assert _r2(y, _group_means(y, groups)) == pytest.approx(1 - within / total)
 
 
+@pytest.mark.slow
 def test_text_diagnostics_script_runs(demo_shards):
     from benchmarks.text_diagnostics import main
     data = os.path.dirname(demo_shards["text"])
@@ -267,6 +268,7 @@ def test_cpu_sampler_tail_is_the_end_of_the_workers_life():
     assert 0.3 < s.cores()["worker"] < 0.7, s.cores()
 
 
+@pytest.mark.slow
 def test_preprocess_benchmark_runs_paired_repeats(demo_raw):
     """benchmarks.preprocess at a tiny size (its own local Ray, so a subprocess): both sides write
     the same rows (the script asserts it) and each ratio's median lies within its range."""

@@ -1,4 +1,4 @@
-"""Learning curves (pipeline/train/curves.py): held-out chunks, validation loss at fixed masks,
+"""Learning curves (pipeline/pretrain/curves.py): held-out chunks, validation loss at fixed masks,
 the online probe; on the real preprocessed demo data, in-process (no Ray Train)."""
 from contextlib import nullcontext
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from pipeline.model.data2vec import Data2Vec
-from pipeline.train.batches import COLUMNS, collate
+from pipeline.train.stream import COLUMNS
+from pipeline.train.batches import collate
 from pipeline.train.config import resolve
-from pipeline.train.curves import OnlineProbe, ValidationLoss, read_rows
+from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
+from pipeline.train.stream import read_rows
 from pipeline.train.stream import list_chunks, split_chunks
 
 

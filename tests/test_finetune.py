@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from pipeline.model.finetune import FineTuneModel
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import build_finetune_optimizer
-from pipeline.train.tasks import Targets, build_vocab, fraction_indices, greedy_ctc
+from pipeline.finetune.step import build_finetune_optimizer
+from pipeline.finetune.tasks import Targets, build_vocab, fraction_indices, greedy_ctc
 from tests.test_model import tiny
 
 SMALL = ["--num-workers", "2", "--set", "train.batch_size=8", "--set", "train.log_every=2",
@@ -203,7 +203,7 @@ def test_finetune_from_pretrained_resumes_bit_identical(demo_shards, tmp_path, c
     assert "has already finished" in out and json.loads(out.strip().splitlines()[-1])["test_accuracy"] == sa["test_accuracy"]
     # the encoder started from the pretrained weights (not a fresh init)
     pre = load_file(os.path.join(run, "final", "model.safetensors"))
-    from pipeline.train.finetune_worker import build_model
+    from pipeline.finetune.worker import build_model
     from pipeline.train.checkpoint import load_finetuned
     _, cfg = load_finetuned(os.path.join(a, "final"))
     start = build_model(cfg).state_dict()
@@ -405,7 +405,7 @@ def test_label_fraction_subset_is_written_in_full_row_groups(tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.config import ROW_GROUP_ROWS
-    from pipeline.train.tasks import write_fraction
+    from pipeline.finetune.tasks import write_fraction
     src = tmp_path / "src"
     (src / "shards").mkdir(parents=True)
     n = 40 * ROW_GROUP_ROWS

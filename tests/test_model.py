@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.model.config import ModelConfig, preset
+from pipeline.model.config import ModelConfig
+from pipeline.recipes import preset
 from pipeline.model.data2vec import Data2Vec, draw_masks
 from pipeline.model.ema import ema_decay_at, ema_update
 from pipeline.model.frontends import conv_frames

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.config import preset
+from pipeline.recipes import preset
 from pipeline.model.data2vec import Data2Vec
 from pipeline.model.objective import regression_loss
 from pipeline.tokenizer import MASK_ID

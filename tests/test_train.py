@@ -164,7 +164,7 @@ def test_reference_batch_derives_accumulation_for_the_worker_count():
 def test_streaming_dataset_is_not_materialized(demo_shards):
     """The trainer receives a lazy read_parquet dataset: nothing is executed or pinned up front."""
     import ray
-    from pipeline.train.batches import COLUMNS
+    from pipeline.train.stream import COLUMNS
     ds = ray.data.read_parquet(os.path.join(demo_shards["image"], "shards"), columns=COLUMNS["image"])
     from ray.data.dataset import MaterializedDataset
     assert isinstance(ds, ray.data.Dataset) and not isinstance(ds, MaterializedDataset)

@@ -214,11 +214,3 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         _check(not set(kw) - known, "", f"unknown field(s) {sorted(set(kw) - known)}")
         return cls(**kw)
-
-
-def preset(modality: str, size: str = "base", mode: str = "d2v2", **frontend) -> ModelConfig:
-    """The model half of the recipe for (modality, mode, size) (see pipeline/recipes.py);
-    `frontend` carries data-derived settings (image_size, vocab_size) and overrides."""
-    from pipeline.recipes import recipe  # recipes build on the configs defined here
-
-    return recipe(modality, mode, size, **frontend).model

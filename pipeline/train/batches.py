@@ -20,7 +20,6 @@ from pipeline.tokenizer import PAD_ID
 
 IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet statistics
 IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32)
-COLUMNS = {"image": ["image"], "audio": ["audio"], "text": ["input_ids"]}
 
 
 def image_tensor(column, size: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Driver side of pretraining: read the data's manifest, check a resume, list the data's chunks
-and run the TorchTrainer. Paths may be local folders or URIs (pyarrow.fs)."""
+"""Driver side shared by pretraining (pipeline/pretrain) and fine-tuning (pipeline/finetune): read a
+preprocessed folder's manifest, check a resume, run a worker loop on Ray Train (`fit`, fixed or
+elastic), turn a failure into the worker's own error line. Paths may be local folders or URIs."""
 from __future__ import annotations
 
 import json
@@ -9,12 +10,7 @@ import ray
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.train.batches import COLUMNS
-from pipeline.train.config import RunConfig
 from pipeline.train.loop import SAMPLE_LOG
-from pipeline.train.stream import CHUNK_ROWS, list_chunks, split_chunks
-from pipeline.train.tracking import prepare_experiment
-from pipeline.train.worker import train_loop_per_worker
 
 
 def read_manifest(data: str, modality: str) -> dict:
@@ -87,55 +83,6 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> Non
         raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"
                           f"{', …' if len(diff) > 6 else ''}); resuming would change its schedule. Use a new "
                           f"--output, or pass --allow-config-change to resume anyway")
-
-
-def data_chunks(cfg: RunConfig) -> tuple[list, list]:
-    """(training chunks, validation chunks): the validation chunks are --val-data's, or a seeded
-    train.val_fraction of the data's own chunks (held out of training)."""
-    cols = COLUMNS[cfg.modality]
-    chunks = list_chunks(cfg.data, cols)
-    if cfg.val_data:
-        return chunks, list_chunks(cfg.val_data, cols)
-    if cfg.train.val_fraction <= 0:
-        return chunks, []
-    return split_chunks(chunks, cfg.train.val_fraction, cfg.train.seed)
-
-
-def check_data(cfg: RunConfig) -> None:
-    """The validation and probe folders exist, hold this modality, and leave training data (before
-    Ray starts)."""
-    for key in ("val_data", "probe_train", "probe_test"):
-        if getattr(cfg, key):
-            m = read_manifest(getattr(cfg, key), cfg.modality)
-            if key != "val_data" and not m.get("labels"):
-                raise ConfigError(f"{key}: {getattr(cfg, key)!r} holds no labeled rows")
-    if bool(cfg.probe_train) != bool(cfg.probe_test):
-        raise ConfigError("probe_train: --probe-train and --probe-test go together")
-    if cfg.train.val_fraction > 0 and cfg.val_data:
-        raise ConfigError("train.val_fraction: set it or --val-data, not both")
-    if cfg.train.val_fraction > 0:
-        n = len(list_chunks(cfg.data, COLUMNS[cfg.modality]))
-        if n < 2:
-            raise ConfigError(f"train.val_fraction: {cfg.data!r} has {n} chunk(s) of {CHUNK_ROWS} rows; "
-                              f"nothing can be held out — pass --val-data")
-
-
-def run_pretraining(cfg: RunConfig, fault: dict | None = None, tags: dict | None = None):
-    """Run (or resume) the pretraining described by `cfg` on the connected Ray cluster; `tags`
-    go onto its MLflow run (e.g. the memory pre-flight's choice)."""
-    import dataclasses
-
-    fs, out = storage.resolve(cfg.output)
-    fs.create_dir(out, recursive=True)
-    storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    if cfg.tracking_uri:
-        prepare_experiment(cfg.tracking_uri, cfg.experiment)  # absolute artifact location, chosen here
-    # Each worker streams its own seeded share of these chunks with Ray Data (stream.py): only
-    # Parquet metadata is read here.
-    chunks, val_chunks = data_chunks(cfg)
-    return fit(train_loop_per_worker, "pretrain", cfg.train, cfg.output,
-               {"run": cfg.to_dict(), "fault": fault, "tags": tags or {}, "chunks": [dataclasses.asdict(c) for c in chunks],
-                "val_chunks": [dataclasses.asdict(c) for c in val_chunks]})
 
 
 def fit(loop, name: str, t, output: str, loop_config: dict):

@@ -1,5 +1,5 @@
-"""The step loop every Ray Train worker runs, pretraining (worker.py) and fine-tuning
-(finetune_worker.py) alike. What differs between them is a `Task`'s hooks.
+"""The step loop every Ray Train worker runs, pretraining (pipeline/pretrain/worker.py) and
+fine-tuning (pipeline/finetune/worker.py) alike. What differs between them is a `Task`'s hooks.
 
     checkpoint → `restore` the run position → this rank's seeded stream (stream.py) → groups of
     grad_accum micro-batches, collated ahead in a background thread (batches.Ahead) →

@@ -26,6 +26,7 @@ import pyarrow as pa
 from pipeline.config import ROW_GROUP_ROWS
 
 CHUNK_ROWS = ROW_GROUP_ROWS  # preprocessing writes row groups of this size: a chunk reads one
+COLUMNS = {"image": ["image"], "audio": ["audio"], "text": ["input_ids"]}  # the model inputs per modality
 ROW_ID = "__row__"  # each batch's stable row ids (index in the run's chunk list), for tests and logs
 
 
@@ -164,6 +165,29 @@ def read_chunks(batch: dict, columns: list[str]) -> pa.Table:
         t = t.slice(int(start), int(stop) - int(start))
         tables.append(t.append_column(ROW_ID, pa.array(np.arange(int(id0), int(id0) + t.num_rows))))
     return pa.concat_tables(tables)
+
+
+def read_rows(chunks: list[Chunk], columns: list[str], limit: int) -> dict[str, np.ndarray]:
+    """The first `limit` rows of `chunks`, in order, as numpy columns."""
+    tables, n = [], 0
+    for c in chunks:
+        if n >= limit:
+            break
+        t = read_chunks({k: [v] for k, v in dataclasses.asdict(c).items()}, columns)
+        tables.append(t)
+        n += t.num_rows
+    t = pa.concat_tables(tables).slice(0, limit) if tables else pa.table({c: [] for c in columns})
+    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def labeled_rows(data: str, modality: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every labeled row of a preprocessed folder: (model input columns, labels)."""
+    cols = COLUMNS[modality] + ["label"]
+    chunks = list_chunks(data, cols)
+    rows = read_rows(chunks, cols, sum(c.rows for c in chunks))
+    keep = np.flatnonzero([lab is not None for lab in rows["label"]])
+    return {c: rows[c][keep] for c in COLUMNS[modality]}, np.asarray(rows["label"][keep])
+
 
 
 class RankStream:

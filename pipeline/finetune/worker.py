@@ -18,14 +18,14 @@ import torch
 
 from pipeline import storage
 from pipeline.model.finetune import FineTuneModel
-from pipeline.train.batches import COLUMNS
+from pipeline.train.stream import COLUMNS
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import FineTuneConfig
-from pipeline.train.curves import read_rows
 from pipeline.train.loop import POSITION, Task, at_world, copy_to_local, cpu_copy, restore, run_steps, worker_context
-from pipeline.train.step import autocast_for, build_finetune_optimizer, finetune_step
-from pipeline.train.stream import list_chunks
-from pipeline.train.tasks import Targets, collate, evaluate, target_column
+from pipeline.train.step import autocast_for
+from pipeline.finetune.step import build_finetune_optimizer, finetune_step
+from pipeline.train.stream import list_chunks, read_rows
+from pipeline.finetune.tasks import Targets, collate, evaluate, target_column
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit
 
 

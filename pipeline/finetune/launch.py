@@ -11,11 +11,11 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.recipes import recipe
-from pipeline.train.batches import COLUMNS
+from pipeline.train.stream import COLUMNS
 from pipeline.train.config import FineTuneConfig, resolve_finetune
 from pipeline.train.launch import check_resume, fit, frontend_from_manifest, read_manifest
 from pipeline.train.stream import list_chunks
-from pipeline.train.tasks import build_vocab, target_column, write_fraction
+from pipeline.finetune.tasks import build_vocab, target_column, write_fraction
 
 SPLITS = {"train_data": "--train-data", "val_data": "--val-data", "test_data": "--test-data"}
 
@@ -150,7 +150,7 @@ def finished(cfg: FineTuneConfig) -> dict | None:
 
 def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None, tags: dict | None = None):
     """Run (or resume) the fine-tuning described by `cfg` on the connected Ray cluster."""
-    from pipeline.train.finetune_worker import finetune_loop_per_worker
+    from pipeline.finetune.worker import finetune_loop_per_worker
     from pipeline.train.tracking import prepare_experiment
 
     chunks = training_chunks(cfg) if chunks is None else chunks

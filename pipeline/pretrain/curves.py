@@ -10,32 +10,17 @@ No Ray imports.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
-import pyarrow as pa
 import torch
 
-from pipeline.train.batches import COLUMNS, collate
-from pipeline.train.stream import Chunk, list_chunks, read_chunks
+from pipeline.train.stream import COLUMNS
+from pipeline.train.batches import collate
+from pipeline.train.stream import Chunk, labeled_rows, read_rows
 
 # The online probe's logistic-regression C is fixed (standardized features). On its few hundred rows
 # it reads lower than the final probe; the curve's shape is what matters while training (the final
 # probe, pipeline.probe, uses every row and cross-validates C).
 ONLINE_PROBE_C = 1.0
-
-
-def read_rows(chunks: list[Chunk], columns: list[str], limit: int) -> dict[str, np.ndarray]:
-    """The first `limit` rows of `chunks`, in order, as numpy columns."""
-    tables, n = [], 0
-    for c in chunks:
-        if n >= limit:
-            break
-        t = read_chunks({k: [v] for k, v in dataclasses.asdict(c).items()}, columns)
-        tables.append(t)
-        n += t.num_rows
-    t = pa.concat_tables(tables).slice(0, limit) if tables else pa.table({c: [] for c in columns})
-    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
 class ValidationLoss:
@@ -71,15 +56,6 @@ class ValidationLoss:
                 return total / len(self.batches)
             finally:
                 model.train(was)
-
-
-def labeled_rows(data: str, modality: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every labeled row of a preprocessed folder: (model input columns, labels)."""
-    cols = COLUMNS[modality] + ["label"]
-    chunks = list_chunks(data, cols)
-    rows = read_rows(chunks, cols, sum(c.rows for c in chunks))
-    keep = np.flatnonzero([lab is not None for lab in rows["label"]])
-    return {c: rows[c][keep] for c in COLUMNS[modality]}, np.asarray(rows["label"][keep])
 
 
 def _labeled_subset(data: str, modality: str, n: int, seed: int) -> tuple[dict, np.ndarray]:

@@ -21,10 +21,11 @@ import torch
 from pipeline import storage
 from pipeline.model.data2vec import Data2Vec
 from pipeline.model.objective import NonFiniteLoss, RepresentationCollapse
-from pipeline.train.batches import COLUMNS, collate
+from pipeline.train.stream import COLUMNS
+from pipeline.train.batches import collate
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import RunConfig
-from pipeline.train.curves import OnlineProbe, ValidationLoss
+from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
 from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
                                  load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
@@ -33,14 +34,33 @@ from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_pictu
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """set up (config at this world size, model, optimizer, restored position) → open tracking
+    (rank 0) → the step loop → write final/ (rank 0)."""
+    rank, world, device, threads = worker_context(RunConfig.from_dict(config["run"]).train.use_gpu,
+                                                  config.get("log_level", "INFO"))
+    cfg = at_world(RunConfig.from_dict(config["run"]), world, rank)  # config["run"] stays what is logged and saved
+    model, net, opt, pos, resumed = build(cfg, world, device)
+    sink = open_tracking(cfg, config, world, device, threads) if rank == 0 else NullSink()
+    try:
+        task = Pretraining(cfg, model, net, opt, pos, rank, world, device, sink, config)
+        run_steps(task, model=model, opt=opt, pos=pos, t=cfg.train, rank=rank, world=world, chunks=config["chunks"],
+                  sink=sink, config=config["run"], resumed=resumed)
+        if rank == 0 and pos["step"] >= cfg.train.max_steps:
+            write_final(cfg, model, config["run"], sink)
+    except BaseException:
+        sink.close("FAILED")  # the MLflow run of a failed worker says so (a restart reopens it)
+        raise
+    sink.close()
+
+
+def build(cfg: RunConfig, world: int, device):
+    """(model, its DDP wrapper, optimizer, run position, resumed?): seeded identical weights on
+    every rank, then the checkpoint's (a restart) or --init's (continued pretraining)."""
     import ray.train.torch
 
-    rank, world, device, threads = worker_context(RunConfig.from_dict(config["run"]).train.use_gpu, config.get("log_level", "INFO"))
-    cfg = at_world(RunConfig.from_dict(config["run"]), world, rank)  # config["run"] stays what is logged and saved
-    t, mcfg = cfg.train, cfg.model
-
+    t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = Data2Vec(mcfg).to(device)
+    model = Data2Vec(cfg.model).to(device)
     opt = build_optimizer(model, t)
     # Run position; lr_scale and rollbacks change only on a rollback and are checkpointed too.
     pos = {**POSITION, "lr_scale": 1.0, "rollbacks": 0}
@@ -51,33 +71,30 @@ def train_loop_per_worker(config: dict) -> None:
     if t.compile:
         model.compile_modules()
     net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    return model, net, opt, pos, resumed
 
-    sink = NullSink()
-    if rank == 0:
-        out_fs, out_root = storage.resolve(cfg.output)
-        out_fs.create_dir(out_root, recursive=True)
-        sink = MLflowSink(cfg.tracking_uri, cfg.experiment,
-                          cfg.output, f"{cfg.modality}-{mcfg.mode}-{cfg.preset}", config["run"],
-                          parent_run_id=cfg.parent_run_id)
-        sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
-                       "git_commit": git_commit(), "modality": cfg.modality, "mode": mcfg.mode,
-                       "preset": cfg.preset, "ray.num_workers": world, "torch.threads_per_worker": threads,
-                       "ray.cluster_cpus": config.get("cluster_cpus", "?"), "device": str(device)})
-        sink.set_tags(config.get("tags") or {})
-    try:
-        task = Pretraining(cfg, model, net, opt, pos, rank, world, device, sink, config)
-        run_steps(task, model=model, opt=opt, pos=pos, t=t, rank=rank, world=world, chunks=config["chunks"],
-                  sink=sink, config=config["run"], resumed=resumed)
-        if rank == 0 and pos["step"] >= t.max_steps:
-            final = storage.join(cfg.output, "final")
-            save_final(final, model, config["run"])
-            with tempfile.TemporaryDirectory() as tmp:
-                for local in copy_to_local(*storage.resolve(final), ("config.json", "model.safetensors"), tmp):
-                    sink.log_artifact(local, "final")
-    except BaseException:
-        sink.close("FAILED")  # the MLflow run of a failed worker says so (a restart reopens it)
-        raise
-    sink.close()
+
+def open_tracking(cfg: RunConfig, config: dict, world: int, device, threads: int) -> MLflowSink:
+    """Rank 0's MLflow run (reopened on a restart), with the run's tags."""
+    out_fs, out_root = storage.resolve(cfg.output)
+    out_fs.create_dir(out_root, recursive=True)
+    sink = MLflowSink(cfg.tracking_uri, cfg.experiment, cfg.output, f"{cfg.modality}-{cfg.model.mode}-{cfg.preset}",
+                      config["run"], parent_run_id=cfg.parent_run_id)
+    sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
+                   "git_commit": git_commit(), "modality": cfg.modality, "mode": cfg.model.mode,
+                   "preset": cfg.preset, "ray.num_workers": world, "torch.threads_per_worker": threads,
+                   "ray.cluster_cpus": config.get("cluster_cpus", "?"), "device": str(device)})
+    sink.set_tags(config.get("tags") or {})
+    return sink
+
+
+def write_final(cfg: RunConfig, model, saved_config: dict, sink) -> None:
+    """RUN_DIR/final (model.safetensors + config.json), also as MLflow artifacts."""
+    final = storage.join(cfg.output, "final")
+    save_final(final, model, saved_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        for local in copy_to_local(*storage.resolve(final), ("config.json", "model.safetensors"), tmp):
+            sink.log_artifact(local, "final")
 
 
 class Pretraining(Task):
