@@ -450,9 +450,8 @@ def run(cfg: PreprocessConfig) -> dict:
         extra_settings["vocab_size"] = Tokenizer.from_str(tokenizer_json).get_vocab_size()
         extra_settings["tokenizer"] = storage.join(cfg.output, "tokenizer.json")
         extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": mask_id}
-        # The actors read the tokenizer from the file just written: a vocabulary is hundreds of KB,
-        # and constructor arguments that large go through the object store (which Ray logs as an
-        # error-level line for restartable actors).
+        # The actors read the tokenizer from the file just written (a vocabulary is hundreds of KB;
+        # the constructor arguments stay small).
         ds = source().map_batches(
             TextTokenize, fn_constructor_kwargs=dict(tokenizer_file=extra_settings["tokenizer"], **common),
             batch_size=bs, batch_format="numpy",
