@@ -21,8 +21,8 @@ import torch
 
 from pipeline.model.data2vec import Data2Vec
 from pipeline.probe import eval_inputs, fit_probes
-from pipeline.train.stream import COLUMNS
 from pipeline.train.batches import collate, step_rng
+from pipeline.train.stream import COLUMNS
 from pipeline.train.config import RunConfig, resolve
 from pipeline.train.launch import frontend_from_manifest, read_manifest
 from pipeline.train.step import build_optimizer, train_step

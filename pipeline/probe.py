@@ -25,14 +25,10 @@ def read_shards(data: str, modality: str) -> "ray.data.Dataset":
     starts 32 footer-reading actors per read and kills them when listing ends; those still starting
     then make the GCS log "Failed to kill actor … Socket closed" — for a few footers the driver
     reads itself.)"""
-    import dataclasses
-
-    from pipeline.train.stream import list_chunks, read_chunks
+    from pipeline.train.stream import chunks_dataset, list_chunks
 
     columns = FEATURE_COLUMNS[modality]
-    items = [dataclasses.asdict(c) for c in list_chunks(data, columns)]
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_chunks, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow")
+    return chunks_dataset(list_chunks(data, columns), columns)
 
 
 def batch_features(model, batch: dict, layers: tuple[int, ...] = (-1,), audio_group: int = 16) -> np.ndarray:

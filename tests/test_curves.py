@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from pipeline.model.data2vec import Data2Vec
-from pipeline.train.stream import COLUMNS
 from pipeline.train.batches import collate
 from pipeline.train.config import resolve
 from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
-from pipeline.train.stream import read_rows
-from pipeline.train.stream import list_chunks, split_chunks
+from pipeline.train.stream import COLUMNS, list_chunks, read_rows, split_chunks
 
 
 def _cfg(data, **sets):

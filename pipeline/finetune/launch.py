@@ -11,11 +11,10 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.recipes import recipe
-from pipeline.train.stream import COLUMNS
+from pipeline.finetune.tasks import build_vocab, target_column, write_fraction
 from pipeline.train.config import FineTuneConfig, resolve_finetune
 from pipeline.train.launch import check_resume, fit, frontend_from_manifest, read_manifest
-from pipeline.train.stream import list_chunks
-from pipeline.finetune.tasks import build_vocab, target_column, write_fraction
+from pipeline.train.stream import COLUMNS, list_chunks
 
 SPLITS = {"train_data": "--train-data", "val_data": "--val-data", "test_data": "--test-data"}
 

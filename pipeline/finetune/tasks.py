@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.frontends import conv_frames
-from pipeline.train.stream import COLUMNS
 from pipeline.train.batches import audio_tensor, eval_inputs, image_tensor, text_tensor
+from pipeline.train.stream import COLUMNS
 
 # CTC vocabulary: blank first (Hugging Face's Wav2Vec2 CTC uses the pad id as blank), "|" between
 # words, then the training transcripts' characters.

@@ -18,13 +18,12 @@ import torch
 
 from pipeline import storage
 from pipeline.model.finetune import FineTuneModel
-from pipeline.train.stream import COLUMNS
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import FineTuneConfig
 from pipeline.train.loop import POSITION, Task, at_world, copy_to_local, cpu_copy, restore, run_steps, worker_context
 from pipeline.train.step import autocast_for
 from pipeline.finetune.step import build_finetune_optimizer, finetune_step
-from pipeline.train.stream import list_chunks, read_rows
+from pipeline.train.stream import COLUMNS, list_chunks, read_rows
 from pipeline.finetune.tasks import Targets, collate, evaluate, target_column
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit
 
@@ -74,8 +73,9 @@ def _rows(data: str, modality: str, task: str) -> dict:
 def finetune_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
-    rank, world, device, _ = worker_context(FineTuneConfig.from_dict(config["run"]).train.use_gpu, config.get("log_level", "INFO"))
-    cfg = at_world(FineTuneConfig.from_dict(config["run"]), world, rank)  # config["run"] is what is logged and saved
+    cfg = FineTuneConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
+    rank, world, device, _ = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
+    cfg = at_world(cfg, world, rank)
     t, f = cfg.train, cfg.finetune
 
     notes: dict = {}

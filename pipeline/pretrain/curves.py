@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.train.stream import COLUMNS
 from pipeline.train.batches import collate
-from pipeline.train.stream import Chunk, labeled_rows, read_rows
+from pipeline.train.stream import COLUMNS, Chunk, labeled_rows, read_rows
 
 # The online probe's logistic-regression C is fixed (standardized features). On its few hundred rows
 # it reads lower than the final probe; the curve's shape is what matters while training (the final

@@ -21,7 +21,6 @@ import torch
 from pipeline import storage
 from pipeline.model.data2vec import Data2Vec
 from pipeline.model.objective import NonFiniteLoss, RepresentationCollapse
-from pipeline.train.stream import COLUMNS
 from pipeline.train.batches import collate
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import RunConfig
@@ -29,16 +28,16 @@ from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
 from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
                                  load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
-from pipeline.train.stream import Chunk
+from pipeline.train.stream import COLUMNS, Chunk
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_picture
 
 
 def train_loop_per_worker(config: dict) -> None:
     """set up (config at this world size, model, optimizer, restored position) → open tracking
     (rank 0) → the step loop → write final/ (rank 0)."""
-    rank, world, device, threads = worker_context(RunConfig.from_dict(config["run"]).train.use_gpu,
-                                                  config.get("log_level", "INFO"))
-    cfg = at_world(RunConfig.from_dict(config["run"]), world, rank)  # config["run"] stays what is logged and saved
+    cfg = RunConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
+    rank, world, device, threads = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
+    cfg = at_world(cfg, world, rank)
     model, net, opt, pos, resumed = build(cfg, world, device)
     sink = open_tracking(cfg, config, world, device, threads) if rank == 0 else NullSink()
     try:

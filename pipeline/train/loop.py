@@ -25,7 +25,7 @@ import torch
 
 from pipeline.train.batches import Ahead, step_rng
 from pipeline.train.checkpoint import load_state, save_state
-from pipeline.train.stream import ROW_ID, Chunk, RankStream
+from pipeline.train.stream import ROW_ID, Chunk, RankStream, interval_rows
 
 POSITION = {"step": 0, "epoch": 0, "rest": None, "step_in_epoch": 0, "world": 0}
 SAMPLE_LOG = "D2V_SAMPLE_LOG"  # test hook: a file each rank appends the row ids of its steps to
@@ -201,15 +201,16 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     last logged metrics. `config` is saved with every checkpoint."""
     stream = RankStream([Chunk(**c) for c in chunks], task.columns, t.batch_size, t.shuffle_buffer, t.seed,
                         rank, world)
-    if stream.plan(None, t.grad_accum).steps == 0:
+    whole_epoch = stream.plan(None, t.grad_accum)
+    if whole_epoch.steps == 0:
         raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "
                            f"× grad_accum ({t.grad_accum}) or use fewer workers ({world})")
     if pos["rest"] is None and pos["step_in_epoch"]:  # written before positions were global: same world
-        pos["rest"] = stream.plan(None, t.grad_accum).left_after(pos["step_in_epoch"])
+        pos["rest"] = whole_epoch.left_after(pos["step_in_epoch"])
     if resumed:
         resized = pos["world"] and pos["world"] != world
         if rank == 0:
-            left = stream.total if pos["rest"] is None else sum(hi - lo for lo, hi in pos["rest"])
+            left = stream.total if pos["rest"] is None else interval_rows(pos["rest"])
             print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, {left} of its {stream.total} "
                   f"rows left) on {world} worker(s)" + (f", {pos['world']} before" if resized else ""), flush=True)
         if resized:
@@ -259,7 +260,7 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
             pos["rest"] = plan.left_after(planned)
             while plan.steps == planned:  # the epoch is done: its next step is the next epoch's first
                 pos.update(epoch=pos["epoch"] + 1, step_in_epoch=0, rest=None)
-                plan, planned = stream.plan(None, t.grad_accum), 0
+                plan, planned = whole_epoch, 0
             step = pos["step"]
             meter.step(m)
             meter.add("samples", t.effective_batch)

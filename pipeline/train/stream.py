@@ -81,17 +81,25 @@ def _uri(data: str, root: str, path: str) -> str:
     return base.rstrip("/") + path[len(root):] + (f"?{query}" if query else "")
 
 
-def _slice(chunks: list[Chunk], lo: int, hi: int) -> list[Chunk]:
-    """Rows [lo, hi) of the concatenation of `chunks`, as (possibly trimmed) chunks."""
+def _cut(items: list, lo: int, hi: int, size, trim) -> list:
+    """Rows [lo, hi) of the concatenation of `items` (each `size(item)` rows long), as items
+    trimmed by `trim(item, first, stop)` (row offsets inside the item)."""
     out, pos = [], 0
-    for c in chunks:
-        a, b = max(lo, pos), min(hi, pos + c.rows)
+    for it in items:
+        n = size(it)
+        a, b = max(lo, pos), min(hi, pos + n)
         if a < b:
-            out.append(Chunk(c.path, c.group, c.start + a - pos, c.start + b - pos, c.id0 + a - pos))
-        pos += c.rows
+            out.append(trim(it, a - pos, b - pos))
+        pos += n
         if pos >= hi:
             break
     return out
+
+
+def _slice(chunks: list[Chunk], lo: int, hi: int) -> list[Chunk]:
+    """Rows [lo, hi) of the concatenation of `chunks`, as (possibly trimmed) chunks."""
+    return _cut(chunks, lo, hi, lambda c: c.rows,
+                lambda c, a, b: Chunk(c.path, c.group, c.start + a, c.start + b, c.id0 + a))
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -103,15 +111,7 @@ def interval_rows(iv: list) -> int:
 
 def take(iv: list, a: int, b: int) -> list[list[int]]:
     """Rows [a, b) of the concatenation of the intervals `iv`, as intervals."""
-    out, pos = [], 0
-    for lo, hi in iv:
-        x, y = max(a, pos), min(b, pos + hi - lo)
-        if x < y:
-            out.append([lo + x - pos, lo + y - pos])
-        pos += hi - lo
-        if pos >= b:
-            break
-    return out
+    return _cut(iv, a, b, lambda x: x[1] - x[0], lambda x, p, q: [x[0] + p, x[0] + q])
 
 
 def merge(iv: list) -> list[list[int]]:
@@ -165,6 +165,16 @@ def read_chunks(batch: dict, columns: list[str]) -> pa.Table:
         t = t.slice(int(start), int(stop) - int(start))
         tables.append(t.append_column(ROW_ID, pa.array(np.arange(int(id0), int(id0) + t.num_rows))))
     return pa.concat_tables(tables)
+
+
+def chunks_dataset(chunks: list[Chunk], columns: list[str]):
+    """A Ray dataset of the rows of `chunks` (with ROW_ID), one block and one read task per chunk,
+    in order."""
+    import ray
+
+    items = [dataclasses.asdict(c) for c in chunks]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_chunks, fn_kwargs={"columns": columns}, batch_size=1, batch_format="numpy")
 
 
 def read_rows(chunks: list[Chunk], columns: list[str], limit: int) -> dict[str, np.ndarray]:
@@ -250,9 +260,7 @@ class RankStream:
         # One reader per worker and epoch (every few seconds on a small data set): its progress
         # (logged: a worker has no terminal) and execution lines would flood the driver's console.
         quiet_ray_data(worker=True)
-        items = [dataclasses.asdict(c) for j, _ in needs for c in _slice(order, j * w, (j + 1) * w)]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_chunks, fn_kwargs={"columns": self.columns}, batch_size=1, batch_format="numpy")
+        ds = chunks_dataset([c for j, _ in needs for c in _slice(order, j * w, (j + 1) * w)], self.columns)
         cols = self.columns + [ROW_ID]
         pending, have, out, k = [], 0, [], 0
         for t in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):

@@ -92,14 +92,13 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 UI_PORT = 5000  # the port the printed `mlflow ui` command serves on
 
 
-def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of an experiment's training runs (or of one run): for a tracking server
-    its own address, for a local store the `mlflow ui` that ui_hint prints (`base` overrides).
+    its own address, for a local store the `mlflow ui` that ui_hint prints.
     `workflowType=machine_learning` makes MLflow 3.17's UI show the model-training view (runs,
     charts) rather than its GenAI pages (traces)."""
-    if base is None:
-        base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else \
-            f"http://127.0.0.1:{UI_PORT}"
+    server = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if server else f"http://127.0.0.1:{UI_PORT}"
     page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
     return f"{base}/{page}?workflowType=machine_learning"
 
