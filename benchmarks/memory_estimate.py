@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -42,6 +41,15 @@ def _rows(modality: str, batch: int, t, rng, vocab: int = 8000):
     return {"input_ids": col}
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (Linux VmHWM). Not getrusage's ru_maxrss: Linux
+    carries that across exec, so a process started by a big one (a test runner) reads its parent's
+    size as its own peak."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024
+
+
 def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
     """Two real fine-tuning steps of this config from a (random) pretrained-layout init."""
     import numpy as np
@@ -54,6 +62,7 @@ def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
     from pipeline.finetune.step import build_finetune_optimizer, finetune_step
     from pipeline.finetune.tasks import Targets, build_vocab, collate
 
+    process = peak_rss()  # torch, Ray Train and the pipeline imported, nothing built
     fe = {"image": {"image_size": 224}, "text": {"vocab_size": 8000}}.get(modality, {})
     labels = build_vocab(["one two three"]) if task == "ctc" else [str(i) for i in range(10)]
     cfg = resolve_finetune(modality=modality, task=task, init="/pretrained/final", model=recipe(modality, "d2v2", size, **fe).model,
@@ -73,9 +82,9 @@ def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
         micro = [collate(nb, modality, cfg.model, targets, np.random.default_rng(s), t, f.mask_time_prob,
                          f.mask_time_length)]
         finetune_step(model, model, opt, micro, s + f.freeze_encoder_steps, t, f)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss()
     return {"config": f"ft:{modality},{size},{task},{batch}", "estimate_gb": round(estimate(cfg)["total"] / GB, 2),
-            "peak_gb": round(peak / GB, 2)}
+            "peak_gb": round(peak / GB, 2), "process_gb": round(process / GB, 2)}
 
 
 def measure(modality: str, size: str, mode: str, batch: int) -> dict:
@@ -89,6 +98,7 @@ def measure(modality: str, size: str, mode: str, batch: int) -> dict:
     from pipeline.train.memory import GB, estimate
     from pipeline.train.step import build_optimizer, train_step
 
+    process = peak_rss()
     fe = {"image": {"image_size": 224}, "text": {"vocab_size": 8000}}.get(modality, {})
     cfg = resolve(modality, "d", "o", size, None, {"model.mode": mode, "train.batch_size": batch}, model_frontend=fe)
     t = cfg.train
@@ -99,9 +109,9 @@ def measure(modality: str, size: str, mode: str, batch: int) -> dict:
     for s in range(2):
         x, m = collate(nb, cfg.model, step_rng(0, 0, s), t.audio_max_samples, t.text_max_tokens, t.audio_batching)
         train_step(model, model, opt, [(x, m)], s, t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss()
     return {"config": f"{modality},{size},{mode},{batch}", "estimate_gb": round(estimate(cfg)["total"] / GB, 2),
-            "peak_gb": round(peak / GB, 2)}
+            "peak_gb": round(peak / GB, 2), "process_gb": round(process / GB, 2)}
 
 
 def main(argv=None) -> int:
@@ -122,10 +132,11 @@ def main(argv=None) -> int:
         if r.returncode:
             raise SystemExit(f"{c}: {r.stderr[-2000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"{'config':<28} {'estimate GiB':>12} {'peak RSS GiB':>12} {'ratio':>6}")
+    print(f"{'config':<28} {'estimate GiB':>12} {'peak RSS GiB':>12} {'ratio':>6} {'of it, the process':>18}")
     for r in rows:
         r["ratio"] = round(r["estimate_gb"] / r["peak_gb"], 2)
-        print(f"{r['config']:<28} {r['estimate_gb']:>12.2f} {r['peak_gb']:>12.2f} {r['ratio']:>6.2f}")
+        print(f"{r['config']:<28} {r['estimate_gb']:>12.2f} {r['peak_gb']:>12.2f} {r['ratio']:>6.2f} "
+              f"{r['process_gb']:>18.2f}")
     ratios = [r["ratio"] for r in rows]
     print(json.dumps({"min_ratio": min(ratios), "max_ratio": max(ratios), "rows": rows}))
     return 0

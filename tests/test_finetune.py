@@ -54,6 +54,22 @@ def test_frozen_feature_encoder_gets_no_gradient():
     assert m.frontend.feat_proj.weight.grad is not None and m.mask_emb.grad is not None
 
 
+def test_frozen_cnn_in_chunks_equals_the_whole_batch(monkeypatch):
+    """The frozen CNN runs a few clips at a time (bounded memory); each CNN layer normalizes within a
+    clip, so the features are those of one pass over the whole batch."""
+    import pipeline.model.finetune as ft
+
+    m = FineTuneModel(tiny("audio", "d2v2"), "classify", 3, freeze_feature_encoder=True)
+    audio = torch.randn(5, 8000)
+    with torch.no_grad():
+        whole = m.frontend.cnn(audio[:, None, :])
+    monkeypatch.setattr(ft, "FROZEN_CNN_CHUNK_SAMPLES", 16_000)  # 2 clips of 8000 samples at a time
+    assert ft.frozen_cnn_chunk(8000) == 2
+    chunked = ft.frozen_cnn(m.frontend.cnn, audio)
+    assert chunked.shape == whole.shape and not chunked.requires_grad
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_label_fraction_is_stratified_and_seeded():
     y = np.array(["a"] * 100 + ["b"] * 30 + ["c"] * 3)
     idx = fraction_indices(y, 0.1, seed=0, stratified=True)

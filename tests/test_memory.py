@@ -65,8 +65,13 @@ def test_audio_finetuning_estimate_keeps_no_activations_of_a_frozen_cnn():
               output="o", labels=["a", "b"], preset_name="demo")
     frozen = estimate(resolve_finetune(init="/x/final", **kw))  # the recipe freezes the CNN
     trained = estimate(resolve_finetune(init="scratch", **kw))  # scratch trains it
-    B, L, C = 16, 320_000, model.frontend.conv_channels
-    assert trained["activations"] - frozen["activations"] == B * L // 5 * C * (8 * 4 - 2 * 4)
+    from pipeline.model.finetune import frozen_cnn_chunk
+    from pipeline.train.memory import CNN_MAPS_TRAINED
+    B, L, C, T = 16, 320_000, model.frontend.conv_channels, 999
+    encoder = trained["activations"] - B * L // 5 * C * CNN_MAPS_TRAINED * 4  # a trained CNN keeps its maps
+    assert frozen_cnn_chunk(L) == 2
+    # a frozen one runs 2 clips at a time before the encoder; only its outputs stay
+    assert frozen["activations"] == max(encoder, 2 * L // 5 * C * 4 * 4) + 2 * B * T * C * 4
 
 
 def test_finetuning_estimate_has_no_teacher_or_decoder_and_refuses_an_oversized_step():
@@ -81,13 +86,13 @@ def test_finetuning_estimate_has_no_teacher_or_decoder_and_refuses_an_oversized_
     assert "teacher" not in parts and "decoder" not in parts
     # the whole 197-token sequence of every image goes through the encoder (no clones, no masking);
     # without attention dropout (the 2.0 recipe) the fused attention kernel keeps a log-sum-exp per
-    # row, with it (the 1.0 recipe: 0.05) the (S × S) scores
+    # row, with it (the 1.0 recipe: 0.05) three (S × S) tensors: softmax out, dropout mask, dropped
     assert parts["attention"] == 64 * 12 * 197 * 12 * 4
     v1 = resolve("image", "d", "o", "base", None, {"model.mode": "d2v1"}, model_frontend={"image_size": 224})
     ft1 = resolve_finetune(modality="image", task="classify", init="/x/final", model=v1.model, train_data="d",
                            val_data="v", test_data="t", output="o", labels=["a", "b"], preset_name="base",
                            overrides={"train.batch_size": 64})
-    assert ft1.model.encoder.attn_dropout == 0.05 and estimate(ft1)["attention"] == 64 * 12 * 197 * 197 * 12 * 2 * 4
+    assert ft1.model.encoder.attn_dropout == 0.05 and estimate(ft1)["attention"] == 64 * 12 * 197 * 197 * 12 * 3 * 4
     with pytest.raises(ConfigError, match=r"^train\.batch_size: a step needs about .*196 tokens per sample"):
         check_memory(ft)
     small = resolve_finetune(modality="image", task="classify", init="scratch", model=pre.model, train_data="d",

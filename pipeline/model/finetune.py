@@ -38,6 +38,25 @@ from pipeline.model.encoder import Encoder
 from pipeline.model.frontends import build_frontend
 
 TASKS = ("classify", "ctc")
+# A frozen CNN runs without gradients, so nothing of it is kept for backward: it runs over this many
+# waveform samples at a time (40 s of 16 kHz audio: its first map, C × samples/5 floats, is 65 MiB at
+# C=128), which bounds its working set whatever the batch. On a batch of 16 20-s clips that working set
+# is 0.26 GiB instead of ~1.5 GiB (benchmarks/memory_estimate.py). wav2vec2/fairseq and Hugging Face run
+# the frozen extractor on the whole batch; per-sample results are the same (every CNN layer normalizes
+# within a sample).
+FROZEN_CNN_CHUNK_SAMPLES = 640_000
+
+
+def frozen_cnn_chunk(num_samples: int) -> int:
+    """Clips of `num_samples` samples the frozen CNN takes at once."""
+    return max(1, FROZEN_CNN_CHUNK_SAMPLES // max(1, num_samples))
+
+
+def frozen_cnn(cnn: nn.Module, audio: torch.Tensor) -> torch.Tensor:
+    """(B, L) waveform → (B, C, T) CNN output, without gradients, a few clips at a time."""
+    step = frozen_cnn_chunk(audio.shape[1])
+    with torch.no_grad():
+        return torch.cat([cnn(audio[i:i + step, None, :]) for i in range(0, audio.shape[0], step)])
 
 
 class FineTuneModel(nn.Module):
@@ -87,9 +106,7 @@ class FineTuneModel(nn.Module):
         """→ (h (B, n_extra + T, D) final encoder output, pad (B, T) or None)."""
         fe = self.frontend
         if self.frozen_cnn:
-            with torch.no_grad():
-                x = fe.cnn(batch["audio"][:, None, :])  # (B, C, T)
-            x, pad = fe.project(x, batch.get("lengths"))
+            x, pad = fe.project(frozen_cnn(fe.cnn, batch["audio"]), batch.get("lengths"))
         else:
             x, pad = fe.local(batch)  # (B, T, D)
         if mask is not None and hasattr(self, "mask_emb"):  # time masking (audio fine-tuning): masked frames → mask embedding

@@ -10,8 +10,9 @@ change, only when a micro-batch of one sample does not fit.
          + the teacher's forward (no grad: its top-K layer outputs and targets)
          + the process itself (PyTorch + a Ray worker)
 
-The constants (floats saved per token per block) were checked against measured peak RSS of real
-steps on CPU (tests/test_memory.py): the estimate is an upper bound within ~2× of the measurement.
+The constants (floats saved per token per block) were counted on real steps and the totals checked
+against the measured peak RSS of real steps on CPU (benchmarks/memory_estimate.py,
+tests/test_memory.py).
 """
 from __future__ import annotations
 
@@ -19,14 +20,22 @@ import dataclasses
 import os
 
 from pipeline.config import ConfigError
+from pipeline.model.finetune import frozen_cnn_chunk
 from pipeline.model.frontends import conv_frames
 from pipeline.train.config import RunConfig
 
 GB = 1024 ** 3
-PROCESS_BYTES = 1.1 * GB  # torch + numpy + a Ray worker process before any tensor (0.8–1.1 GiB measured)
-SAVED_PER_TOKEN = 14  # floats × width kept per token per block (qkv, attention out, norms, residuals)
-SAVED_PER_HIDDEN = 3  # floats × MLP width kept per token per block (fc1 out, GELU in/out)
-OVERHEAD = 1.25  # allocator fragmentation, temporaries of the largest op
+# A Ray Train worker with torch and the pipeline loaded is 0.63 GiB (VmHWM at the start of the
+# training function); building the model and the first batch takes a bare process from 0.61 to
+# 0.73 GiB before any step (benchmarks/memory_estimate.py, "of it, the process").
+PROCESS_BYTES = 0.8 * GB
+# Floats × width kept per token per block through a step. Autograd's saved tensors alone are ~8 × D
+# + 2 × MLP width without dropout (qkv, attention out, norms, residuals, fc1 out, GELU); these
+# constants also cover the backward's transients.
+SAVED_PER_TOKEN = 14
+SAVED_PER_HIDDEN = 3
+CNN_MAPS_TRAINED = 10  # first-layer-sized maps a trained audio CNN keeps through its backward (7 layers)
+OVERHEAD = 1.25  # on what a step allocates and frees: allocator fragmentation, the largest op's temporaries
 
 
 def _param_counts(cfg) -> tuple[int, int]:
@@ -73,13 +82,10 @@ def estimate(cfg) -> dict[str, float]:
     else:
         seqs, S = B, T + extra
     per_token = SAVED_PER_TOKEN * D + SAVED_PER_HIDDEN * hidden
-    parts = {"activations": seqs * S * L * per_token * act,
-             "attention": seqs * H * S * S * L * 2 * act}
-    if finetune and m.encoder.attn_dropout == 0:
-        # Without attention dropout, scaled_dot_product_attention takes its fused kernel, which
-        # keeps no (S × S) scores for backward, only a log-sum-exp per row (measured: a 20-s audio
-        # fine-tuning step, benchmarks/memory_estimate.py). Pretraining keeps the (S × S) term: its
-        # constants were fitted with it (their estimate ÷ peak is 1.06–1.42).
+    parts = {"activations": seqs * S * L * per_token * act}
+    if m.encoder.attn_dropout > 0:  # the math kernel: softmax out, dropout mask, dropped scores
+        parts["attention"] = seqs * H * S * S * L * 3 * act
+    else:  # the fused kernel keeps no (S × S) scores for backward, a log-sum-exp per row
         parts["attention"] = seqs * H * S * L * 4
     if m.mode == "d2v2" and not finetune:
         d = m.decoder
@@ -93,12 +99,19 @@ def estimate(cfg) -> dict[str, float]:
         parts["rollback snapshot"] = (student * 3 + teacher) * 4
     if m.modality == "audio":  # the waveform, and the CNN's maps: 7 layers ≈ 2× the first's length (L/5)
         parts["inputs"] = B * t.audio_max_samples * 4 * 4
-        maps = B * t.audio_max_samples // 5 * m.frontend.conv_channels
+        C = m.frontend.conv_channels
         if finetune and cfg.finetune.freeze_feature_encoder:
-            parts["activations"] += maps * 2 * 4  # a frozen CNN runs without grad: one layer's input and output
+            # A frozen CNN runs without grad, a few clips at a time (model.finetune.frozen_cnn), before
+            # the encoder: the working set of one chunk (a conv's output, its channel-last copy, the
+            # norm's and the GELU's outputs: 4 maps of the first layer's size, measured 3.6–4.1) is gone
+            # when the encoder's activations build up; the outputs of all chunks stay.
+            chunk = min(B, frozen_cnn_chunk(t.audio_max_samples))
+            working = chunk * t.audio_max_samples // 5 * C * 4 * 4
+            parts["activations"] = max(parts["activations"], working) + 2 * B * T * C * 4
         else:
-            parts["activations"] += maps * 8 * act
-    parts["total"] = sum(parts.values()) * OVERHEAD + PROCESS_BYTES
+            parts["activations"] += B * t.audio_max_samples // 5 * C * CNN_MAPS_TRAINED * act
+    state = parts["weights+grads+adam"] + parts.get("rollback snapshot", 0)  # allocated once, in place
+    parts["total"] = PROCESS_BYTES + state + (sum(parts.values()) - state) * OVERHEAD
     return parts
 
 
