@@ -23,7 +23,7 @@ from pipeline.train.config import FineTuneConfig
 from pipeline.train.loop import POSITION, Task, at_world, copy_to_local, cpu_copy, restore, run_steps, worker_context
 from pipeline.train.step import autocast_for
 from pipeline.finetune.step import build_finetune_optimizer, finetune_step
-from pipeline.train.stream import COLUMNS, list_chunks, read_rows
+from pipeline.train.stream import COLUMNS, list_chunks, read_rows, warm_up
 from pipeline.finetune.tasks import Targets, collate, evaluate, target_column
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit
 
@@ -75,6 +75,7 @@ def finetune_loop_per_worker(config: dict) -> None:
 
     cfg = FineTuneConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
     rank, world, device, _ = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
+    warm_up(config["chunks"], COLUMNS[cfg.modality])  # Ray Data's start overlaps the build
     cfg = at_world(cfg, world, rank)
     t, f = cfg.train, cfg.finetune
 

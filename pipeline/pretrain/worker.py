@@ -28,7 +28,7 @@ from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
 from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
                                  load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
-from pipeline.train.stream import COLUMNS, Chunk
+from pipeline.train.stream import COLUMNS, Chunk, warm_up
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_picture
 
 
@@ -37,6 +37,7 @@ def train_loop_per_worker(config: dict) -> None:
     (rank 0) → the step loop → write final/ (rank 0)."""
     cfg = RunConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
     rank, world, device, threads = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
+    warm_up(config["chunks"], COLUMNS[cfg.modality])  # Ray Data's start overlaps the build
     cfg = at_world(cfg, world, rank)
     model, net, opt, pos, resumed = build(cfg, world, device)
     sink = open_tracking(cfg, config, world, device, threads) if rank == 0 else NullSink()
