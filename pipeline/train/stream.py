@@ -207,6 +207,9 @@ def warm_up(chunks: list[dict], columns: list[str]) -> threading.Thread:
     Data's start and the read tasks' processes (3 s of the first window's 3.7 s here, 0.7 s warm);
     started before the model is built, that cost overlaps the build."""
     def read() -> None:
+        from pipeline.raycluster import quiet_ray_data
+
+        quiet_ray_data(worker=True)  # as the stream's own reads (RankStream._tables)
         try:
             for _ in chunks_dataset([Chunk(**chunks[0])], columns).iter_batches(batch_size=None):
                 pass
