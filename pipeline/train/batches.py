@@ -116,9 +116,7 @@ class Ahead:
     `get()` that would have returned that step. `close()` abandons what is queued (a rollback, an
     early stop, the end of the epoch)."""
 
-    def __init__(self, make: Callable[[int], object], first: int, last: int, depth: int = 2,
-                 on_close: Callable[[], None] = lambda: None):
-        self._on_close = on_close  # stops what `make` reads from
+    def __init__(self, make: Callable[[int], object], first: int, last: int, depth: int = 2):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make, first, last), daemon=True,
@@ -151,5 +149,4 @@ class Ahead:
 
     def close(self) -> None:
         self._stop.set()
-        self._on_close()
         self._thread.join(timeout=30)

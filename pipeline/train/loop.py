@@ -227,15 +227,14 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     plan, planned = None, 0  # this epoch's plan and the steps made since it was drawn
 
     def prepare(pos: dict) -> Ahead:
-        """The run's next steps from `pos`, read and collated in the background across epoch
-        boundaries."""
+        """The run's next steps from `pos`, collated in the background across epoch boundaries."""
         nonlocal plan, planned
         while (plan := stream.plan(pos["rest"], t.grad_accum)).steps == 0:  # less than a step left: next epoch
             pos.update(epoch=pos["epoch"] + 1, step_in_epoch=0, rest=None)
         planned = 0
         groups = stream.groups(pos["epoch"], pos["rest"], t.grad_accum)
         return Ahead(lambda step: [(task.collate(nb, step_rng(t.seed, rank, step, i)), nb[ROW_ID])
-                                   for i, nb in enumerate(next(groups))], pos["step"], stop, on_close=groups.close)
+                                   for i, nb in enumerate(next(groups))], pos["step"], stop)
 
     ahead = prepare(pos)
     try:

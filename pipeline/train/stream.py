@@ -17,7 +17,6 @@ skipped or read twice, counting from the checkpoint. Only the windows a share to
 from __future__ import annotations
 
 import dataclasses
-import queue
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -209,7 +208,7 @@ def warm_up(chunks: list[dict], columns: list[str]) -> threading.Thread:
     def read() -> None:
         from pipeline.raycluster import quiet_ray_data
 
-        quiet_ray_data(worker=True)  # as the stream's own reads (RankStream._tables)
+        quiet_ray_data(worker=True)  # as the stream's own reads (RankStream.read)
         try:
             for _ in chunks_dataset([Chunk(**chunks[0])], columns).iter_batches(batch_size=None):
                 pass
@@ -268,11 +267,6 @@ class RankStream:
 
     def read(self, epoch: int, rows: list) -> Iterator[dict]:
         """The rows `rows` (intervals) of the epoch's order, in order, as batches of batch_size."""
-        return self._batches(self._tables(epoch, rows))
-
-    def _tables(self, epoch: int, rows: list) -> Iterator[pa.Table]:
-        """The rows `rows` of the epoch's order, in order, one table per window touched (Ray Data
-        reads the window's chunks in parallel tasks; the table is this rank's picks of it)."""
         import ray
 
         needs = self._needs(epoch, rows)
@@ -287,111 +281,35 @@ class RankStream:
         # (logged: a worker has no terminal) and execution lines would flood the driver's console.
         quiet_ray_data(worker=True)
         ds = chunks_dataset([c for j, _ in needs for c in _slice(order, j * w, (j + 1) * w)], self.columns)
-        pending, have, k = [], 0, 0
+        cols = self.columns + [ROW_ID]
+        pending, have, out, k = [], 0, [], 0
         for t in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
             pending.append(t)
             have += t.num_rows
             while k < len(needs) and have >= (n := min(w, self.total - needs[k][0] * w)):
                 window, pending = _split(pa.concat_tables(pending), n)
                 have -= n
-                yield window.take(pa.array(needs[k][1]))
+                out.append(window.take(pa.array(needs[k][1])))
                 k += 1
+                ready = pa.concat_tables(out)
+                for a in range(0, ready.num_rows - self.batch_size + 1, self.batch_size):
+                    b = ready.slice(a, self.batch_size)
+                    yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
+                rest = ready.num_rows % self.batch_size
+                out = [ready.slice(ready.num_rows - rest)] if rest else []
 
-    def _batches(self, tables: Iterator[pa.Table]) -> Iterator[dict]:
-        """Tables of rows → numpy batches of batch_size rows (a last partial batch is dropped)."""
-        cols, carry = self.columns + [ROW_ID], []
-        for t in tables:
-            ready = pa.concat_tables(carry + [t])
-            for a in range(0, ready.num_rows - self.batch_size + 1, self.batch_size):
-                b = ready.slice(a, self.batch_size)
-                yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
-            rest = ready.num_rows % self.batch_size
-            carry = [ready.slice(ready.num_rows - rest)] if rest else []
-
-    def groups(self, epoch: int, rest: list | None, grad_accum: int) -> "Groups":
+    def groups(self, epoch: int, rest: list | None, grad_accum: int) -> Iterator[list[dict]]:
         """Optimizer steps' micro-batch groups (grad_accum batches each) of this rank from (epoch,
-        rest) on, across epoch boundaries; an epoch ends at its last full step. Reading starts now,
-        in a background thread (see Groups)."""
-        return Groups(self, epoch, rest, grad_accum)
-
-
-class Groups:
-    """An iterator of one rank's micro-batch groups whose reading runs ahead in a thread from the
-    moment it is made, up to AHEAD windows in hand, across epoch boundaries: the first window is
-    read while the model is built, and the next epoch's first while this epoch's last ones train
-    (without it, each epoch's first step waited for a new Ray Data read: 0.7 s warm, 3.7 s for a
-    worker's first). The rows, their order and the groups are those of a synchronous read.
-    `close()` stops the thread (a rollback, an early stop, the end of the run)."""
-
-    AHEAD = 2  # windows read but not yet batched (memory: the stream holds at most ~3 windows)
-
-    def __init__(self, stream: RankStream, epoch: int, rest: list | None, grad_accum: int):
-        self._q: queue.Queue = queue.Queue(maxsize=self.AHEAD)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(stream, epoch, rest, grad_accum), daemon=True,
-                                        name="read-ahead")
-        self._thread.start()
-        self._groups = self._group(stream, epoch, rest, grad_accum)
-
-    def _epochs(self, stream: RankStream, epoch: int, rest: list | None, grad_accum: int):
-        """(epoch, its plan) from (epoch, rest) on; ends where a whole epoch gives no step."""
+        rest) on, across epoch boundaries: the next epoch's reader starts as soon as the previous
+        one is drained, not when the training loop gets there. An epoch ends at its last full step."""
         while True:
-            plan = stream.plan(rest, grad_accum)
+            plan = self.plan(rest, grad_accum)
             if plan.steps == 0 and rest is None:
                 return
-            yield epoch, plan
-            epoch, rest = epoch + 1, None
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self, stream: RankStream, epoch: int, rest: list | None, grad_accum: int) -> None:
-        try:
-            for e, plan in self._epochs(stream, epoch, rest, grad_accum):
-                for t in stream._tables(e, plan.share(stream.rank)):
-                    if not self._put(("rows", t)):
-                        return
-                if not self._put(("end", None)):
-                    return
-        except BaseException as err:  # raised by the consumer's next()
-            self._put(("error", err))
-
-    def _epoch_tables(self) -> Iterator[pa.Table]:
-        while True:
-            try:
-                kind, value = self._q.get(timeout=0.1)
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise RuntimeError("the stream was closed") from None
-                continue
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return
-            yield value
-
-    def _group(self, stream: RankStream, epoch: int, rest: list | None, grad_accum: int) -> Iterator[list[dict]]:
-        for _, plan in self._epochs(stream, epoch, rest, grad_accum):
-            batches = stream._batches(self._epoch_tables())
+            batches = self.read(epoch, plan.share(self.rank))
             for _ in range(plan.steps):
                 yield [next(batches) for _ in range(grad_accum)]
-            for _ in batches:  # the share is whole steps: this only reads the epoch's end mark
-                pass
-
-    def __iter__(self) -> "Groups":
-        return self
-
-    def __next__(self) -> list[dict]:
-        return next(self._groups)
-
-    def close(self) -> None:
-        self._stop.set()
+            epoch, rest = epoch + 1, None
 
 
 def _split(t: pa.Table, n: int) -> tuple[pa.Table, list[pa.Table]]:
