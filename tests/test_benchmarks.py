@@ -78,9 +78,12 @@ def test_time_to_accuracy_script_runs(demo_shards):
     from benchmarks.time_to_accuracy import main
     data = os.path.dirname(demo_shards["image"])
     text, r = run_main(main, ["--data", data, "--modalities", "image", "--budget1", "image=4",
-                              "--budget2", "image=4", "--probes", "1", "--probes2", "1"])
+                              "--budget2", "image=4", "--probes", "1", "--probes2", "1", "--seeds", "0,1"])
     assert "time_to_accuracy_speedup_image" in r and "hf_baseline_speedup_image" in r
+    lo, hi = r["time_to_accuracy_speedup_image_range"]
+    assert lo <= (r["time_to_accuracy_speedup_image"] or 0.0) <= hi
     assert "hf-baseline d2v1" in text
+    assert {line.split()[1] for line in text.splitlines() if line.startswith("image ")} == {"0", "1"}  # a row per seed
 
 
 @pytest.mark.slow
