@@ -287,3 +287,13 @@ def test_preprocess_benchmark_runs_paired_repeats(demo_raw):
     for mod in ("image", "audio", "text"):
         lo, hi = res[f"{mod}_ratio_range"]
         assert 0 < lo <= res[f"{mod}_ratio"] <= hi, (mod, res)
+
+
+def test_step_profile_times_parts_and_both_cnn_layouts(demo_shards):
+    from benchmarks.step_profile import main
+    data = os.path.dirname(demo_shards["audio"])
+    text, r = run_main(main, ["--data", data, "--modality", "audio", "--clones", "2", "--steps", "1"])
+    assert set(r["s_per_step"]) == {"2.0, 2 copies", "2.0, 2 copies, CNN as plain Conv1d", "1.0",
+                                    "1.0, CNN as plain Conv1d"}
+    assert all(v > 0 for v in r["s_per_step"].values()) and set(r["cnn_channels_last_speedup"]) == {"2.0, 2 copies", "1.0"}
+    assert "decoder" in text and "rest" in text

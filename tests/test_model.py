@@ -198,6 +198,23 @@ def test_conv_frontend_frames():
     assert x.shape == (2, 49, 32) and pad is None
 
 
+def test_channels_last_cnn_equals_the_conv1d_layers_it_holds():
+    """WaveCNN runs its Conv1d weights as channels-last conv2d: same output and same weight
+    gradients as running its modules one after another, channels-first."""
+    cnn = Data2Vec(tiny("audio", "d2v2")).frontend.cnn
+    x = torch.randn(3, 1, 5000)
+    ours = cnn(x)
+    ref = x
+    for layer in cnn:  # Conv1d → _ChannelNorm (LayerNorm over channels) → GELU, channels-first
+        ref = layer(ref)
+    assert ours.shape == ref.shape == (3, cnn[0].out_channels, conv_frames(5000))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), [cnn[0].weight, cnn[-2].norm.weight])
+    g_ref = torch.autograd.grad(ref.square().sum(), [cnn[0].weight, cnn[-2].norm.weight])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("modality", ["audio", "text"])
 def test_padding_does_not_leak(modality):
     torch.manual_seed(0)
