@@ -153,7 +153,7 @@ def audio_d2v2(size: str, fe: dict) -> Recipe:
             ema=replace(DEMO_EMA, ema_context=True),
             # 2 masked copies and 10 warm-up steps, not 8 and 30 (2026-12-04, 1-s digit clips, batch 32,
             # probe every 5 steps): the CNN runs once per clip whatever the copies, so the copies buy
-            # little — 8 copies 1.03 s/step, 0.865 at step 25; 2 copies 0.77 s/step, 0.862 — and the
+            # little — 8 copies 1.03 s/step, 0.865 at step 25; 2 copies 0.77 s/step, 0.862 at step 25 — and the
             # shorter warm-up reaches 0.904 by step 25 (benchmarks/README, time to accuracy).
             decoder=DecoderConfig(dim=128, kernel=7, layers=3, groups=16, clone_batch=2)),
             {**DEMO_TRAIN, "warmup_steps": 10})

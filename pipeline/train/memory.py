@@ -28,9 +28,9 @@ GB = 1024 ** 3
 # A Ray Train worker with torch and the pipeline loaded is 0.63 GiB here (VmHWM at the start of the
 # training function); building the model and the first batch takes a bare process from 0.61 to
 # 0.73 GiB before any step (benchmarks/memory_estimate.py, "of it, the process"). The same process
-# measured 0.83 GiB on another machine of the same kind (CI): 0.27 GiB of it here are pages of
-# torch's shared libraries, and how many of those are resident depends on the machine's read-ahead.
-# The constant covers the larger one.
+# measured 0.83 GiB on another machine of the same kind (CI). 0.27 GiB of it here are resident
+# pages of torch's shared libraries (RssFile), a share that can differ between machines (file
+# system read-ahead, likely; not pinned down). The constant covers the larger one.
 PROCESS_BYTES = 1.0 * GB
 # Floats × width kept per token per block through a step. Autograd's saved tensors alone are ~8 × D
 # + 2 × MLP width without dropout (qkv, attention out, norms, residuals, fc1 out, GELU); these
