@@ -60,23 +60,22 @@ def profile(data: str, modality: str, mode: str, clones: int | None, steps: int,
     if plain_cnn:  # the same modules run as a plain Sequential of Conv1d (channels-first) layers
         m.frontend.cnn.forward = nn.Sequential.forward.__get__(m.frontend.cnn)
     parts = collections.defaultdict(float)
-    for owner, name, label in PARTS:
+    for owner, name, label in PARTS + [("", "forward", "forward")]:
         obj = getattr(m, owner, None) if owner else m
         if obj is not None and hasattr(obj, name):
             _timed(obj, name, parts, label)
     for _ in range(WARMUP):
         tr.train_step(*tr.next_inputs())
     parts.clear()
-    forward = collections.defaultdict(float)
-    _timed(m, "forward", forward, "forward")
     total = 0.0
     for _ in range(steps):
         inputs = tr.next_inputs()
         t0 = time.perf_counter()
         tr.train_step(*inputs)
         total += time.perf_counter() - t0
+    forward = parts.pop("forward")
     row = {k: v / steps for k, v in parts.items()}
-    row["rest"] = (total - forward["forward"]) / steps  # backward through every part, AdamW, EMA
+    row["rest"] = (total - forward) / steps  # backward through every part, AdamW, EMA
     row["step"] = total / steps
     return row
 
