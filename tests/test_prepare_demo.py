@@ -1,12 +1,13 @@
 """The CTC demo data: real espeak-ng/flite clips with digit-string transcripts, held-out test voices,
-and the audio preprocessing job carrying each .txt into the `transcript` column."""
+and the audio preprocessing job carrying each .txt into the `transcript` column; the spoken
+language-identification data of benchmarks.finetune."""
 import json
 import os
 
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from jobs.prepare_demo import DIGITS, main, prepare_ctc
+from jobs.prepare_demo import DIGITS, LANGID_LANGS, LANGID_VARIANTS, VARIANTS, main, prepare_ctc, prepare_langid
 
 SIZES = {"train": 12, "val": 4, "test": 6}
 
@@ -55,3 +56,29 @@ def test_prepare_ctc_layout_voices_and_transcripts(ray_local, tmp_path):
     c = manifest["counts"]
     assert (c["read"], c["written"], c["rejected"], c["transcript_files"], c["transcripts"],
             c["transcripts_dropped_cropped"]) == (12, 12, 0, 12, 12, 0)
+
+
+def test_prepare_langid_languages_held_out_voices_and_labels(ray_local, tmp_path):
+    """8 languages round-robin in every split, real espeak-ng speech of 6-10 words, voice variants
+    split by speaker (test's never heard in train, val or the demo's digits), the same files from the
+    same seed, and the audio job labelling each clip by its language folder."""
+    sizes = {"train": 16, "val": 8, "test": 8}
+    out, again = str(tmp_path / "a"), str(tmp_path / "b")
+    assert prepare_langid(out, sizes=sizes) == prepare_langid(again, sizes=sizes) == 32
+    for split, n in sizes.items():
+        root = os.path.join(out, "langid", split)
+        assert sorted(os.listdir(root)) == sorted(LANGID_LANGS)
+        for lang in LANGID_LANGS:
+            for f in os.listdir(os.path.join(root, lang)):
+                wav = sf.info(os.path.join(root, lang, f))
+                assert wav.samplerate == 22050 and 1.5 < wav.duration < 15.0, (lang, f, wav.duration)
+                a, b = (open(os.path.join(d, "langid", split, lang, f), "rb").read() for d in (out, again))
+                assert a == b
+    held = {s: set(v) for s, v in LANGID_VARIANTS.items()}
+    assert not held["test"] & (held["train"] | held["val"] | set(VARIANTS)) and not held["val"] & held["train"]
+
+    from jobs.preprocess import main as preprocess
+    shards = str(tmp_path / "test_shards")
+    assert preprocess(["--modality", "audio", "--input", os.path.join(out, "langid", "test"), "--output", shards]) == 0
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    assert sorted(manifest["labels"]) == sorted(LANGID_LANGS) and manifest["counts"]["written"] == 8
