@@ -14,8 +14,8 @@ ctc: spoken digit strings made by `jobs.prepare_demo --modalities ctc` (held-out
 test), fine-tuned from RUNS/audio-d2v2/final. langid: speech the demo never pretrains on — spoken
 language identification over 8 languages (`jobs.prepare_demo --modalities langid`: random words of
 each language's word list read by its espeak-ng voice, held-out voice variants in val and test),
-classified from RUNS/audio-d2v2/final; its classical baseline is MFCC statistics. --encoders replaces RUNS' encoder of a modality with
-another one (e.g. a longer `jobs.pretrain` on the same RUNS/data/<modality>_train; use a new
+classified from RUNS/audio-d2v2/final; its classical baseline is MFCC statistics. --encoders
+replaces RUNS' encoder of a modality with another one (e.g. a longer `jobs.pretrain` on the same RUNS/data/<modality>_train; use a new
 --output, since a finished run with another init is not re-run; `--inits data2vec` skips the
 scratch runs, which do not depend on the encoder). The classical baseline (pixels / MFCC statistics /
 TF-IDF + logistic regression, `pipeline.probe.classical_probe`) is fitted on the same labeled rows;
@@ -35,8 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 STEPS = "image=300,audio=300,text=300,ctc=600,langid=200"
-# Prepared speech tasks beyond the demo's: name → (task, settings). langid's clips run 3-8 s; it
-# trains on random 3-s crops (scored on whole clips), a third of its step time at whole clips.
+# Prepared speech tasks beyond the demo's: name → (task, settings). langid's clips last 2.4-10 s
+# (median 5); it trains on random 3-s crops to keep a step short, and scores whole clips.
 SPEECH = {"ctc": ("ctc", []), "langid": ("classify", ["--set", "train.audio_max_samples=48000"])}
 VAL_FRACTION = 0.15
 

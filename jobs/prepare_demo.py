@@ -192,7 +192,7 @@ def _words(dict_file: str) -> list[str]:
 
 def prepare_langid(out: str, seed: int = 0, sizes: dict | None = None) -> int:
     """Spoken language identification: DIR/langid/{train,val,test}/<lang>/<id>.wav, 6-10 random
-    words per clip (~3-8 s), each split's clips round-robin over languages and its voice variants,
+    words per clip (2.4-10 s, median 5), each split's clips round-robin over languages and its voice variants,
     with random speed and pitch. Deterministic in `seed`. Returns the number of clips written."""
     if shutil.which("espeak-ng") is None:
         raise SystemExit("error: espeak-ng not found (apt-get install -y espeak-ng)")
