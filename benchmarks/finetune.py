@@ -129,12 +129,13 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for mod, frac, row in table:
         metric = "test CER (WER)" if mod == "ctc" else "test accuracy"
-        fmt = (lambda k: f"{row[k]:.3f} ({row[k + '_wer']:.3f})" if k in row else "—") if mod == "ctc" else \
-            (lambda k: f"{row[k]:.3f}" if k in row else "—")
-        classical = f"{row['classical']:.3f}" if "classical" in row else "—"
+        def cell(k: str) -> str:  # "—" for an init not run (--inits) or no classical baseline (CTC)
+            if k not in row:
+                return "—"
+            return f"{row[k]:.3f}" + (f" ({row[k + '_wer']:.3f})" if mod == "ctc" and k != "classical" else "")
         secs = " / ".join(f"{row[k + '_s']:.0f}" if k + "_s" in row else "—" for k in ("data2vec", "scratch"))
-        print(f"| {mod} | {frac:.0%} | {metric} | {fmt('data2vec')} | {fmt('scratch')} | {classical} | {steps[mod]} "
-              f"| {secs} |")
+        print(f"| {mod} | {frac:.0%} | {metric} | {cell('data2vec')} | {cell('scratch')} | {cell('classical')} "
+              f"| {steps[mod]} | {secs} |")
     low = min(fractions)
     better = {mod: (row["data2vec"] < row["scratch"]) if mod == "ctc" else (row["data2vec"] > row["scratch"])
               for mod, frac, row in table if frac == low and {"data2vec", "scratch"} <= set(row)}

@@ -197,13 +197,12 @@ def prepare_langid(out: str, seed: int = 0, sizes: dict | None = None) -> int:
     if shutil.which("espeak-ng") is None:
         raise SystemExit("error: espeak-ng not found (apt-get install -y espeak-ng)")
     words = {lang: _words(dict_file) for lang, (_, dict_file) in LANGID_LANGS.items()}
-    rng = random.Random(seed)
-    jobs = []
+    langs, rng, jobs = list(LANGID_LANGS), random.Random(seed), []
     for split, n in (sizes or LANGID_SIZES).items():
         variants = LANGID_VARIANTS[split]
         for i in range(n):
-            lang = list(LANGID_LANGS)[i % len(LANGID_LANGS)]
-            voice = f"{LANGID_LANGS[lang][0]}+{variants[(i // len(LANGID_LANGS)) % len(variants)]}"
+            lang = langs[i % len(langs)]
+            voice = f"{LANGID_LANGS[lang][0]}+{variants[(i // len(langs)) % len(variants)]}"
             phrase = " ".join(rng.choice(words[lang]) for _ in range(rng.randint(6, 10)))
             speed, pitch = _speed_pitch(rng, "espeak")
             d = os.path.join(out, "langid", split, lang)

@@ -68,6 +68,7 @@ def test_prepare_langid_languages_held_out_voices_and_labels(ray_local, tmp_path
     for split, n in sizes.items():
         root = os.path.join(out, "langid", split)
         assert sorted(os.listdir(root)) == sorted(LANGID_LANGS)
+        assert [len(os.listdir(os.path.join(root, lang))) for lang in LANGID_LANGS] == [n // len(LANGID_LANGS)] * 8
         for lang in LANGID_LANGS:
             for f in os.listdir(os.path.join(root, lang)):
                 wav = sf.info(os.path.join(root, lang, f))
