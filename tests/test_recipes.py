@@ -253,3 +253,16 @@ def test_demo_text_d2v1_masks_like_bert_and_steps():
     res.loss.backward()
     assert torch.isfinite(res.loss) and res.num_masked == int((out == 4).sum())
     assert model.frontend.tokens.weight.grad.abs().sum() > 0
+
+
+def test_demo_audio_classification_trains_its_cnn_and_ctc_keeps_it_frozen():
+    """A pretrained init: the demo's classification trains the CNN (a minutes-long pretraining's CNN
+    is no feature extractor to freeze, recipes.py); demo CTC and the base recipe freeze it."""
+    from pipeline.train.config import resolve_finetune
+    model = recipe("audio", "d2v2", "demo").model
+    frozen = {}
+    for task, size in (("classify", "demo"), ("ctc", "demo"), ("classify", "base")):
+        cfg = resolve_finetune(modality="audio", task=task, init="/ckpt/final", model=model, train_data="a",
+                               val_data="b", test_data="c", output="o", labels=["x", "y"], preset_name=size)
+        frozen[task, size] = cfg.finetune.freeze_feature_encoder
+    assert frozen == {("classify", "demo"): False, ("ctc", "demo"): True, ("classify", "base"): True}
