@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 # that long to be seen started and again to be seen done (a 4-step run on 2 workers measured 19.0 s
 # → 16.8 s at 0.2 s). The clusters the tests start, and the job commands they run, inherit this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# As the jobs set it for a local cluster they start (pipeline/raycluster.init_ray): no node here can
+# be preempted, so no run needs Ray Train's preemption watcher, an actor process per run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +57,16 @@ def demo_shards(ray_local, demo_raw, tmp_path_factory):
             if split == pre:
                 out[mod] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def image_encoder(demo_shards, tmp_path_factory):
+    """A data2vec 2.0 image run of 120 steps on the demo digits, 1 worker → its folder (final/,
+    mlflow.db): enough pretraining to lift the linear probe over random init (the quality bar),
+    and the pretrained encoder the tests that fine-tune or benchmark from one share."""
+    from jobs.pretrain import main
+    out = str(tmp_path_factory.mktemp("image_encoder") / "run")
+    assert main(["--modality", "image", "--data", demo_shards["image"], "--output", out,
+                 "--max-steps", "120", "--num-workers", "1", "--set", "train.log_every=20"]) == 0
+    return out
+

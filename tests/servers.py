@@ -21,6 +21,13 @@ SESSION_RAY = dict(address="local", num_cpus=6, include_dashboard=True, logging_
 """The test session's own local Ray cluster (conftest.ray_local)."""
 
 
+def session_ray_address() -> str:
+    """The session cluster's GCS address, for a job command the tests run as a subprocess so that
+    it joins this cluster (as `ray job submit` makes a job join its) instead of starting its own."""
+    import ray
+    return ray.get_runtime_context().gcs_address
+
+
 @contextlib.contextmanager
 def alone_on_this_machine():
     """The test session's Ray cluster shut down while a CLI starts its own, as a user's only one
@@ -124,7 +131,10 @@ def ray_head(env: dict, log_path: str, num_cpus: int = 4):
             raise AssertionError("ray head did not start:\n" + open(log_path).read()[-3000:]) from None
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
-        stop(head)
+        # Killed with every process it started: on SIGTERM a head first drains itself, which took
+        # 30 s (the GCS gone first) or timed out reconnecting to it (`ray start` signalled alone).
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
 
 
 def cli_env(**extra) -> dict:

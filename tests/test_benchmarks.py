@@ -204,19 +204,18 @@ def test_text_control_script_runs(demo_shards):
 
 
 @pytest.mark.slow
-def test_finetune_benchmark_with_another_encoder(demo_shards, tmp_path):
+def test_finetune_benchmark_with_another_encoder(demo_shards, image_encoder, tmp_path, monkeypatch):
     """benchmarks.finetune end to end at 2 steps: both inits, the classical baseline, and --encoders
-    replacing RUNS' encoder (RUNS holds only the labeled data here)."""
+    replacing RUNS' encoder (RUNS holds only the labeled data here). Its fine-tuning commands join
+    the session's cluster."""
     from benchmarks.finetune import main
-    from jobs.pretrain import main as pretrain
+    from tests.servers import session_ray_address
 
-    d, runs = demo_shards, tmp_path / "runs"
+    d, runs, enc = demo_shards, tmp_path / "runs", image_encoder
     (runs / "data").mkdir(parents=True)
     for s in ("train", "test"):
         os.symlink(d[f"image_{s}"], runs / "data" / f"image_{s}")
-    enc = str(tmp_path / "enc")
-    assert pretrain(["--modality", "image", "--data", d["image"], "--output", enc, "--max-steps", "2",
-                     "--set", "train.batch_size=8", "--set", "train.warmup_steps=1"]) == 0
+    monkeypatch.setenv("RAY_ADDRESS", session_ray_address())
     text, s = run_main(main, ["--runs", str(runs), "--output", str(tmp_path / "out"), "--modalities", "image",
                               "--fractions", "1.0", "--steps", "image=2", "--encoders", f"image={enc}/final"])
     row = s["results"]["image_1"]

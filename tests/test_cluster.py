@@ -17,6 +17,32 @@ from safetensors.torch import load_file
 from tests.servers import ROOT, cli_env, free_ports
 
 
+def _cluster(monkeypatch):
+    """A head (1 CPU: the data tasks) with a free dashboard port — the session's own cluster holds
+    Ray's default one — whose GCS declares a silent node dead after ~1.5 s (3 missed checks every
+    0.5 s), not Ray's default ~15 s (5 × 3 s): the tests' nodes vanish on purpose."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_health_check_period_ms", "500")
+    monkeypatch.setenv("RAY_health_check_failure_threshold", "3")
+    dash_port, = free_ports(1)
+    return Cluster(initialize_head=True, connect=False,
+                   head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": dash_port})
+
+
+def _add_worker_node(cluster, nodes: dict, name: str, core: int):
+    """A one-CPU node for one training worker (resource `trainer`), its raylet — and so every
+    worker it starts — pinned to one core, as a one-core machine: a node's workers size their torch
+    threads by the cores they may run on (train/loop.node_cpus), and two nodes here share the
+    machine's two."""
+    node = cluster.add_node(num_cpus=1, resources={"trainer": 1}, env_vars={"D2V_TEST_NODE": name})
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(node.all_processes["raylet"][0].process.pid, {cores[core % len(cores)]})
+    nodes[name] = node
+    return node
+
+
 def _preempt(cluster, nodes: dict, node) -> None:
     """A spot node vanishes: its raylet is removed and every process it started (its training
     workers among them) is killed at once. Removing the raylet alone leaves its workers running
@@ -37,14 +63,9 @@ def _preempt(cluster, nodes: dict, node) -> None:
 
 @pytest.mark.slow
 def test_a_lost_node_is_replaced_and_the_run_ends_as_an_uninterrupted_one(demo_shards, tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    dash_port, = free_ports(1)  # the session's own cluster holds Ray's default dashboard port
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": dash_port})
-    worker_node = {"num_cpus": 1, "resources": {"trainer": 1}}  # one training worker per node; the head runs data tasks
-    nodes = {f"n{i}": cluster.add_node(**worker_node, env_vars={"D2V_TEST_NODE": f"n{i}"}) for i in range(2)}
+    cluster, nodes = _cluster(monkeypatch), {}
+    for i in range(2):
+        _add_worker_node(cluster, nodes, f"n{i}", core=i)
     try:
         cluster.wait_for_nodes()
         env = cli_env(RAY_ADDRESS=cluster.address)
@@ -63,7 +84,7 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_an_uninterrupted_one(demo_s
                 removed = nodes["n0"]  # it holds a training worker: a preempted spot node
                 _preempt(cluster, nodes, removed)
                 time.sleep(2)
-                nodes["n2"] = cluster.add_node(**worker_node, env_vars={"D2V_TEST_NODE": "n2"})  # its replacement joins
+                _add_worker_node(cluster, nodes, "n2", core=0)  # its replacement joins, on the lost node's core
         assert proc.wait(timeout=600) == 0, "".join(printed)[-4000:]
         text = "".join(printed)
         resumed = re.search(r"resumed from step (\d+)", text)
@@ -98,17 +119,13 @@ def test_an_elastic_run_shrinks_grows_back_and_reads_each_row_once(demo_shards, 
     with no replacement → the run goes on with 1 worker and grad_accum doubled; a node joins → back
     to 2. The effective batch never changes and no row of the epoch is read twice."""
     import mlflow
-    from ray.cluster_utils import Cluster
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # After a node is lost Ray Train first retries the old size on the dead node's stale resources;
     # this bounds that wait (60 s by default) — the controller inherits it from the raylets.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
-    dash_port, = free_ports(1)
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": dash_port})
-    worker_node = {"num_cpus": 1, "resources": {"trainer": 1}}  # the head keeps its CPU for the data tasks
-    nodes = {f"n{i}": cluster.add_node(**worker_node, env_vars={"D2V_TEST_NODE": f"n{i}"}) for i in range(2)}
+    cluster, nodes = _cluster(monkeypatch), {}
+    for i in range(2):
+        _add_worker_node(cluster, nodes, f"n{i}", core=i)
     log, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "elastic")
     try:
         cluster.wait_for_nodes()
@@ -127,7 +144,7 @@ def test_an_elastic_run_shrinks_grows_back_and_reads_each_row_once(demo_shards, 
                 _preempt(cluster, nodes, removed)  # a spot node, gone for good
             shrunk = shrunk or "elastic: 1 worker(s) of 1-2" in line
             if shrunk and not added and re.search(r"step \d+/80 loss", line):
-                nodes["n2"] = cluster.add_node(**worker_node, env_vars={"D2V_TEST_NODE": "n2"})  # capacity is back
+                _add_worker_node(cluster, nodes, "n2", core=0)  # capacity is back
                 added = True
         assert proc.wait(timeout=900) == 0, "".join(printed)[-5000:]
         text = "".join(printed)

@@ -192,11 +192,8 @@ def test_a_step_too_big_for_a_worker_runs_in_smaller_micro_batches(demo_shards, 
 
 
 @pytest.mark.slow
-def test_finetune_from_pretrained_resumes_bit_identical(demo_shards, tmp_path, capsys):
-    from jobs.pretrain import main as pretrain
-    d = demo_shards
-    run = str(tmp_path / "pre")
-    assert pretrain(["--modality", "image", "--data", d["image"], "--output", run, "--max-steps", "2", *SMALL]) == 0
+def test_finetune_from_pretrained_resumes_bit_identical(demo_shards, image_encoder, tmp_path, capsys):
+    d, run = demo_shards, image_encoder
     base = ["--task", "classify", "--modality", "image", "--init", os.path.join(run, "final"), "--train-data",
             d["image_train"], "--val-data", d["image_test"], "--test-data", d["image_test"], "--max-steps", "8",
             "--set", "train.checkpoint_every=4", "--set", "train.eval_every=4", *SMALL]

@@ -83,8 +83,10 @@ def test_stop_and_resume_gives_identical_weights(demo_shards, tmp_path):
 
 @pytest.mark.slow
 def test_worker_crash_restarts_from_checkpoint(demo_shards, tmp_path):
+    from tests.servers import session_ray_address
     out = str(tmp_path / "run")
-    env = {**os.environ, "D2V_FAIL_AT_STEP": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "D2V_FAIL_AT_STEP": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "RAY_ADDRESS": session_ray_address()}  # the job joins the session's cluster
     r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--data",
                         demo_shards["image"], "--output", out, "--max-steps", "8",
                         "--set", "train.checkpoint_every=4", *SMALL],

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from pipeline.finetune.tasks import loss_fn
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import lr_at
+from pipeline.train.step import adamw, lr_at
 
 
 def build_finetune_optimizer(model, t: TrainConfig, layer_decay: float = 1.0) -> torch.optim.Optimizer:
@@ -26,7 +26,7 @@ def build_finetune_optimizer(model, t: TrainConfig, layer_decay: float = 1.0) ->
         g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else t.weight_decay,
                                               "lr_scale": layer_decay ** (top - lid), "depth": lid})
         g["params"].append(p)
-    return torch.optim.AdamW(list(groups.values()), lr=t.lr, betas=t.betas, eps=t.eps)
+    return adamw(list(groups.values()), t)
 
 
 def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[tuple[dict, dict, object]],

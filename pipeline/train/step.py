@@ -46,9 +46,14 @@ def build_optimizer(model: Data2Vec, t: TrainConfig) -> torch.optim.Optimizer:
         if id(p) in teacher or not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(("cls", "mask_emb")) else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=t.lr, betas=t.betas, eps=t.eps)
+    return adamw([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], t)
+
+
+def adamw(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
+    """torch's fused AdamW (one kernel over every tensor, on CPU and CUDA): the same update as the
+    default for-each kernels to float rounding, 2.6% of a base audio 2.0 step faster on CPU
+    (benchmarks/README, efficiency)."""
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
 
 
 def autocast_for(device: torch.device) -> Callable[[], object]:
