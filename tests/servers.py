@@ -172,19 +172,30 @@ def artifact_page(run_url: str, name: str) -> str:
     return f"{page}/artifacts/{name}" + (f"?{query}" if query else "")
 
 
-def page_text(url: str, budget_ms: int = 30000) -> str:
-    """What a user sees on `url`: Debian's headless Chromium runs the page's JavaScript (the MLflow
-    UI is a single-page app that fetches everything after load) for up to `budget_ms` of virtual
-    time, then dumps the DOM; returns its visible text (no styles or scripts)."""
+def page_text(*urls: str, budget_ms: int = 30000) -> str | list[str]:
+    """What a user sees on each of `urls`: Debian's headless Chromium runs the page's JavaScript (the
+    MLflow UI is a single-page app that fetches everything after load) for up to `budget_ms` of
+    virtual time, then dumps the DOM; returns its visible text (no styles or scripts), one string
+    per URL. Several URLs load at once, one browser each."""
     import re
     import shutil
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "headless Chromium is missing: run setup.sh (it installs Debian's chromium)"
-    with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no remembered UI settings
-        r = subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                            f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                           capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
-    html = re.sub(r"<(style|script)\b.*?</\1>", " ", r.stdout, flags=re.S)
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for url in urls:
+            profile = stack.enter_context(tempfile.TemporaryDirectory())  # a fresh profile: no remembered UI settings
+            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            procs.append((subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                                            "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                                            f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+                                           stdout=out, stderr=err, text=True), out, err))
+        texts = []
+        for proc, out, err in procs:
+            code = proc.wait(timeout=180)
+            out.seek(0), err.seek(0)
+            assert code == 0, err.read()[-2000:]
+            html = re.sub(r"<(style|script)\b.*?</\1>", " ", out.read(), flags=re.S)
+            texts.append(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+    return texts[0] if len(urls) == 1 else texts

@@ -56,14 +56,13 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
 
     # The MLflow UI at the URLs the demo printed (served here on a free port), in headless Chromium.
     with mlflow_ui(f"sqlite:///{out}/mlflow.db") as base:
-        runs = page_text(on_port(last["mlflow_ui"], base))
-        # The runs table: the 'demo' run, its pretraining run nested (collapsed) under it.
-        assert "2 matching runs" in runs and " demo " in runs, runs[-3000:]
         demo_run = on_port(last["mlflow_ui_demo_run"], base)
         assert parent.info.run_id in demo_run
-        files = page_text(artifact_page(demo_run, "probe_accuracy.png"))
+        runs, files, curves = page_text(on_port(last["mlflow_ui"], base), artifact_page(demo_run, "probe_accuracy.png"),
+                                        demo_run.replace(parent.info.run_id, child.info.run_id))
+        # The runs table: the 'demo' run, its pretraining run nested (collapsed) under it.
+        assert "2 matching runs" in runs and " demo " in runs, runs[-3000:]
         assert "probe_accuracy.png" in files and "summary.md" in files, files[-3000:]
-        curves = page_text(demo_run.replace(parent.info.run_id, child.info.run_id))
         assert "val_loss" in curves and "image-d2v2-demo" in curves, curves[-3000:]
     m = child.data.metrics
     assert m["final_probe.linear_pretrained"] == pytest.approx(row["probe_pretrained"], abs=1e-3)

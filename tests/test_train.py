@@ -293,12 +293,10 @@ def test_run_is_browsable_after_ray_is_gone_with_curves_and_one_progress_line(de
 
     assert f"then open {summary['mlflow_ui']}" in r.stdout
     with mlflow_ui(f"sqlite:///{out}/mlflow.db") as base:
-        runs = page_text(on_port(summary["mlflow_ui"], base))
-        assert run.info.run_name in runs and "1 matching run" in runs, runs[-2000:]  # the runs table
         run_url = on_port(summary["mlflow_ui"], base).replace("/runs?", f"/runs/{run.info.run_id}?")
-        page = page_text(run_url)
+        runs, page, files = page_text(on_port(summary["mlflow_ui"], base), run_url, artifact_page(run_url, "final"))
+        assert run.info.run_name in runs and "1 matching run" in runs, runs[-2000:]  # the runs table
         assert "val_loss" in page and "probe.knn_accuracy" in page, page[-2000:]
-        files = page_text(artifact_page(run_url, "final"))
         assert "model.safetensors" in files and "masks" in files, files[-2000:]
 
 
