@@ -32,7 +32,7 @@ def demo_run_config(data: str, modality: str, output: str, size: str = "demo",
                     overrides: dict | None = None, **frontend) -> RunConfig:
     """The run config for pretraining on the demo's preprocessed folders under `data` (as
     `python -m jobs.demo` lays them out), with the data-derived front-end settings from its manifest."""
-    from jobs.demo import SPLITS
+    from pipeline.demo import SPLITS
 
     pre = os.path.join(data, f"{modality}_{SPLITS[modality][0]}")
     fe = {**frontend_from_manifest(read_manifest(pre, modality)), **frontend}

@@ -15,7 +15,8 @@ from tests.servers import ROOT, alone_on_this_machine, artifact_page, mlflow_ui,
 def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local, tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from jobs.demo import EXPERIMENT, main
+    from jobs.demo import main
+    from pipeline.demo import EXPERIMENT
     out = str(tmp_path / "demo")
     # As a user runs it, with its own local Ray cluster, its console going to a file.
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
@@ -77,11 +78,11 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
     # exit 1 with the worker's own error, and no MLflow run of the demo left RUNNING.
     import shutil
 
-    import jobs.demo
+    import pipeline.demo
     bad = str(tmp_path / "bad")
     shutil.copytree(os.path.join(out, "data"), os.path.join(bad, "data"))
-    settings = jobs.demo.curve_settings
-    monkeypatch.setattr(jobs.demo, "curve_settings", lambda mod, steps: {
+    settings = pipeline.demo.curve_settings
+    monkeypatch.setattr(pipeline.demo, "curve_settings", lambda mod, steps: {
         **settings(mod, steps), "train.lr": 1e30, "train.warmup_steps": 1, "train.max_failures": 0})
     capsys.readouterr()
     assert main(["--data", demo_raw, "--output", bad, "--modalities", "image", "--steps-scale", "0.05"]) == 1
