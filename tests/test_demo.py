@@ -91,3 +91,13 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
     client = MlflowClient("sqlite:///" + os.path.join(bad, "mlflow.db"))
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {"demo": "FAILED", "image-d2v2-demo": "FAILED"}
+
+
+def test_demo_refuses_arguments_that_cannot_work(tmp_path, capsys):
+    from jobs.demo import main
+    for args, needle in ((["--modalities", "image,video"], "--modalities must be a subset"),
+                         (["--mode", "d2v3"], "--mode d2v1|d2v2"), (["--steps-scale", "0"], "--steps-scale > 0"),
+                         (["--modalities", "image", "--ctc"], "--ctc fine-tunes the demo's audio encoder")):
+        assert main(["--data", str(tmp_path / "raw"), "--output", str(tmp_path / "out"), *args]) == 2, args
+        assert needle in capsys.readouterr().err, args
+    assert not os.path.exists(tmp_path / "raw")  # refused before preparing any data

@@ -117,6 +117,29 @@ def test_sweep_chooses_on_validation_and_nests_mlflow_runs(demo_shards, tmp_path
     assert {"best_config.json", "val_probe_vs_params.png"} <= arts
 
 
+def test_sweep_refuses_what_cannot_work_before_ray(tmp_path, capsys):
+    """Arguments and search-space entries that cannot work exit 2 naming what is wrong; every
+    supported distribution builds its Tune domain."""
+    from ray import tune
+
+    from jobs.sweep import main as sweep
+    from pipeline.config import ConfigError
+    from pipeline.sweep import DEFAULT_SPACE, tune_space
+
+    space = tune_space({**DEFAULT_SPACE, "train.lr": {"loguniform": [3e-4, 3e-3]}, "x.k": {"randint": [1, 5]}})
+    assert isinstance(space["model.ema.decay"], tune.search.sample.Categorical)
+    assert isinstance(space["train.lr"], tune.search.sample.Float) and space["train.lr"].lower == 3e-4
+    assert isinstance(space["x.k"], tune.search.sample.Integer) and (space["x.k"].lower, space["x.k"].upper) == (1, 5)
+    with pytest.raises(ConfigError, match=r"^search-space\.model\.mask\.prob: expected one of"):
+        tune_space({"model.mask.prob": {"normal": [0.7, 0.1]}})
+    base = ["--modality", "image", "--data", str(tmp_path), "--probe-train", str(tmp_path), "--probe-test",
+            str(tmp_path), "--output", str(tmp_path / "sweep")]
+    assert sweep([*base, "--num-samples", "2", "--search-space", str(tmp_path / "none.yaml")]) == 2
+    assert "search-space: " in capsys.readouterr().err
+    assert sweep([*base, "--num-samples", "0"]) == 2
+    assert "num-samples" in capsys.readouterr().err
+
+
 def test_stratified_split_holds_out_every_class_seeded():
     from pipeline.probe import stratified_split
     y = np.array([0] * 40 + [1] * 8 + [2] * 1)
