@@ -149,3 +149,32 @@ def test_compiled_step_matches_eager_and_compiles_once():
             graphs.append(counters["stats"]["unique_graphs"])
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3, atol=1e-4)
     assert graphs[0] > 0 and graphs[-1] == graphs[1], graphs
+
+
+def test_fused_adamw_steps_like_the_for_each_kernels():
+    """Pretraining's and fine-tuning's optimizer is torch's fused AdamW: five steps of it move every
+    weight as the default (for-each) AdamW does, to float rounding, weight decay groups included."""
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.step import adamw
+
+    torch.manual_seed(0)
+    t = TrainConfig(lr=1e-2, weight_decay=0.05)
+    make = lambda: [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(16))]  # noqa: E731
+    fused, ref = make(), make()
+    for a, b in zip(fused, ref):
+        b.data.copy_(a.data)
+    opt = adamw([{"params": fused[:1], "weight_decay": t.weight_decay}, {"params": fused[1:], "weight_decay": 0.0}], t)
+    ref_opt = torch.optim.AdamW([{"params": ref[:1], "weight_decay": t.weight_decay},
+                                 {"params": ref[1:], "weight_decay": 0.0}], lr=t.lr, betas=t.betas, eps=t.eps,
+                                foreach=True)
+    assert opt.defaults["fused"] is True and ref_opt.defaults["fused"] in (None, False)
+    start = [p.detach().clone() for p in fused]
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in fused]
+        for o, ps in ((opt, fused), (ref_opt, ref)):
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            o.step()
+    for a, b, a0 in zip(fused, ref, start):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a - a0).abs().min() > 1e-5  # every weight moved
