@@ -129,8 +129,7 @@ def main(argv=None) -> int:
         # Artifacts go straight to SWEEP_DIR/mlartifacts (absolute; every trial runs on this
         # machine), so the store stays browsable with `mlflow ui` after the server is gone.
         return run_sweep(a, spec, sets, out, uri, concurrent, per_trial,
-                      browse=f"sqlite:///{out}/mlflow.db",
-                      artifact_location=f"file://{out}/mlartifacts")
+                         browse=f"sqlite:///{out}/mlflow.db", artifact_location=f"file://{out}/mlartifacts")
 
 
 if __name__ == "__main__":

@@ -210,8 +210,8 @@ CTC_STEPS = 300
 
 
 def finetune_ctc(a, uri: str, parent_id: str) -> dict | int:
-    """Spoken digit strings (A.data/ctc, jobs.prepare_demo's) → CTC fine-tuning of the demo's pretrained audio encoder (a child run of
-    the demo), scored on held-out voices. Returns {"test_cer", "test_wer", "steps", "finetune_s"},
+    """Spoken digit strings (a.data/ctc, which jobs.demo prepares) → CTC fine-tuning of the demo's
+    pretrained audio encoder (a child run of the demo), scored on held-out voices. Returns {"test_cer", "test_wer", "steps", "finetune_s"},
     or the exit code of a failure (its message printed): 2 for a config the pre-flight refuses, 1
     for a failed run."""
     from types import SimpleNamespace

@@ -127,7 +127,7 @@ def plot(df, keys: list[str], path: str) -> str:
 
 
 def run_sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, per_trial: dict, browse: str,
-           artifact_location: str | None = None) -> int:
+              artifact_location: str | None = None) -> int:
     """The Tune run of a sweep (or its resume) under one MLflow parent run → the exit code. `a`: the
     sweep command's arguments (jobs.sweep); `browse`: the tracking URI users browse afterwards (the
     store itself when `uri` is the sweep's own server)."""

@@ -141,7 +141,9 @@ def cli_env(**extra) -> dict:
     """The environment of a user's shell for the job commands: no Ray address of this session's
     cluster, token authentication off for the tests' heads, the venv's commands on PATH."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    # conftest's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 is what a job sets for a cluster it starts
+    # itself; on a cluster it joins (these heads) a user's run has Ray Train's watcher.
+    for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         env.pop(k, None)
     return {**env, **extra}
 
@@ -192,10 +194,15 @@ def page_text(*urls: str, budget_ms: int = 30000) -> str | list[str]:
                                             f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
                                            stdout=out, stderr=err, text=True), out, err))
         texts = []
-        for proc, out, err in procs:
-            code = proc.wait(timeout=180)
-            out.seek(0), err.seek(0)
-            assert code == 0, err.read()[-2000:]
-            html = re.sub(r"<(style|script)\b.*?</\1>", " ", out.read(), flags=re.S)
-            texts.append(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+        try:
+            for proc, out, err in procs:
+                code = proc.wait(timeout=180)
+                out.seek(0), err.seek(0)
+                assert code == 0, err.read()[-2000:]
+                html = re.sub(r"<(style|script)\b.*?</\1>", " ", out.read(), flags=re.S)
+                texts.append(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+        finally:  # a browser that failed or hung leaves none running over a deleted profile
+            for proc, _, _ in procs:
+                proc.kill()
+                proc.wait()
     return texts[0] if len(urls) == 1 else texts

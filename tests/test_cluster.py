@@ -37,8 +37,9 @@ def _add_worker_node(cluster, nodes: dict, name: str, core: int):
     threads by the cores they may run on (train/loop.node_cpus), and two nodes here share the
     machine's two."""
     node = cluster.add_node(num_cpus=1, resources={"trainer": 1}, env_vars={"D2V_TEST_NODE": name})
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(node.all_processes["raylet"][0].process.pid, {cores[core % len(cores)]})
+    cores, pid = sorted(os.sched_getaffinity(0)), node.all_processes["raylet"][0].process.pid
+    for tid in os.listdir(f"/proc/{pid}/task"):  # every thread: whichever starts the workers
+        os.sched_setaffinity(int(tid), {cores[core % len(cores)]})
     nodes[name] = node
     return node
 

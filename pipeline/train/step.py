@@ -51,8 +51,9 @@ def build_optimizer(model: Data2Vec, t: TrainConfig) -> torch.optim.Optimizer:
 
 def adamw(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
     """torch's fused AdamW (one kernel over every tensor, on CPU and CUDA): the same update as the
-    default for-each kernels to float rounding, 2.6% of a base audio 2.0 step faster on CPU
-    (benchmarks/README, efficiency)."""
+    default for-each kernels to float rounding, 2–3% of a base audio 2.0 step faster on CPU
+    (benchmarks/README, efficiency). A run resumed from a checkpoint written before (2026-12-04)
+    keeps the for-each kernels: loading an optimizer's state restores its saved settings."""
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
 
 
