@@ -3,7 +3,7 @@ fixed budget — and for a Hugging Face-based 1.0 baseline (images) to reach it 
 
     .venv/bin/python -m benchmarks.time_to_accuracy [--data runs/demo/data] [--modalities image,audio,text]
         [--budget1 image=1000,audio=400,text=1000] [--budget2 image=300,audio=150,text=400] [--probes 6]
-        [--seeds 0,1,2]
+        [--seeds 0,1,2] [--set1 train.lr=5e-4]
 
 `--data` holds the demo's preprocessed folders (`python -m jobs.demo` writes them to runs/demo/data):
 <modality>_train (pretraining input; text uses text_pretrain), <modality>_train/_test (probe splits).
@@ -44,6 +44,7 @@ from benchmarks.harness import Trainer, demo_run_config, load_rows, probe_accura
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.probe import fit_probes  # noqa: E402
 from pipeline.train.batches import image_tensor  # noqa: E402
+from pipeline.train.config import parse_sets  # noqa: E402
 from pipeline.train.step import lr_at  # noqa: E402
 
 BUDGET1 = "image=1000,audio=400,text=1000"  # 1.0 steps (batch 32): roughly the 2.0 demo's wall time
@@ -81,9 +82,10 @@ def first_reach(points, target: float) -> float | None:
     return next((t for t, _, a in points if a >= target), None)
 
 
-def ours(mod: str, mode: str, data: str, steps: int, probe_rows, probes: int, target=None, seed: int = 0):
+def ours(mod: str, mode: str, data: str, steps: int, probe_rows, probes: int, target=None, seed: int = 0,
+         sets: dict | None = None):
     cfg = demo_run_config(data, mod, tempfile.mkdtemp(),
-                          overrides={"model.mode": mode, "train.max_steps": steps, "train.seed": seed})
+                          overrides={**(sets or {}), "model.mode": mode, "train.max_steps": steps, "train.seed": seed})
     tr = Trainer(cfg, load_rows(cfg.data, mod))
     print(f"  {mod} {mode} seed {seed}: {steps} steps max", flush=True)
     return curve(lambda: tr.train_step(*tr.next_inputs()), lambda: probe_accuracy(tr.model, *probe_rows),
@@ -125,7 +127,7 @@ def hf_baseline(data: str, steps: int, probe_rows, probes: int, target: float, s
 
 def one_seed(mod: str, seed: int, a, b1: dict, b2: dict, probe_rows) -> tuple[list, dict]:
     """1.0, 2.0 (and, for images, the HF baseline) at one seed → (table rows, speed-ups)."""
-    c1 = ours(mod, "d2v1", a.data, b1[mod], probe_rows, a.probes, seed=seed)
+    c1 = ours(mod, "d2v1", a.data, b1[mod], probe_rows, a.probes, seed=seed, sets=parse_sets(a.set1))
     learned = c1[-1][2] >= c1[0][2] + LEARNED
     target = c1[-1][2] if learned else c1[0][2] + LEARNED
     t1 = first_reach(c1, target) if learned else c1[-1][0]  # not learned: t1 > the whole budget
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
                    "first that reaches the target, so denser probing measures t2 more precisely")
     p.add_argument("--seeds", default="0", help="comma-separated train.seed values; the speed-up is their median")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--set1", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the data2vec 1.0 runs only, e.g. train.lr=5e-4 (repeatable)")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     b1, b2 = parse_budget(a.budget1), parse_budget(a.budget2)

@@ -86,6 +86,23 @@ def test_time_to_accuracy_script_runs(demo_shards):
     assert {line.split()[1] for line in text.splitlines() if line.startswith("image ")} == {"0", "1"}  # a row per seed
 
 
+def test_time_to_accuracy_set1_reaches_only_the_1_0_runs(demo_shards, capsys, monkeypatch):
+    """--set1 settings go into the data2vec 1.0 runs' config (validated there: a wrong field exits 2
+    naming it), and not into 2.0's."""
+    import benchmarks.time_to_accuracy as tta
+    data = os.path.dirname(demo_shards["image"])
+    args = ["--data", data, "--modalities", "image", "--budget1", "image=1", "--budget2", "image=1", "--no-hf"]
+    assert tta.main([*args, "--set1", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(tta, "curve", lambda *a, **k: [(0.0, 0, 0.5)])  # configs only: no training
+    real = tta.demo_run_config
+    monkeypatch.setattr(tta, "demo_run_config", lambda *a, overrides, **k: seen.setdefault(
+        overrides["model.mode"], real(*a, overrides=overrides, **k)))
+    assert tta.main([*args, "--set1", "train.lr=5e-4"]) == 0
+    assert seen["d2v1"].train.lr == 5e-4 and seen["d2v2"].train.lr != 5e-4
+
+
 @pytest.mark.slow
 def test_ray_benchmarks_run(demo_shards):
     from benchmarks.input_pipeline import main as input_pipeline
