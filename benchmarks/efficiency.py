@@ -4,24 +4,25 @@ the matmul FLOP/s this machine reaches, measured in the same run.
     .venv/bin/python -m benchmarks.efficiency [--modalities image,audio,text] [--modes d2v1,d2v2]
         [--steps 2] [--size base] [--compile]
 
-A step = collate-free forward (teacher targets + student) + backward + AdamW + EMA update, the
-`base` preset of each modality (dropout as in the preset), on synthetic inputs of realistic shape:
-224-px images (16×16 patches), 2-s clips at 16 kHz, 512-token text (at most the preset's positions). FLOPs are counted with torch's
-FlopCounterMode (matmuls, convolutions, attention; forward + backward; grouped-conv backward
-fixed in benchmarks/flops.py). The peak is the best of 3 timed large GEMMs
-(fp32 on CPU; bf16 on CUDA, where steps run under bf16 autocast and `--compile` applies
-torch.compile). Prints a table, then one JSON line: {"cpu_matmul_fraction": the lowest fraction
-over the rows} (or "gpu_mfu" on CUDA, against both the measured GEMM and the H100's 989 TFLOP/s).
+A step is the product's step, `pipeline.train.step.train_step`, run by benchmarks/harness.py's
+Trainer as a worker runs it: forward (teacher targets + student) + health check + backward +
+gradient clipping + AdamW + EMA update, collate-free, for the `base` preset of each modality
+(dropout as in the preset), on fixed synthetic inputs of realistic shape: 224-px images (16×16
+patches), 2-s clips at 16 kHz, 512-token text (at most the preset's positions). FLOPs are counted
+with torch's FlopCounterMode over one whole step (matmuls, convolutions, attention; forward +
+backward; grouped-conv backward fixed in benchmarks/flops.py). The peak is the best of 3 timed
+large GEMMs (fp32 on CPU; bf16 on CUDA, where steps run under the worker's bf16 autocast and
+`--compile` compiles the model's modules as train.compile does). Prints a table, then one JSON
+line: {"cpu_matmul_fraction": the lowest fraction over the rows} (or "gpu_mfu" on CUDA, against
+both the measured GEMM and the H100's 989 TFLOP/s).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -30,11 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.flops import sync, counter, matmul_peak  # noqa: E402
+from benchmarks.harness import Trainer  # noqa: E402
 from pipeline.recipes import preset  # noqa: E402
-from pipeline.model.data2vec import Data2Vec, draw_masks  # noqa: E402
+from pipeline.model.data2vec import draw_masks  # noqa: E402
 from pipeline.model.frontends import conv_frames  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
-from pipeline.train.step import build_optimizer  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # NVIDIA H100 SXM spec sheet, dense bf16
 # (batch on CPU, batch on GPU) per modality and mode: d2v2 multiplies the student batch by clone_batch.
@@ -63,25 +64,20 @@ def synthetic(cfg, batch: int, rng: np.random.Generator) -> tuple[dict, torch.Te
 
 
 class Step:
+    """One training step of a modality's preset on fixed synthetic inputs: the harness Trainer's
+    (the product's) step, per call."""
+
     def __init__(self, modality: str, mode: str, size: str, device: torch.device, compile_: bool):
         self.cfg = preset(modality, size, mode)
         self.batch = BATCH[(modality, mode)][device.type == "cuda"]
-        self.model = Data2Vec(self.cfg).to(device)
-        self.opt = build_optimizer(self.model, dataclasses.replace(TrainConfig(), lr=1e-4))
-        self.forward = torch.compile(self.model) if compile_ else self.model
+        train = TrainConfig(lr=1e-4, batch_size=self.batch, compile=compile_)
+        self.trainer = Trainer.from_configs(self.cfg, train, device)
         inputs, mask = synthetic(self.cfg, self.batch, np.random.default_rng(0))
-        self.inputs = {k: v.to(device) for k, v in inputs.items()}
-        self.mask, self.device, self.i = mask.to(device), device, 0
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        self.inputs = {k: v.to(device) for k, v in inputs.items()}  # moved once, outside the timing
+        self.mask, self.device = mask.to(device), device  # (B·clone_batch, T) bool
 
     def __call__(self):
-        with self.autocast:
-            out = self.forward(self.inputs, self.mask)
-        out.loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.model.ema_step(self.i)
-        self.i += 1
+        self.trainer.train_step(self.inputs, self.mask)
 
 
 def measure(step: Step, steps: int) -> tuple[float, float]:

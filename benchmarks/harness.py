@@ -6,8 +6,12 @@ the benchmarks compare against, and a fast loop for recipe experiments.
     trainer.train(100)                                                # → seconds spent in steps
     acc = probe_accuracy(trainer.model, probe_train, probe_test)      # frozen features → LR probe
 
+    trainer = Trainer.from_configs(model_cfg, train_cfg, device)     # no rows: bring your own batches
+    trainer.train_step(inputs, mask)                                  # one step on them
+
 The step is the worker's step (`pipeline.train.step.train_step`, with the same `collate` and
-masks); only the data comes from memory instead of a Ray Data stream.
+masks, bf16 autocast on CUDA, and the model's modules compiled when train.compile is set); only
+the data comes from memory instead of a Ray Data stream.
 """
 from __future__ import annotations
 
@@ -19,13 +23,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.model.config import ModelConfig
 from pipeline.model.data2vec import Data2Vec
 from pipeline.probe import eval_inputs, fit_probes
 from pipeline.train.batches import collate, step_rng
 from pipeline.train.stream import COLUMNS
-from pipeline.train.config import RunConfig, resolve
+from pipeline.train.config import RunConfig, TrainConfig, resolve
 from pipeline.train.launch import frontend_from_manifest, read_manifest
-from pipeline.train.step import build_optimizer, train_step
+from pipeline.train.step import autocast_for, build_optimizer, train_step
 
 
 def demo_run_config(data: str, modality: str, output: str, size: str = "demo",
@@ -74,25 +79,42 @@ def _column(values: list):
 
 
 class Trainer:
-    """One process, one model: the worker's step on in-memory batches."""
+    """One process, one model: the worker's step on in-memory batches.
 
-    def __init__(self, cfg: RunConfig, rows: dict[str, list]):
+    Built as a worker builds it (pipeline/pretrain/worker.py): seeded weights on `device`, the
+    optimizer, then `model.compile_modules()` when train.compile is set. Without `rows` there is
+    no data: the caller passes its own batches to `train_step`."""
+
+    def __init__(self, cfg: RunConfig, rows: dict[str, list] | None = None, device: str | torch.device = "cpu"):
         self.cfg, t = cfg, cfg.train
+        self.device = torch.device(device)
         torch.manual_seed(t.seed)
-        self.model = Data2Vec(cfg.model)
+        self.model = Data2Vec(cfg.model).to(self.device)
         self.opt = build_optimizer(self.model, t)
+        if t.compile:
+            self.model.compile_modules()
+        self.autocast = autocast_for(self.device)  # bf16 on CUDA, none on CPU
         self.step = 0
-        self.data = batches(rows, t.batch_size, t.seed)
+        self.data = batches(rows, t.batch_size, t.seed) if rows is not None else None
+
+    @classmethod
+    def from_configs(cls, model: ModelConfig, train: TrainConfig, device: str | torch.device = "cpu") -> Trainer:
+        """A Trainer from a model config and a TrainConfig alone (no data folder, no rows)."""
+        run = RunConfig(modality=model.modality, data="", output="", model=model, train=train)
+        return cls(run, device=device)
 
     def next_inputs(self):
         t = self.cfg.train
         return collate(next(self.data), self.cfg.model, step_rng(t.seed, 0, self.step), t.audio_max_samples,
                        t.text_max_tokens, t.audio_batching)
 
-    def train_step(self, inputs, mask) -> float:
-        """The product's step (pipeline.train.step.train_step) on one in-memory batch."""
+    def train_step(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> float:
+        """The product's step (pipeline.train.step.train_step) on one in-memory batch: `inputs` as
+        `collate` makes them, `mask` (B or B·clone_batch, T) bool; both moved to the model's device."""
         self.model.train()
-        m = train_step(self.model, self.model, self.opt, [(inputs, mask)], self.step, self.cfg.train)
+        inputs, mask = {k: v.to(self.device) for k, v in inputs.items()}, mask.to(self.device)
+        m = train_step(self.model, self.model, self.opt, [(inputs, mask)], self.step, self.cfg.train,
+                       autocast=self.autocast)
         self.step += 1
         return m["loss"]
 

@@ -3,10 +3,11 @@ real training steps on CPU, one fresh process per configuration.
 
     python benchmarks/memory_estimate.py [--config image,demo,d2v2,32 ...] [--config ft:audio,demo,classify,8 ...]
 
-A pretraining row is modality,size,mode,batch; a fine-tuning row ft:modality,size,task,batch (from a
-pretrained init: the audio CNN frozen, as the base recipe and CTC run it — the demo's classification
-trains it, as scratch does, an estimate tests/test_finetune.py's micro-batch test exercises; 20-s
-audio clips, full-length text).
+A pretraining row is modality,size,mode,batch: two steps of benchmarks/harness.py's Trainer (the
+worker's collate and `pipeline.train.step.train_step`) on full-size samples. A fine-tuning row is
+ft:modality,size,task,batch: two `finetune_step`s (from a pretrained init: the audio CNN frozen, as
+the base recipe and CTC run it — the demo's classification trains it, as scratch does, an estimate
+tests/test_finetune.py's micro-batch test exercises; 20-s audio clips, full-length text).
 
 Prints a table (estimate, measured peak, ratio) and one JSON line last.
 """
@@ -91,27 +92,21 @@ def measure_finetune(modality: str, size: str, task: str, batch: int) -> dict:
 
 
 def measure(modality: str, size: str, mode: str, batch: int) -> dict:
-    """Two real steps of this config (224-px images, full-length audio/text) in this process."""
+    """Two real steps of this config (224-px images, full-length audio/text) in this process, by the
+    harness Trainer: collate + the product's train_step, as in a worker."""
     import numpy as np
     import torch
 
-    from pipeline.model.data2vec import Data2Vec
-    from pipeline.train.batches import collate, step_rng
+    from benchmarks.harness import Trainer
     from pipeline.train.config import resolve
     from pipeline.train.memory import GB, estimate
-    from pipeline.train.step import build_optimizer, train_step
 
     process = peak_rss()
     fe = {"image": {"image_size": 224}, "text": {"vocab_size": 8000}}.get(modality, {})
     cfg = resolve(modality, "d", "o", size, None, {"model.mode": mode, "train.batch_size": batch}, model_frontend=fe)
-    t = cfg.train
-    nb = _rows(modality, batch, t, np.random.default_rng(0))
+    nb = _rows(modality, batch, cfg.train, np.random.default_rng(0))  # exactly one batch of rows
     torch.set_num_threads(os.cpu_count() or 1)
-    model = Data2Vec(cfg.model)
-    opt = build_optimizer(model, t)
-    for s in range(2):
-        x, m = collate(nb, cfg.model, step_rng(0, 0, s), t.audio_max_samples, t.text_max_tokens, t.audio_batching)
-        train_step(model, model, opt, [(x, m)], s, t)
+    Trainer(cfg, {c: list(v) for c, v in nb.items()}).train(2)
     peak = peak_rss()
     return {"config": f"{modality},{size},{mode},{batch}", "estimate_gb": round(estimate(cfg)["total"] / GB, 2),
             "peak_gb": round(peak / GB, 2), "process_gb": round(process / GB, 2)}
