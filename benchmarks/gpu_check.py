@@ -20,19 +20,13 @@ sys.path.insert(0, ROOT)
 
 def flops_per_sample(cfg, device) -> float:
     """Model FLOPs of one training step per sample (forward + backward + teacher), counted on one batch."""
-    import torch
-
     from benchmarks.flops import counter
     from benchmarks.harness import Trainer, load_rows
-    from pipeline.train.step import train_step
 
-    rows = load_rows(cfg.data, cfg.modality)
-    trainer = Trainer(cfg, rows)
-    trainer.model.to(device)
+    trainer = Trainer(cfg, load_rows(cfg.data, cfg.modality), device=device)  # bf16 autocast on CUDA, as a worker
     inputs, mask = trainer.next_inputs()
-    inputs, mask = {k: v.to(device) for k, v in inputs.items()}, mask.to(device)
-    with counter() as fc, torch.autocast(device.type, dtype=torch.bfloat16):
-        train_step(trainer.model, trainer.model, trainer.opt, [(inputs, mask)], 0, cfg.train)
+    with counter() as fc:
+        trainer.train_step(inputs, mask)
     return fc.get_total_flops() / cfg.train.batch_size
 
 

@@ -286,12 +286,14 @@ def test_pre_ln_image_encoders_finetune_on_two_workers(demo_shards, tmp_path, ca
     """The pre-LN image encoders — data2vec 1.0's, and every Hugging Face Data2VecVisionModel — on 2
     DDP workers: the head pools before the encoder's final norm, which therefore must not exist
     (DDP fails at the second step on a weight without a gradient). The log names it as not used."""
-    from jobs.pretrain import main as pretrain
+    from pipeline.recipes import preset
+    from pipeline.train.checkpoint import save_final
+    from tests.test_export_hf import _perturbed
     from tests.test_init_weights import _hf_model
     d = demo_shards
-    run = str(tmp_path / "pre")
-    assert pretrain(["--modality", "image", "--data", d["image"], "--output", run, "--max-steps", "2",
-                     "--set", "model.mode=d2v1", *SMALL]) == 0
+    run = str(tmp_path / "pre")  # a 1.0 image checkpoint on the demo digits' grid (28 px, 4-px patches)
+    cfg = preset("image", "demo", "d2v1", image_size=28)
+    save_final(os.path.join(run, "final"), _perturbed(cfg), {"model": cfg.to_dict(), "modality": "image"})
     hf_dir = str(tmp_path / "hf")
     _hf_model("image").save_pretrained(hf_dir)  # 28-px images, 4-px patches: the demo data's grid
     capsys.readouterr()
