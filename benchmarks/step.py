@@ -38,6 +38,10 @@ SIZES = {  # name: (image px, patch, width, depth, heads, batch)
 
 
 class OurStep:
+    """Our model in the baseline's bare loop (plain for-each AdamW, no clipping, no health check, no
+    LR schedule), so the two rows differ only in the model and the EMA; the product's whole step
+    (benchmarks/harness.py's Trainer) is what benchmarks.efficiency times."""
+
     def __init__(self, mode, px, patch, dim, depth, heads, batch):
         cfg = preset("image", "base", mode, image_size=px, patch_size=patch)
         cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(
