@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 
 from pipeline import storage
@@ -74,7 +75,6 @@ def trial(config: dict, tracking_uri: str) -> None:
         step = r * s["steps_per_round"]
         client.log_metric(run_id, "val_probe_accuracy", res["probe_accuracy"], step=step)
         client.log_metric(run_id, "val_knn_accuracy", res["knn_accuracy"], step=step)
-        import tempfile
         with tempfile.TemporaryDirectory() as d:
             json.dump({"round": r}, open(os.path.join(d, "round.json"), "w"))
             ray.tune.report({"val_probe_accuracy": res["probe_accuracy"], "val_knn_accuracy": res["knn_accuracy"],
@@ -204,7 +204,6 @@ def choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
     mlflow.log_metrics({"best_val_probe_accuracy": best.metrics[METRIC],
                         "test_probe_accuracy": test["probe_accuracy"], "test_knn_accuracy": test["knn_accuracy"]})
     mlflow.set_tags({f"best.{k}": v for k, v in best_params.items()})
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
         mlflow.log_artifact(plot(df, keys, os.path.join(d, "val_probe_vs_params.png")))
     mlflow.end_run(status="FAILED" if grid.num_errors else "FINISHED")

@@ -197,16 +197,13 @@ def test_evaluate_refuses_data_the_checkpoint_cannot_read(tmp_path, capsys):
 def test_in_process_extraction_matches_the_actor_pool(demo_shards, tmp_path):
     """The demo's in-process extraction gives the features the Ray Data actor pool gives (rows may
     come back in another order): both variants, both splits."""
-    from benchmarks.harness import Trainer, load_rows
+    from benchmarks.harness import Trainer, demo_run_config, load_rows
     from pipeline import probe
     from pipeline.train.checkpoint import save_final
-    from pipeline.train.config import resolve
-    from pipeline.train.launch import frontend_from_manifest, read_manifest
     out = str(tmp_path / "run")  # a text encoder one step (the workers' step, in this process) from init
-    fe = frontend_from_manifest(read_manifest(demo_shards["text"], "text"))
-    cfg = resolve("text", demo_shards["text"], out, "demo", None, {"train.batch_size": 8, "train.warmup_steps": 0},
-                  model_frontend=fe)
-    trainer = Trainer(cfg, load_rows(demo_shards["text"], "text"))
+    cfg = demo_run_config(os.path.dirname(demo_shards["text"]), "text", out,
+                          overrides={"train.batch_size": 8, "train.warmup_steps": 0})
+    trainer = Trainer(cfg, load_rows(cfg.data, "text"))
     trainer.train(1)
     save_final(os.path.join(out, "final"), trainer.model, cfg.to_dict())
     dirs = [demo_shards["text_train"], demo_shards["text_test"]]
