@@ -68,7 +68,7 @@ def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
     probed with this checkpoint's config (None = no encoder): mixed modalities, no labels, other
     data-derived front-end settings (image size, vocabulary), or text tokenized with another
     tokenizer than the pretraining data. Returns the modality."""
-    from pipeline.train.launch import frontend_from_manifest
+    from pipeline.train.launch import frontend_from_manifest, refuse_raw_pixels
 
     manifests = {name: storage.read_json(storage.join(d, "manifest.json")) for name, d in dirs.items()}
     modality = config["model"]["modality"] if config else next(iter(manifests.values()))["modality"]
@@ -76,6 +76,7 @@ def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
     for name, m in manifests.items():
         if m["modality"] != modality:
             raise ConfigError(f"{name}: holds {m['modality']} rows but {against.format(modality)}")
+        refuse_raw_pixels(m, dirs[name])
         if not m.get("labels"):
             raise ConfigError(f"{name}: {dirs[name]!r} has no labels; preprocess a folder laid out as "
                               "DIR/<class>/<file> to get a label column")

@@ -9,8 +9,19 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MODALITIES = ("image", "audio", "text")
-ROW_GROUP_ROWS = 64  # Parquet row group of the shards = the unit training reads and shuffles
+# Rows per Parquet row group of the shards, sized by bytes (readers and object stores like row
+# groups of ~1 MB and up, and each group costs a footer entry): a 224-px JPEG row is ~30 kB (64 rows
+# ≈ 2 MB), a 15-s audio crop 960 kB (16 ≈ 15 MB), a text row 0.1–2 kB (512 ≈ 0.1–1 MB). Training
+# shuffles smaller chunks of them (stream.CHUNK_ROWS) and reads each group once per read task.
+ROW_GROUP_ROWS = {"image": 64, "audio": 16, "text": 512}
+EVAL_CROP = 0.875  # MAE/BEiT evaluation: shorter side resized to size / 0.875 (256 for 224), center crop
+JPEG_QUALITY = 90  # stored images (pipeline/augment.py)
 SAMPLE_RATE = 16_000  # every audio shard is mono float32 at 16 kHz (data2vec's speech rate)
+
+
+def stored_side(size: int) -> int:
+    """Shorter side of a stored image for training size `size` (256 for 224, 32 for 28)."""
+    return int(round(size / EVAL_CROP))
 
 
 class ConfigError(ValueError):
@@ -29,7 +40,9 @@ _check = check
 @dataclass(frozen=True, kw_only=True)
 class ImageSettings:
     size: int = 224
-    """Output side in pixels: shorter side resized to `size`, then center-cropped to size×size."""
+    """Training side in pixels. Images are stored (JPEG, or PNG when smaller) with their shorter side
+    resized to size / 0.875 (256 for 224) and their aspect kept, so every epoch can draw its own
+    random crop (pipeline/augment.py)."""
     min_side: int = 8
     """Images whose shorter side is below this are rejected ("image too small")."""
     max_pixels: int = 100_000_000
@@ -122,7 +135,8 @@ class PreprocessConfig:
         """The settings recorded in manifest.json (only those of this modality)."""
         out = {"rows_per_file": self.rows_per_file}
         if self.modality == "image":
-            out.update(dataclasses.asdict(self.image), channels=3, dtype="uint8")
+            out.update(dataclasses.asdict(self.image), channels=3, stored="encoded",
+                       stored_short_side=stored_side(self.image.size), jpeg_quality=JPEG_QUALITY)
         elif self.modality == "audio":
             out.update(dataclasses.asdict(self.audio), sample_rate=SAMPLE_RATE, channels=1,
                        dtype="float32")

@@ -19,12 +19,12 @@ class Rejected(Exception):
 
 
 # ---------------------------------------------------------------- images
-def decode_image(data: bytes, cfg: ImageSettings) -> np.ndarray:
-    """Any Pillow-readable image → (size, size, 3) uint8 RGB.
+def load_image(data: bytes, cfg: ImageSettings):
+    """Any Pillow-readable image → (PIL image in mode RGB or L, source format e.g. "JPEG"/"PNG").
 
-    Shorter side resized to `cfg.size` (bicubic), then center crop. Alpha is composited on
-    white, palettes/CMYK/grayscale converted, 16-bit and float images rescaled to 8 bits,
-    EXIF orientation applied, animations reduced to their first frame.
+    Alpha is composited on white, palettes/CMYK converted, 16-bit and float images rescaled to 8
+    bits, EXIF orientation applied, animations reduced to their first frame; grayscale stays L
+    (stored smaller, decoded to RGB for training).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -34,10 +34,12 @@ def decode_image(data: bytes, cfg: ImageSettings) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            fmt = img.format
             w, h = img.size
             if w * h > cfg.max_pixels:
                 raise Rejected(f"image too large ({w}x{h} > max_pixels={cfg.max_pixels})")
             img.load()  # forces a full decode: truncated files fail here
+            rotated = img.getexif().get(0x0112, 1) not in (1, None)
             img = ImageOps.exif_transpose(img)
     except Rejected:
         raise
@@ -50,17 +52,18 @@ def decode_image(data: bytes, cfg: ImageSettings) -> np.ndarray:
 
     if min(img.size) < cfg.min_side:
         raise Rejected(f"image too small ({img.size[0]}x{img.size[1]} < min_side={cfg.min_side})")
-    img = _to_rgb(img)
-    # Resize shorter side, then center-crop (the usual ImageNet-style eval transform).
-    w, h = img.size
-    scale = cfg.size / min(w, h)
-    nw, nh = max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - cfg.size) // 2, (nh - cfg.size) // 2
-    img = img.crop((left, top, left + cfg.size, top + cfg.size))
-    arr = np.asarray(img, dtype=np.uint8)
-    assert arr.shape == (cfg.size, cfg.size, 3), arr.shape
-    return arr
+    keep_source = fmt == "JPEG" and img.mode in ("RGB", "L") and not rotated
+    if img.mode != "L":
+        img = _to_rgb(img)
+    return img, (fmt if keep_source else None)
+
+
+def encode_stored_image(data: bytes, cfg: ImageSettings) -> tuple[bytes, str]:
+    """A raw image file → (the bytes stored in the shard, "jpeg"|"png"): see augment.encode_image."""
+    from pipeline.augment import encode_image
+
+    img, fmt = load_image(data, cfg)
+    return encode_image(img, data, fmt, cfg.size)
 
 
 def _to_rgb(img):

@@ -42,15 +42,16 @@ import ray
 
 from pipeline import storage
 from pipeline.config import ROW_GROUP_ROWS, SAMPLE_RATE, ConfigError, PreprocessConfig
-from pipeline.decoders import Rejected, decode_audio, decode_image, split_text
+from pipeline.decoders import Rejected, decode_audio, encode_stored_image, split_text
 from pipeline.tokenizer import chunk_ids, pack_rows, train_tokenizer
 
 SHARDS = "shards"
 
 # Column contract between ingestion and training (label is null for unlabeled files).
 SCHEMAS = {
-    "image": {"image": "binary: raw uint8 RGB, row-major (size, size, 3); see image_array()",
-              "label": "string", "path": "string"},
+    "image": {"image": "binary: the image as JPEG or PNG, shorter side <= settings.stored_short_side "
+                       "(size / 0.875); see pipeline/augment.py",
+              "format": "string: jpeg or png", "label": "string", "path": "string"},
     "audio": {"audio": "list<float32> mono 16 kHz", "num_samples": "int64",
               "offset": "int64 (crop start, in 16 kHz samples)", "label": "string", "path": "string",
               "transcript": "string: the clip's transcript, whitespace-stripped; null when it has "
@@ -89,28 +90,23 @@ class _Files:
 
 # ------------------------------------------------------------------ batch functions (map tasks)
 def image_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files) -> pa.Table:
-    """{"path"} → {"image" (raw bytes of an (S,S,3) uint8 array), "label", "path"}.
-
-    Plain binary, not Ray's tensor extension: ~2x faster to write and readable by any Parquet
-    reader; the shape lives in manifest.json (settings.size).
-    """
-    images, labels, paths, rejected = [], [], [], []
+    """{"path"} → {"image" (stored JPEG/PNG bytes, shorter side ≤ size / 0.875), "format", "label",
+    "path"}: compact (a 224 recipe's photo is ~20–30 kB instead of 150 kB of pixels) and with room
+    for each epoch's random crop (pipeline/augment.py)."""
+    images, formats, labels, paths, rejected = [], [], [], [], []
     for path, data in files.read(batch["path"], rejected):
         try:
-            images.append(decode_image(data, cfg.image))
+            stored, fmt = encode_stored_image(data, cfg.image)
         except Rejected as e:
             rejected.append((path, str(e)))
             continue
+        images.append(stored)
+        formats.append(fmt)
         labels.append(storage.label_of(root, path))
         paths.append(path)
     files.flush(rejected)
-    return pa.table({"image": pa.array([a.tobytes() for a in images], pa.binary()),
+    return pa.table({"image": pa.array(images, pa.binary()), "format": pa.array(formats, pa.string()),
                      "label": pa.array(labels, pa.string()), "path": pa.array(paths, pa.string())})
-
-
-def image_array(column, size: int) -> np.ndarray:
-    """A batch's `image` column (sequence of bytes) → (N, size, size, 3) uint8."""
-    return np.stack([np.frombuffer(b, np.uint8) for b in column]).reshape(-1, size, size, 3)
 
 
 def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files) -> pa.Table:
@@ -458,12 +454,13 @@ def run(cfg: PreprocessConfig) -> dict:
             compute=ray.data.ActorPoolStrategy(size=n_cpus))
     # Small row groups: training reads (and shuffles) shards row group by row group.
     ds.write_parquet(f"{out_root}/{SHARDS}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file,
-                     row_group_size=ROW_GROUP_ROWS)
+                     row_group_size=ROW_GROUP_ROWS[cfg.modality])
 
     rejected = _merge_rejects(out_fs, out_root)
     import pyarrow.dataset as pads
     shards = pads.dataset(f"{out_root}/{SHARDS}", filesystem=out_fs, format="parquet")
-    meta = shards.to_table(columns=["path", "label"] + (["transcript"] if audio_in else []))
+    meta = shards.to_table(columns=["path", "label"] + (["transcript"] if audio_in else [])
+                           + (["format"] if cfg.modality == "image" else []))
     written = meta.num_rows
     used = set(meta.column("path").unique().to_pylist())
     rejected_files = {p for p, _ in rejected if p not in used}
@@ -491,6 +488,10 @@ def run(cfg: PreprocessConfig) -> dict:
     }
     if cfg.modality == "audio":
         manifest["settings"]["sample_rate"] = SAMPLE_RATE
+    if cfg.modality == "image":  # what the shards hold: bytes per image (files on disk) and formats
+        size = sum(out_fs.get_file_info(f).size for f in shards.files)
+        manifest["stored"] = {"bytes": size, "bytes_per_image": round(size / max(written, 1)),
+                              "formats": dict(collections.Counter(meta.column("format").to_pylist()))}
     storage.write_text(out_fs, f"{out_root}/rejected.jsonl",
                        "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejected))
     storage.write_text(out_fs, f"{out_root}/manifest.json", json.dumps(manifest, indent=2) + "\n")

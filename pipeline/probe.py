@@ -13,6 +13,7 @@ import numpy as np
 import ray
 import torch
 
+from pipeline import storage
 from pipeline.train.batches import eval_inputs
 from pipeline.train.checkpoint import load_final
 
@@ -193,7 +194,9 @@ def classical_features(data_dir: str, modality: str):
     rows = [r for r in read_shards(data_dir, modality).take_all() if r["label"] is not None]
     labels = np.asarray([r["label"] for r in rows])
     if modality == "image":
-        return np.stack([np.frombuffer(r["image"], np.uint8).astype(np.float32) / 255 for r in rows]), labels
+        from pipeline.augment import eval_views  # the pixels of the view the encoders see
+        size = int(storage.read_json(storage.join(data_dir, "manifest.json"))["settings"]["size"])
+        return eval_views([r["image"] for r in rows], size).reshape(len(rows), -1).astype(np.float32) / 255, labels
     if modality == "audio":
         import torchaudio
         mfcc = torchaudio.transforms.MFCC(sample_rate=16000, n_mfcc=20,

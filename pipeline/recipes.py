@@ -58,6 +58,26 @@ DEMO_EMA = EMAConfig(decay=0.999, end_decay=0.9999, anneal_end_step=2000)
 
 
 # ----------------------------------------------------------------------------- image
+# The view of every image each epoch (train.augment & co., drawn in the Ray Data read tasks from
+# (seed, epoch, row id): pipeline/augment.py). fairseq examples/data2vec/data/mae_image_dataset.py,
+# MaeImageDataset: data2vec 2.0 trains on RandomResizedCrop(224, scale=(0.2, 1.0), bicubic) +
+# RandomHorizontalFlip; data2vec 1.0 (`beit_transforms`) on ColorJitter(0.4, 0.4, 0.4) +
+# RandomHorizontalFlip + RandomResizedCropAndInterpolationWithTwoPic(224, scale=(0.08, 1.0),
+# ratio=(3/4, 4/3), bicubic). Both normalize with ImageNet's mean/std (batches.image_tensor).
+D2V2_VIEWS = dict(augment="crop", crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.0)
+D2V1_VIEWS = dict(augment="crop", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.4)
+# Fine-tuning (fairseq mae_finetuning_image_dataset.py → timm create_transform, is_training): random
+# resized crop (0.08, 1.0) + flip; evaluation resizes to size / 0.875 and center-crops (augment.py).
+# Deviation: timm's RandAugment (rand-m9-mstd0.5-inc1), random erasing (0.25) and mixup/cutmix are
+# not modelled.
+FINETUNE_VIEWS = dict(augment="crop", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
+                      color_jitter=0.0)
+# Demo recipes (28-px digits): the evaluation view every epoch, as before augmentation existed: the
+# demo's budget (300 steps) and its measured probe were set without it, and a flip turns digits
+# into other shapes. `--set train.augment=crop` turns the reference's crops on.
+DEMO_VIEWS = dict(augment="none")
+
+
 def image_d2v1(size: str, fe: dict) -> Recipe:
     """fairseq vision/pretraining/base_imagenet_d2v1.yaml (the fairseq port of the paper's BEiT code).
     Not modelled: drop_path 0.25, layer scale 1e-4 and the shared relative position bias (we use
@@ -71,7 +91,7 @@ def image_d2v1(size: str, fe: dict) -> Recipe:
             mask=MaskConfig(prob=0.6, min_block=4),
             target=TargetConfig(top_k=3, layer_norm="layer", final_norm="layer"),
             loss=LossConfig(beta=2.0, scale=1.0 / 128),
-            ema=replace(DEMO_EMA, ema_local=True, ema_context=True)), dict(DEMO_TRAIN))
+            ema=replace(DEMO_EMA, ema_local=True, ema_context=True)), dict(DEMO_TRAIN, **DEMO_VIEWS))
     return Recipe(ModelConfig(
         modality="image", mode="d2v1", frontend=FrontEndConfig(**fe),
         encoder=_encoder(size, 0.0, 0.05, pre_norm=True, layer_output="block"),  # end-of-block targets
@@ -82,7 +102,7 @@ def image_d2v1(size: str, fe: dict) -> Recipe:
         ema=EMAConfig(decay=0.999, end_decay=0.9998, anneal_end_step=375_300)),
         dict(max_steps=375_300, batch_size=128, lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
              clip_norm=3.0, schedule="cosine", warmup_steps=12_510, min_lr_scale=0.0,
-             checkpoint_every=2000, reference_batch=128 * 16))  # × 16 GPUs
+             checkpoint_every=2000, reference_batch=128 * 16, **D2V1_VIEWS))  # × 16 GPUs
 
 
 def image_d2v2(size: str, fe: dict) -> Recipe:
@@ -102,7 +122,7 @@ def image_d2v2(size: str, fe: dict) -> Recipe:
             target=TargetConfig(top_k=3, layer_norm="instance", final_norm="layer"),
             ema=replace(DEMO_EMA, ema_local=True, ema_context=True),
             decoder=DecoderConfig(dim=128, kernel=3, layers=3, groups=16, clone_batch=2, cls_loss=0.01)),
-            dict(DEMO_TRAIN))
+            dict(DEMO_TRAIN, **DEMO_VIEWS))
     base = size == "base"
     return Recipe(ModelConfig(
         modality="image", mode="d2v2", frontend=FrontEndConfig(**fe), encoder=_encoder(size, 0.0, 0.0),
@@ -115,7 +135,8 @@ def image_d2v2(size: str, fe: dict) -> Recipe:
         collapse=CollapseConfig(min_target_var=0.0, min_pred_var=0.0)),  # the image configs turn it off
         dict(max_steps=375_300, batch_size=16 if base else 8, lr=1e-3 if base else 4e-4, betas=(0.9, 0.95),
              eps=1e-8, weight_decay=0.05, clip_norm=4.0, schedule="cosine", warmup_steps=50_040,
-             min_lr_scale=0.0, checkpoint_every=2000, reference_batch=(16 if base else 8) * 16))  # × 16 GPUs
+             min_lr_scale=0.0, checkpoint_every=2000, reference_batch=(16 if base else 8) * 16,
+             **D2V2_VIEWS))  # × 16 GPUs
 
 
 # ----------------------------------------------------------------------------- audio
@@ -314,21 +335,22 @@ def finetune_recipe(modality: str, task: str, size: str, pre_norm: bool = False)
     if modality == "image":
         if demo:
             return FineTuneRecipe(
-                {**common, **demo_opt, "max_steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30,
-                 "weight_decay": 0.05, "schedule": "cosine", "eval_every": 50, "reference_batch": None},
+                {**common, **demo_opt, **DEMO_VIEWS, "max_steps": 300, "batch_size": 32, "lr": 1e-3,
+                 "warmup_steps": 30, "weight_decay": 0.05, "schedule": "cosine", "eval_every": 50,
+                 "reference_batch": None},
                 {"task": task, "layer_decay": 0.75, "drop_path": 0.1, "label_smoothing": 0.1, "feature_bn": True},
                 dropout=0.0)
         if pre_norm:  # vision/finetuning/imagenet.yaml: batch 64 × 8 GPUs
             return FineTuneRecipe(
                 {**common, "max_steps": 100_000, "batch_size": 64, "reference_batch": 64 * 8, "lr": 5e-4,
                  "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01, "clip_norm": 0.0, "schedule": "cosine",
-                 "warmup_steps": 10_000, "min_lr_scale": 0.0, "eval_every": 2500},
+                 "warmup_steps": 10_000, "min_lr_scale": 0.0, "eval_every": 2500, **FINETUNE_VIEWS},
                 {"task": task, "layer_decay": 1.0, "drop_path": 0.25, "label_smoothing": 0.1, "feature_bn": False},
                 dropout=0.0, attn_dropout=0.05)
         return FineTuneRecipe(  # vision/finetuning/mae_imagenet_clean.yaml: batch 32 × 16 GPUs
             {**common, "max_steps": 250_200, "batch_size": 32, "reference_batch": 32 * 16, "lr": 1e-3,
              "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05, "clip_norm": 0.0, "schedule": "cosine",
-             "warmup_steps": 16_000, "min_lr_scale": 1e-6 / 1e-3, "eval_every": 2500},
+             "warmup_steps": 16_000, "min_lr_scale": 1e-6 / 1e-3, "eval_every": 2500, **FINETUNE_VIEWS},
             {"task": task, "layer_decay": 0.65, "drop_path": 0.1, "label_smoothing": 0.1, "feature_bn": False},
             dropout=0.0)
     if modality == "audio":

@@ -170,7 +170,7 @@ def fraction_indices(values: np.ndarray, fraction: float, seed: int, stratified:
 def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, stratified: bool,
                    rest: str | None = None) -> dict:
     """Write the rows `fraction_indices` picks from preprocessed folder `src` as a preprocessed
-    folder `dst` (shards in ROW_GROUP_ROWS row groups, the manifest with updated counts), reading
+    folder `dst` (shards in the modality's ROW_GROUP_ROWS row groups, the manifest with updated counts), reading
     one row group at a time; with `rest`, the other rows go there (a train/validation split). Rows
     without a target are dropped. Returns dst's manifest."""
     import pyarrow as pa
@@ -198,6 +198,7 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
         if target:
             parts[target].setdefault((fi, g), []).append(r)
     manifest = json.loads(storage.read_text(fs, f"{root}/manifest.json"))
+    group_rows = ROW_GROUP_ROWS[manifest["modality"]]
     out_manifest = None
     for out, chosen in parts.items():
         ofs, oroot = storage.resolve(out)
@@ -207,10 +208,10 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
         def flush(tables: list, final: bool) -> list:
             nonlocal writer
             t = pa.concat_tables(tables)
-            whole = t.num_rows if final else t.num_rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
+            whole = t.num_rows if final else t.num_rows // group_rows * group_rows
             if whole:
                 writer = writer or pq.ParquetWriter(stream, t.schema)
-                writer.write_table(t.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+                writer.write_table(t.slice(0, whole), row_group_size=group_rows)
             return [t.slice(whole)] if whole < t.num_rows else []
 
         with ofs.open_output_stream(f"{oroot}/shards/part-0.parquet") as stream:
@@ -220,7 +221,7 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
                     for g in range(pf.num_row_groups):
                         if (fi, g) in chosen:
                             buffer.append(pf.read_row_group(g).take(pa.array(chosen[fi, g])))
-                            if sum(t.num_rows for t in buffer) >= ROW_GROUP_ROWS:
+                            if sum(t.num_rows for t in buffer) >= group_rows:
                                 buffer = flush(buffer, final=False)
             if buffer:
                 flush(buffer, final=True)

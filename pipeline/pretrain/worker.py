@@ -28,6 +28,7 @@ from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
 from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
                                  load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
+from pipeline.augment import view_spec
 from pipeline.train.stream import COLUMNS, Chunk, warm_up
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_picture
 
@@ -109,6 +110,7 @@ class Pretraining(Task):
         self.cfg, self.t, self.model, self.net, self.opt = cfg, t, model, net, opt
         self.rank, self.world, self.device, self.sink = rank, world, device, sink
         self.columns = COLUMNS[cfg.modality]
+        self.view = view_spec(t, cfg.model.frontend.image_size) if cfg.modality == "image" else None
         self.fault = config.get("fault") or {}
         self.autocast = autocast_for(device)
         self.pictured = pos["step"] > 0

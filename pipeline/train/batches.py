@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.augment import eval_views
 from pipeline.model.config import ModelConfig
 from pipeline.model.data2vec import draw_masks
 from pipeline.model.frontends import conv_frames
@@ -23,8 +24,13 @@ IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def image_tensor(column, size: int) -> torch.Tensor:
-    """Sequence of raw HWC uint8 bytes → (B, 3, size, size) float, ImageNet-normalized."""
-    x = np.stack([np.frombuffer(b, np.uint8) for b in column]).reshape(-1, size, size, 3)
+    """Images → (B, 3, size, size) float, ImageNet-normalized. `column`: the views the read tasks
+    drew ((B, size·size·3) uint8, stream.RankStream with a view), or stored JPEG/PNG bytes, which
+    get the evaluation view (validation loss, probes, fine-tuning evaluation)."""
+    if isinstance(column, np.ndarray) and column.dtype == np.uint8:
+        x = column.reshape(-1, size, size, 3)
+    else:
+        x = eval_views(column, size)  # (B, size, size, 3)
     x = (x.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 

@@ -93,6 +93,19 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     """Rows of each worker's seeded shuffle window (on top of the per-epoch chunk order; 0 = no
     shuffle inside windows). Its memory is window × row size: lower it for long audio crops."""
+    augment: str = "none"
+    """Images: the view each sample is trained on, drawn anew every epoch in the Ray Data read tasks
+    from (seed, epoch, row id) (pipeline/augment.py). "crop": ColorJitter(color_jitter) →
+    RandomResizedCrop(size, crop_scale, crop_ratio, bicubic) → RandomHorizontalFlip(hflip);
+    "none": the evaluation view (shorter side to size / 0.875, center crop) every epoch."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop's range of the crop's area, as a fraction of the image's."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop's range of the crop's aspect ratio (width / height)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip (augment "crop")."""
+    color_jitter: float = 0.0
+    """ColorJitter brightness = contrast = saturation strength (0 = off; data2vec 1.0 uses 0.4)."""
     audio_max_samples: int = 250_000
     """Audio crops longer than this (16 kHz samples) are randomly cropped."""
     audio_batching: str = "pad"
@@ -150,6 +163,13 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        _check(self.augment in ("none", "crop"), "augment", f"must be 'none' or 'crop', got {self.augment!r}")
+        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
+               f"must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+        _check(len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1], "crop_ratio",
+               f"must be [lo, hi] with 0 < lo <= hi, got {list(self.crop_ratio)}")
+        _check(0 <= self.hflip <= 1, "hflip", f"must be in [0, 1], got {self.hflip}")
+        _check(0 <= self.color_jitter <= 1, "color_jitter", f"must be in [0, 1], got {self.color_jitter}")
         _check(self.audio_max_samples >= 4000, "audio_max_samples", "must be >= 4000 (0.25 s)")
         _check(self.text_max_tokens >= 8, "text_max_tokens", "must be >= 8")
         _check(self.on_collapse in ("raise", "rollback"), "on_collapse",
@@ -214,7 +234,8 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["train"]["betas"] = list(d["train"]["betas"])
+        for k in ("betas", "crop_scale", "crop_ratio"):
+            d["train"][k] = list(d["train"][k])
         return d
 
     @classmethod
@@ -222,7 +243,9 @@ class RunConfig:
         """The inverse of to_dict (sections become their config classes)."""
         d = dict(d)
         t = dict(d.pop("train"))
-        t["betas"] = tuple(t["betas"])
+        for k in ("betas", "crop_scale", "crop_ratio"):
+            if k in t:
+                t[k] = tuple(t[k])
         if "finetune" in d:
             d["finetune"] = TaskConfig(**d["finetune"])
         return cls(model=ModelConfig.from_dict(d.pop("model")), train=TrainConfig(**t), **d)

@@ -23,7 +23,19 @@ def read_manifest(data: str, modality: str) -> dict:
         raise ConfigError(f"modality: --modality {modality} but {data!r} holds {m.get('modality')} data")
     if not m.get("counts", {}).get("written"):
         raise ConfigError(f"data: {data!r} holds no rows")
+    refuse_raw_pixels(m, data)
     return m
+
+
+def refuse_raw_pixels(m: dict, data: str) -> None:
+    """Image folders written before images were stored encoded (raw pixels, one fixed crop) cannot
+    give random crops: ConfigError with the command that rewrites them."""
+    s = m.get("settings", {})
+    if m.get("modality") == "image" and s.get("stored") != "encoded":
+        raise ConfigError(
+            f"data: {data!r} stores raw {s.get('size')}-px pixels (written before images were stored as "
+            f"JPEG/PNG with room for random crops); rewrite it: python -m jobs.preprocess --modality image "
+            f"--input {m.get('input', 'RAW_FOLDER')} --output {data} --image-size {s.get('size', 224)} --overwrite")
 
 
 def frontend_from_manifest(m: dict) -> dict:
@@ -56,7 +68,10 @@ RESUMABLE = {
 # Fields added after runs were already written with this layout, with the value those runs used.
 ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "train.scale_lr": False,
                "train.tri_stage_hold": 0.9, "finetune.feature_bn": False, "train.min_workers": None,
-               "train.resize_interval_s": 60.0, "train.worker_resources": {}}
+               "train.resize_interval_s": 60.0, "train.worker_resources": {},
+               # before images were stored encoded and augmented per epoch (their shards are refused)
+               "train.augment": "none", "train.crop_scale": [0.08, 1.0], "train.crop_ratio": [3 / 4, 4 / 3],
+               "train.hflip": 0.5, "train.color_jitter": 0.0}
 
 
 def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> None:

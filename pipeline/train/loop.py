@@ -41,6 +41,8 @@ class Task:
 
     columns: list[str]
     """Columns each worker streams."""
+    view: dict | None = None
+    """Images: the training view the read tasks draw (augment.view_spec); None: stored bytes."""
     averaged: tuple[str, ...] = ("loss",)
     """Step metrics averaged over a logging window; every other value `step` returns is logged as
     it was at the window's last step."""
@@ -200,7 +202,7 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     """Train from `pos` to train.stop_at_step (or max_steps, or the task's early stop); returns the
     last logged metrics. `config` is saved with every checkpoint."""
     stream = RankStream([Chunk(**c) for c in chunks], task.columns, t.batch_size, t.shuffle_buffer, t.seed,
-                        rank, world)
+                        rank, world, view=task.view)
     whole_epoch = stream.plan(None, t.grad_accum)
     if whole_epoch.steps == 0:
         raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "

@@ -1,10 +1,12 @@
 """What each rank reads, in which order: a pure function of (seed, epoch), streamed with Ray Data.
 
-    shard files ─(driver: Parquet metadata)─► chunks (row groups, ≤ CHUNK_ROWS rows)
+    shard files ─(driver, once per run: Parquet footers read in parallel)─► chunks (≤ CHUNK_ROWS
+      rows of one row group: the shuffle unit; row groups themselves are sized by bytes)
       epoch e's global order: the chunks in a seeded random order, then a seeded shuffle inside
       consecutive windows of `window` rows ─► rows 0 … N−1 of the epoch
       ─► the rows still to read (`rest`, intervals of that order) cut into `world` equal shares
-      ─► rank r's share read by Ray Data (the windows it touches, in parallel tasks), in order
+      ─► rank r's share read by Ray Data: one read task per run of windows (≥ READ_TASK_ROWS rows),
+         each opening a file once and a row group once, decoding + augmenting images (augment.py)
       ─► batches of `batch_size` rows, grad_accum of them per optimizer step
 
 A class-sorted folder (all cats, then all dogs) thus arrives mixed, differently every epoch.
@@ -12,21 +14,26 @@ Because the order does not depend on the number of workers, the run position is 
 epoch and the intervals of its order not yet read. A restart with another world size (an
 elastic run that lost or gained a node) cuts what is left into new shares: no row of the epoch is
 skipped or read twice, counting from the checkpoint. Only the windows a share touches are read
-(a resume re-reads at most one window per share edge).
+(a resume re-reads at most one window per share edge). Planning is a prefix sum over the epoch's
+chunk order and a binary search per window: O(N log N) in the chunks, never a walk per window.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ROW_GROUP_ROWS
-
-CHUNK_ROWS = ROW_GROUP_ROWS  # preprocessing writes row groups of this size: a chunk reads one
+CHUNK_ROWS = 64  # the shuffle unit: a chunk is at most this many consecutive rows of one row group
+# Rows one read task produces at least (whole windows): enough that per-task costs (scheduling, a
+# file-system client, Parquet footers) are small, small enough that a block of decoded rows stays
+# tens of MB (256 augmented 224-px images are 38 MB; 64 audio crops of 15 s 61 MB).
+READ_TASK_ROWS = {"image": 256, "audio": 64, "input_ids": 8192}  # by the model-input column
 COLUMNS = {"image": ["image"], "audio": ["audio"], "text": ["input_ids"]}  # the model inputs per modality
 ROW_ID = "__row__"  # each batch's stable row ids (index in the run's chunk list), for tests and logs
 
@@ -48,20 +55,26 @@ class Chunk:
 
 def list_chunks(data: str, columns: list[str]) -> list[Chunk]:
     """Every shard of a preprocessed folder (path or URI) cut into chunks, from Parquet metadata
-    only (no rows are read)."""
+    only (no rows are read); the footers are read in parallel threads."""
     import pyarrow.parquet as pq
 
     from pipeline import storage
 
     fs, root = storage.resolve(data)
     files = storage.shard_files(fs, root)
-    chunks = []
-    for f in files:
+
+    def groups(f: str) -> list[int]:
         with fs.open_input_file(f) as fh:
             meta = pq.ParquetFile(fh).metadata
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            chunks += [Chunk(_uri(data, root, f), g, a, min(a + CHUNK_ROWS, n)) for a in range(0, n, CHUNK_ROWS)]
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        sizes = list(pool.map(groups, files))
+    chunks = []
+    for f, ns in zip(files, sizes):
+        uri = _uri(data, root, f)
+        for g, n in enumerate(ns):
+            chunks += [Chunk(uri, g, a, min(a + CHUNK_ROWS, n)) for a in range(0, n, CHUNK_ROWS)]
     return chunks
 
 
@@ -84,7 +97,8 @@ def _uri(data: str, root: str, path: str) -> str:
 
 def _cut(items: list, lo: int, hi: int, size, trim) -> list:
     """Rows [lo, hi) of the concatenation of `items` (each `size(item)` rows long), as items
-    trimmed by `trim(item, first, stop)` (row offsets inside the item)."""
+    trimmed by `trim(item, first, stop)` (row offsets inside the item). For short lists (a run
+    position's intervals); long ones (an epoch's chunks) go through `_Order`."""
     out, pos = [], 0
     for it in items:
         n = size(it)
@@ -97,10 +111,25 @@ def _cut(items: list, lo: int, hi: int, size, trim) -> list:
     return out
 
 
-def _slice(chunks: list[Chunk], lo: int, hi: int) -> list[Chunk]:
-    """Rows [lo, hi) of the concatenation of `chunks`, as (possibly trimmed) chunks."""
-    return _cut(chunks, lo, hi, lambda c: c.rows,
-                lambda c, a, b: Chunk(c.path, c.group, c.start + a, c.start + b, c.id0 + a))
+class _Order:
+    """An epoch's chunks in their seeded order, with the prefix sum of their rows: rows [lo, hi)
+    of the order are found by binary search (O(log N + chunks returned))."""
+
+    def __init__(self, chunks: list[Chunk], perm: np.ndarray):
+        self.chunks = [chunks[i] for i in perm]
+        self.starts = np.zeros(len(perm) + 1, np.int64)
+        np.cumsum([c.rows for c in self.chunks], out=self.starts[1:])
+
+    def slice(self, lo: int, hi: int) -> list[Chunk]:
+        """Rows [lo, hi) of the order, as (possibly trimmed) chunks."""
+        out = []
+        i = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        while i < len(self.chunks) and self.starts[i] < hi:
+            c, s = self.chunks[i], int(self.starts[i])
+            a, b = max(lo, s) - s, min(hi, s + c.rows) - s
+            out.append(Chunk(c.path, c.group, c.start + a, c.start + b, c.id0 + a))
+            i += 1
+        return out
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -150,44 +179,108 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- reading
-def read_chunks(batch: dict, columns: list[str]) -> pa.Table:
-    """Ray Data map task: chunk descriptions → their rows (only the needed row group is read),
-    with each row's stable id."""
-    import pyarrow.parquet as pq
+_FILESYSTEMS: dict = {}  # one file-system client per (scheme, host, query) and process
 
+
+def _open(uri: str):
+    """(file system, path inside it) of a chunk's file; the client is made once per process."""
     from pipeline import storage
 
+    if "://" not in uri:
+        key = ""
+    else:
+        scheme, rest = uri.split("://", 1)
+        key = f"{scheme}://{rest.split('/', 1)[0]}?{uri.partition('?')[2]}"
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = storage.resolve(uri)[0]
+    return _FILESYSTEMS[key], (storage.resolve(uri)[1] if key == "" else _fs_path(uri))
+
+
+def _fs_path(uri: str) -> str:
+    """s3://b/x/y.parquet?q → b/x/y.parquet; file:///x/y → /x/y (what pyarrow's from_uri gives)."""
+    base = uri.partition("?")[0]
+    scheme, rest = base.split("://", 1)
+    return rest if scheme != "file" else "/" + rest.lstrip("/")
+
+
+def read_chunk_table(chunks: list[Chunk], columns: list[str]) -> pa.Table:
+    """The rows of `chunks`, in order, with each row's stable id (ROW_ID): every file is opened
+    once and every row group read once, however many of its chunks are asked for."""
+    import pyarrow.parquet as pq
+
+    files: dict[str, pq.ParquetFile] = {}
+    groups: dict[tuple[str, int], pa.Table] = {}
     tables = []
-    for path, group, start, stop, id0 in zip(batch["path"], batch["group"], batch["start"], batch["stop"],
-                                             batch["id0"]):
-        fs, p = storage.resolve(str(path))
-        with fs.open_input_file(p) as fh:
-            t = pq.ParquetFile(fh).read_row_group(int(group), columns=columns)
-        t = t.slice(int(start), int(stop) - int(start))
-        tables.append(t.append_column(ROW_ID, pa.array(np.arange(int(id0), int(id0) + t.num_rows))))
+    try:
+        for c in chunks:
+            if (c.path, c.group) not in groups:
+                if c.path not in files:
+                    fs, p = _open(c.path)
+                    files[c.path] = pq.ParquetFile(fs.open_input_file(p))
+                groups[(c.path, c.group)] = files[c.path].read_row_group(c.group, columns=columns)
+            t = groups[(c.path, c.group)].slice(c.start, c.rows)
+            tables.append(t.append_column(ROW_ID, pa.array(np.arange(c.id0, c.id0 + c.rows, dtype=np.int64))))
+    finally:
+        for f in files.values():
+            f.close()
+    if not tables:
+        return pa.table({**{c: [] for c in columns}, ROW_ID: pa.array([], pa.int64())})
     return pa.concat_tables(tables)
 
 
-def chunks_dataset(chunks: list[Chunk], columns: list[str]):
-    """A Ray dataset of the rows of `chunks` (with ROW_ID), one block and one read task per chunk,
-    in order."""
+def _with_views(t: pa.Table, view: dict | None, epoch: int) -> pa.Table:
+    """Images: the stored bytes replaced by the view the model sees, (size, size, 3) uint8 per row
+    as fixed-size binary (augment.py; `view` None leaves the stored bytes)."""
+    if view is None or "image" not in t.column_names:
+        return t
+    from pipeline.augment import train_views
+
+    px = train_views(t.column("image").to_pylist(), t.column(ROW_ID).to_numpy(), view, view["seed"], epoch)
+    size = view["size"]
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size * size * 3), len(px), [None, pa.py_buffer(px.tobytes())])
+    return t.set_column(t.column_names.index("image"), "image", col)
+
+
+def read_task(batch: dict, columns: list[str], view: dict | None = None) -> pa.Table:
+    """Ray Data map task: one item = a run of chunks (JSON) of epoch `epoch` → their rows, images
+    decoded and augmented when `view` is given."""
+    tables = []
+    for spec, epoch in zip(batch["chunks"], batch["epoch"]):
+        chunks = [Chunk(*c) for c in json.loads(str(spec))]
+        tables.append(_with_views(read_chunk_table(chunks, columns), view, int(epoch)))
+    return pa.concat_tables(tables)
+
+
+def tasks_dataset(tasks: list[list[Chunk]], columns: list[str], epoch: int = 0, view: dict | None = None):
+    """A Ray dataset of the rows of `tasks` (lists of chunks; one read task each), in order."""
     import ray
 
-    items = [dataclasses.asdict(c) for c in chunks]
+    items = [{"chunks": json.dumps([dataclasses.astuple(c) for c in cs]), "epoch": epoch} for cs in tasks]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_chunks, fn_kwargs={"columns": columns}, batch_size=1, batch_format="numpy")
+        read_task, fn_kwargs={"columns": columns, "view": view}, batch_size=1, batch_format="numpy")
+
+
+def chunks_dataset(chunks: list[Chunk], columns: list[str], task_rows: int = 1024):
+    """A Ray dataset of the rows of `chunks` (with ROW_ID, stored bytes for images), in order, one
+    read task per `task_rows` rows."""
+    tasks, cur, n = [], [], 0
+    for c in chunks:
+        cur.append(c)
+        n += c.rows
+        if n >= task_rows:
+            tasks, cur, n = tasks + [cur], [], 0
+    return tasks_dataset(tasks + ([cur] if cur else []), columns)
 
 
 def read_rows(chunks: list[Chunk], columns: list[str], limit: int) -> dict[str, np.ndarray]:
-    """The first `limit` rows of `chunks`, in order, as numpy columns."""
-    tables, n = [], 0
+    """The first `limit` rows of `chunks`, in order, as numpy columns (images: stored bytes)."""
+    take_, n = [], 0
     for c in chunks:
         if n >= limit:
             break
-        t = read_chunks({k: [v] for k, v in dataclasses.asdict(c).items()}, columns)
-        tables.append(t)
-        n += t.num_rows
-    t = pa.concat_tables(tables).slice(0, limit) if tables else pa.table({c: [] for c in columns})
+        take_.append(c)
+        n += c.rows
+    t = read_chunk_table(take_, columns).slice(0, limit)
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
@@ -200,6 +293,15 @@ def labeled_rows(data: str, modality: str) -> tuple[dict[str, np.ndarray], np.nd
     return {c: rows[c][keep] for c in COLUMNS[modality]}, np.asarray(rows["label"][keep])
 
 
+def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An Arrow column as numpy; fixed-size binary (augmented images) as (N, width) uint8 bytes."""
+    if pa.types.is_fixed_size_binary(col.type):
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        w = col.type.byte_width
+        buf = np.frombuffer(arr.buffers()[1], np.uint8)
+        return buf[arr.offset * w: (arr.offset + len(arr)) * w].reshape(len(arr), w)
+    return col.to_numpy(zero_copy_only=False)
+
 
 def warm_up(chunks: list[dict], columns: list[str]) -> threading.Thread:
     """Read one chunk through Ray Data in a background thread: a worker's first read pays for Ray
@@ -210,7 +312,7 @@ def warm_up(chunks: list[dict], columns: list[str]) -> threading.Thread:
 
         quiet_ray_data(worker=True)  # as the stream's own reads (RankStream.read)
         try:
-            for _ in chunks_dataset([Chunk(**chunks[0])], columns).iter_batches(batch_size=None):
+            for _ in tasks_dataset([[Chunk(**chunks[0])]], columns).iter_batches(batch_size=None):
                 pass
         except Exception:  # only a warm-up: the real read reports any error
             pass
@@ -222,55 +324,79 @@ def warm_up(chunks: list[dict], columns: list[str]) -> threading.Thread:
 
 class RankStream:
     """Batches (numpy dicts, plus ROW_ID) of one rank of `world`, epoch after epoch, from any
-    global position."""
+    global position. `view` (augment.view_spec plus "seed"): images arrive as (B, size, size, 3)
+    uint8 training views drawn in the read tasks; None leaves the stored bytes."""
 
     def __init__(self, chunks: list[Chunk], columns: list[str], batch_size: int, window: int, seed: int,
-                 rank: int, world: int):
-        offsets = np.cumsum([0] + [c.rows for c in chunks])
+                 rank: int, world: int, view: dict | None = None, task_rows: int | None = None):
+        offsets = np.zeros(len(chunks) + 1, np.int64)
+        np.cumsum([c.rows for c in chunks], out=offsets[1:])
         self.chunks = [dataclasses.replace(c, id0=int(o)) for c, o in zip(chunks, offsets)]
         self.total = int(offsets[-1])
         self.columns, self.batch_size = columns, batch_size
         self.shuffle = window > 0
         self.window = window if window > 0 else batch_size  # without shuffling: windows are just read units
         self.seed, self.rank, self.world = seed, rank, world
+        self.view = None if view is None else {**view, "seed": seed}
+        task_rows = task_rows or min([READ_TASK_ROWS[c] for c in columns if c in READ_TASK_ROWS] or [1024])
+        self.windows_per_task = max(1, -(-task_rows // self.window))
+        self._order: tuple[int, _Order] | None = None
 
     def plan(self, rest: list | None, grad_accum: int) -> Plan:
         """The plan for the rows `rest` of an epoch (None: the whole epoch)."""
         return Plan([[0, self.total]] if rest is None else rest, self.world, self.batch_size * grad_accum)
 
-    def order(self, epoch: int) -> list[Chunk]:
+    def order(self, epoch: int) -> _Order:
         """The epoch's chunks in their seeded order (the global order before the window shuffle)."""
-        perm = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.chunks))
-        return [self.chunks[i] for i in perm]
+        if self._order is None or self._order[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.chunks))
+            self._order = (epoch, _Order(self.chunks, perm))
+        return self._order[1]
+
+    def _window_rows(self, j: int) -> int:
+        return min(self.window, self.total - j * self.window)
 
     def _window_order(self, epoch: int, j: int) -> np.ndarray:
-        n = min(self.window, self.total - j * self.window)
+        n = self._window_rows(j)
         if not self.shuffle:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch, j, 104729]).permutation(n)
 
-    def _needs(self, epoch: int, rows: list) -> list[tuple[int, np.ndarray]]:
-        """(window, positions in that window) for the rows `rows` of the epoch's order, in order."""
-        w, needs = self.window, []
+    def _needs(self, epoch: int, rows: list) -> Iterator[tuple[int, np.ndarray]]:
+        """(window, positions in that window) for the rows `rows` of the epoch's order, in order,
+        one window at a time (nothing is computed for windows not yet reached)."""
+        w, pending = self.window, None
         for lo, hi in rows:
             for j in range(lo // w, (hi - 1) // w + 1):
                 picks = self._window_order(epoch, j)[max(lo, j * w) - j * w: min(hi, (j + 1) * w) - j * w]
-                if needs and needs[-1][0] == j:
-                    needs[-1] = (j, np.concatenate([needs[-1][1], picks]))
-                else:
-                    needs.append((j, picks))
-        return needs
+                if pending is not None and pending[0] == j:
+                    pending = (j, np.concatenate([pending[1], picks]))
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = (j, picks)
+        if pending is not None:
+            yield pending
+
+    def _windows(self, rows: list) -> list[int]:
+        """The windows the rows `rows` of an epoch's order touch, in order (each once)."""
+        w, out = self.window, []
+        for lo, hi in rows:
+            for j in range(lo // w, (hi - 1) // w + 1):
+                if not out or out[-1] != j:
+                    out.append(j)
+        return out
 
     def rows_to_read(self, epoch: int, rows: list) -> int:
         """Rows Ray Data reads to produce `rows` (whole windows)."""
-        return sum(min(self.window, self.total - j * self.window) for j, _ in self._needs(epoch, rows))
+        return sum(self._window_rows(j) for j in self._windows(rows))
 
     def read(self, epoch: int, rows: list) -> Iterator[dict]:
         """The rows `rows` (intervals) of the epoch's order, in order, as batches of batch_size."""
         import ray
 
-        needs = self._needs(epoch, rows)
-        if not needs:
+        windows = self._windows(rows)
+        if not windows:
             return
         order, w = self.order(epoch), self.window
         from pipeline.raycluster import quiet_ray_data
@@ -280,21 +406,26 @@ class RankStream:
         # One reader per worker and epoch (every few seconds on a small data set): its progress
         # (logged: a worker has no terminal) and execution lines would flood the driver's console.
         quiet_ray_data(worker=True)
-        ds = chunks_dataset([c for j, _ in needs for c in _slice(order, j * w, (j + 1) * w)], self.columns)
+        k = self.windows_per_task
+        tasks = [[c for j in windows[a: a + k] for c in order.slice(j * w, (j + 1) * w)]
+                 for a in range(0, len(windows), k)]
+        ds = tasks_dataset(tasks, self.columns, epoch, self.view)
+        needs = self._needs(epoch, rows)
         cols = self.columns + [ROW_ID]
-        pending, have, out, k = [], 0, [], 0
+        pending, have, out = [], 0, []
+        nxt = next(needs, None)
         for t in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
             pending.append(t)
             have += t.num_rows
-            while k < len(needs) and have >= (n := min(w, self.total - needs[k][0] * w)):
+            while nxt is not None and have >= (n := self._window_rows(nxt[0])):
                 window, pending = _split(pa.concat_tables(pending), n)
                 have -= n
-                out.append(window.take(pa.array(needs[k][1])))
-                k += 1
+                out.append(window.take(pa.array(nxt[1])))
+                nxt = next(needs, None)
                 ready = pa.concat_tables(out)
                 for a in range(0, ready.num_rows - self.batch_size + 1, self.batch_size):
                     b = ready.slice(a, self.batch_size)
-                    yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
+                    yield {c: to_numpy(b.column(c)) for c in cols}
                 rest = ready.num_rows % self.batch_size
                 out = [ready.slice(ready.num_rows - rest)] if rest else []
 
