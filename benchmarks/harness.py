@@ -16,6 +16,7 @@ the data comes from memory instead of a Ray Data stream.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
 
@@ -56,6 +57,10 @@ def load_rows(data_dir: str, modality: str, labeled: bool = False) -> dict[str, 
     if labeled:
         keep = [i for i, lab in enumerate(out["label"]) if lab is not None]
         out = {c: [v[i] for i in keep] for c, v in out.items()}
+    if modality == "image":  # decoded once: the evaluation view, as pixels (what read tasks hand a worker)
+        from pipeline.augment import eval_views
+        size = json.load(open(os.path.join(data_dir, "manifest.json")))["settings"]["size"]
+        out["image"] = list(eval_views(out["image"], size).reshape(len(out["image"]), -1))
     return out
 
 
@@ -71,6 +76,8 @@ def batches(rows: dict[str, list], batch_size: int, seed: int):
 
 
 def _column(values: list):
+    if isinstance(values[0], np.ndarray) and values[0].dtype == np.uint8:  # image pixels → (B, S·S·3)
+        return np.stack(values)
     if isinstance(values[0], (bytes, str)) or values[0] is None:
         return np.asarray(values, dtype=object)
     arr = np.empty(len(values), dtype=object)

@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 from pipeline import storage  # noqa: E402
 from pipeline.config import AudioSettings, ImageSettings, PreprocessConfig, TextSettings  # noqa: E402
-from pipeline.decoders import Rejected, decode_audio, decode_image, split_text  # noqa: E402
+from pipeline.decoders import Rejected, decode_audio, encode_stored_image, split_text  # noqa: E402
 from pipeline.tokenizer import chunk_ids  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def single_process(cfg: PreprocessConfig, files: list[str], out: str, tokenizer_
             data = f.read()
         try:
             if cfg.modality == "image":
-                rows.append({"image": decode_image(data, cfg.image).tobytes(), "path": path})
+                rows.append({"image": encode_stored_image(data, cfg.image)[0], "path": path})
             elif cfg.modality == "audio":
                 rows.extend({"audio": w, "path": path} for _, w in decode_audio(data, cfg.audio))
             else:

@@ -116,7 +116,7 @@ def hf_baseline(data: str, steps: int, probe_rows, probes: int, target: float, s
     def probe():
         feats = []
         for rows in probe_rows:
-            x = image_tensor(rows["image"], m.frontend.image_size)
+            x = image_tensor(np.stack(rows["image"]), m.frontend.image_size)
             feats.append(torch.cat([base.features(x[i: i + 256]) for i in range(0, len(x), 256)]).numpy())
         ytr, yte = (np.asarray(r["label"]) for r in probe_rows)
         return fit_probes(feats[0], ytr, feats[1], yte)["probe_accuracy"]

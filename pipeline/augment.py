@@ -40,7 +40,10 @@ def encode_image(img, source: bytes, source_format: str | None, size: int) -> tu
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=JPEG_QUALITY)
     best = (buf.getvalue(), "jpeg")
-    if source_format != "JPEG":  # a lossless source may be smaller as PNG (and then loses nothing)
+    w, h = img.size
+    if source_format != "JPEG" and (w * h <= 128 * 128 or img.getcolors(256) is not None):
+        # A small or few-colour lossless source (digits, flat graphics) may be smaller as PNG, and
+        # then loses nothing; for photos PNG never wins and its encode costs ~25 ms, so it is not tried.
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         if len(buf.getvalue()) < len(best[0]):
@@ -68,7 +71,7 @@ def eval_view(data: bytes, size: int) -> np.ndarray:
         scale = side / min(w, h)
         w, h = max(side, round(w * scale)), max(side, round(h * scale))
         img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2)), int(round((h - size) / 2))  # as torchvision's CenterCrop
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 

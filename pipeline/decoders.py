@@ -52,10 +52,11 @@ def load_image(data: bytes, cfg: ImageSettings):
 
     if min(img.size) < cfg.min_side:
         raise Rejected(f"image too small ({img.size[0]}x{img.size[1]} < min_side={cfg.min_side})")
-    keep_source = fmt == "JPEG" and img.mode in ("RGB", "L") and not rotated
+    # Pillow names many camera JPEGs "MPO" (a JPEG with extra frames; the first is the picture).
+    keep_source = fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L") and not rotated
     if img.mode != "L":
         img = _to_rgb(img)
-    return img, (fmt if keep_source else None)
+    return img, ("JPEG" if keep_source else None)
 
 
 def encode_stored_image(data: bytes, cfg: ImageSettings) -> tuple[bytes, str]:

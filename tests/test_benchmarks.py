@@ -313,3 +313,45 @@ def test_step_profile_times_parts_and_both_cnn_layouts(demo_shards):
                                     "1.0, CNN as plain Conv1d"}
     assert all(v > 0 for v in r["s_per_step"].values()) and set(r["cnn_channels_last_speedup"]) == {"2.0, 2 copies", "1.0"}
     assert "decoder" in text and "rest" in text
+
+
+def test_image_views_benchmark_rates_bytes_and_cores():
+    """benchmarks.image_views on 4 photos, one round, FLOPs given: every view has a rate, stored
+    images are far smaller than raw pixels, and cores per GPU = the GPU's rate / the view's."""
+    from benchmarks.image_views import VIEWS, main
+
+    threads = torch.get_num_threads()
+    text, r = run_main(main, ["--photos", "4", "--rounds", "1", "--gflop-per-sample", "d2v2=400,d2v1=140,finetune=105"])
+    assert torch.get_num_threads() == threads  # measured on one thread, then restored
+    assert set(r["views"]) == set(VIEWS) and all(v > 0 for v in r["views"].values())
+    assert r["raw_bytes"] == 150_528 and 0 < r["stored_bytes_range"][0] <= r["stored_bytes_per_image"] <= 40_000
+    assert r["raw_over_stored"] > 3
+    assert r["gpu_samples_per_s"] == round(0.40 * 989e12 / 400e9)
+    for v, c in r["cores_per_gpu"].items():
+        assert c == pytest.approx(r["gpu_samples_per_s"] / r["views"][v], rel=0.01), v
+    assert set(r["cores_per_gpu_own_recipe"]) == {"d2v2", "d2v1", "finetune"}
+    assert "cores/GPU" in text
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs(tmp_path):
+    """benchmarks.scale at two tiny sizes (its own local Ray and moto's S3 server, so a subprocess):
+    every timing of both sizes is positive and the S3 listing covered every shard."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--rows", "2000,20000", "--s3-shards", "20",
+                        "--s3-shard-rows", "600", "--repeats", "1", "--work", str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rows"] == [2000, 20000] and res["s3_shards"] == 20 and res["s3_rows"] == 12000
+    for key in ("list_s", "plan_epoch_s", "first_batch_s", "epoch_boundary_s", "resume_plan_s", "elastic_replan_s",
+                "driver_peak_rss_mb", "read_task_peak_rss_mb"):
+        assert len(res[key]) == 2 and all(v > 0 for v in res[key]), (key, res[key])
+    assert res["s3_list_s"] > 0 and res["max_growth_10x"] > 0 and res["first_batch_cold_s"] > 0
+    assert set(res["targets"]) == {"epoch_boundary_le_1s", "first_batch_le_30s", "growth_le_12x"}
+    assert "epoch boundary" in r.stdout and "20k/2k" in r.stdout
+    manifest = json.load(open(tmp_path / "text-20000" / "manifest.json"))
+    assert manifest["modality"] == "text" and manifest["counts"]["written"] == 20000

@@ -419,8 +419,9 @@ def test_label_fraction_subset_is_written_in_full_row_groups(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.config import ROW_GROUP_ROWS
+    from pipeline.config import ROW_GROUP_ROWS as BY_MODALITY
     from pipeline.finetune.tasks import write_fraction
+    ROW_GROUP_ROWS = BY_MODALITY["image"]
     src = tmp_path / "src"
     (src / "shards").mkdir(parents=True)
     n = 40 * ROW_GROUP_ROWS

@@ -68,8 +68,8 @@ def test_image_ingest_good_and_broken(ray_local, tmp_path):
     assert all(r["reason"] for r in rejected)
     import ray
     batch = ray.data.read_parquet(str(tmp_path / "out" / "shards")).take_batch(100, batch_format="numpy")
-    from pipeline.ingest import image_array
-    imgs, paths = image_array(batch["image"], 32), list(batch["path"])  # what training will see
+    from pipeline.augment import eval_views
+    imgs, paths = eval_views(batch["image"], 32), list(batch["path"])  # what evaluation will see
     assert imgs.shape == (len(good), 32, 32, 3) and imgs.dtype == np.uint8
     labels = dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
     for p, lab in labels.items():
@@ -83,14 +83,19 @@ def test_image_ingest_good_and_broken(ray_local, tmp_path):
     assert 40 < g16.mean() < 215 and g16.std() > 20
 
 
-def test_image_decode_matches_resize_rule():
-    from pipeline.decoders import decode_image
+def test_image_storage_and_eval_view_follow_the_resize_rule():
+    import io
+
+    from pipeline.augment import eval_view
+    from pipeline.decoders import encode_stored_image
     img = Image.new("RGB", (100, 50), (10, 200, 30))
-    out = decode_image(png_bytes(img), ImageSettings(size=16))
+    stored, fmt = encode_stored_image(png_bytes(img), ImageSettings(size=16))
+    assert fmt == "png" and Image.open(io.BytesIO(stored)).size == (36, 18)  # shorter side 16 / 0.875, aspect kept
+    out = eval_view(stored, 16)
     assert out.shape == (16, 16, 3)
-    assert np.abs(out.astype(int) - [10, 200, 30]).max() <= 1  # resized, centre-cropped, colour kept
+    assert np.abs(out.astype(int) - [10, 200, 30]).max() <= 1  # centre-cropped, colour kept
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # fully transparent → white background
-    assert decode_image(png_bytes(rgba), ImageSettings(size=16)).min() == 255
+    assert eval_view(encode_stored_image(png_bytes(rgba), ImageSettings(size=16))[0], 16).min() == 255
 
 
 # ------------------------------------------------------------------ audio

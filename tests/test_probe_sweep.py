@@ -188,9 +188,13 @@ def test_evaluate_refuses_data_the_checkpoint_cannot_read(tmp_path, capsys):
     ckpt_img = json.loads((ckpt / "config.json").read_text())
     ckpt_img["model"]["modality"] = "image"
     (ckpt / "config.json").write_text(json.dumps(ckpt_img))
-    small = folder("small", "image", size=32)
+    small = folder("small", "image", size=32, stored="encoded")
     rc = evaluate(["--checkpoint", str(ckpt), "--train-data", small, "--test-data", small])
     assert rc == 2 and "images are 32 px but the encoder takes 28 px" in capsys.readouterr().err
+    old = folder("old", "image", size=28)  # raw pixels, written before images were stored encoded
+    rc = evaluate(["--checkpoint", str(ckpt), "--train-data", old, "--test-data", old])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stores raw 28-px pixels" in err and "python -m jobs.preprocess --modality image" in err, err
 
 
 @pytest.mark.slow

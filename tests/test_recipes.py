@@ -13,6 +13,16 @@ from pipeline.train.config import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# data/mae_image_dataset.py, MaeImageDataset (data2vec 2.0 images): RandomResizedCrop(224, scale=(0.2, 1.0),
+# bicubic; torchvision's default ratio 3/4–4/3) + RandomHorizontalFlip() (p=0.5); no colour jitter.
+D2V2_IMAGE_VIEWS = {"train.augment": "crop", "train.crop_scale": [0.2, 1.0], "train.crop_ratio": [3 / 4, 4 / 3],
+                    "train.hflip": 0.5, "train.color_jitter": 0.0}
+# data/mae_finetuning_image_dataset.py → timm create_transform(is_training=True): RandomResizedCrop
+# (scale=(0.08, 1.0), ratio=(3/4, 4/3), bicubic) + flip 0.5; with auto_augment set, timm applies no
+# colour jitter. RandAugment, random erasing and mixup/cutmix are not modelled (recipes.py says so).
+FINETUNE_IMAGE_VIEWS = {"train.augment": "crop", "train.crop_scale": [0.08, 1.0], "train.crop_ratio": [3 / 4, 4 / 3],
+                        "train.hflip": 0.5, "train.color_jitter": 0.0}
+
 # (modality, mode, size) → {dotted field: reference value}. Batch = per GPU (× the GPU count noted).
 REFERENCE = {
     # vision/pretraining/base_imagenet_d2v1.yaml (batch 128 × 16 GPUs)
@@ -27,7 +37,12 @@ REFERENCE = {
         "model.ema.anneal_end_step": 375_300, "model.ema.ema_local": False, "model.ema.ema_context": False,
         "model.encoder.pre_norm": True, "model.encoder.layer_output": "block", "model.encoder.attn_dropout": 0.05,
         "model.encoder.dim": 768, "model.encoder.depth": 12, "model.encoder.heads": 12,
-        "model.frontend.patch_size": 16},
+        "model.frontend.patch_size": 16,
+        # data/mae_image_dataset.py, MaeImageDataset with beit_transforms: ColorJitter(0.4, 0.4, 0.4),
+        # RandomHorizontalFlip(p=0.5), RandomResizedCropAndInterpolationWithTwoPic(scale=(0.08, 1.0),
+        # ratio=(3/4, 4/3), bicubic)
+        **{"train.augment": "crop", "train.crop_scale": [0.08, 1.0], "train.crop_ratio": [3 / 4, 4 / 3],
+           "train.hflip": 0.5, "train.color_jitter": 0.4}},
     # v2/base_images_only_task.yaml (16 × 16 GPUs)
     ("image", "d2v2", "base"): {
         "train.reference_batch": 256,
@@ -42,7 +57,8 @@ REFERENCE = {
         "model.decoder.dim": 768, "model.decoder.kernel": 3, "model.decoder.groups": 16, "model.decoder.layers": 6,
         "model.decoder.residual": True, "model.decoder.mask_noise_std": 0.01,
         "model.encoder.dropout": 0.0, "model.encoder.attn_dropout": 0.0, "model.encoder.dim": 768,
-        "model.encoder.heads": 12, "model.collapse.min_target_var": 0.0, "model.collapse.min_pred_var": 0.0},
+        "model.encoder.heads": 12, "model.collapse.min_target_var": 0.0, "model.collapse.min_pred_var": 0.0,
+        **D2V2_IMAGE_VIEWS},
     # v2/large_images_only_task.yaml (8 × 16 GPUs)
     ("image", "d2v2", "large"): {
         "train.reference_batch": 128,
@@ -52,7 +68,7 @@ REFERENCE = {
         "model.target.top_k": 18, "model.ema.decay": 0.9998, "model.ema.end_decay": 0.99999,
         "model.ema.anneal_end_step": 150_000, "model.decoder.dim": 1024, "model.decoder.kernel": 5,
         "model.decoder.layers": 3, "model.encoder.dim": 1024, "model.encoder.depth": 24,
-        "model.encoder.heads": 16, "model.encoder.dropout": 0.0},
+        "model.encoder.heads": 16, "model.encoder.dropout": 0.0, **D2V2_IMAGE_VIEWS},
     # audio/pretraining/base_librispeech.yaml (max_tokens 3.8M × 16 GPUs)
     ("audio", "d2v1", "base"): {
         "train.reference_batch": 192,
@@ -146,7 +162,7 @@ FINETUNE_REFERENCE = {
         "train.eps": 1e-8, "train.weight_decay": 0.05, "train.schedule": "cosine", "train.warmup_steps": 16_000,
         "train.max_steps": 250_200, "train.min_lr_scale": 1e-6 / 1e-3, "train.clip_norm": 0.0,
         "finetune.layer_decay": 0.65, "finetune.drop_path": 0.1, "finetune.label_smoothing": 0.1,
-        "model.encoder.dropout": 0.0, "model.encoder.attn_dropout": 0.0},
+        "model.encoder.dropout": 0.0, "model.encoder.attn_dropout": 0.0, **FINETUNE_IMAGE_VIEWS},
     # examples/data2vec/config/vision/finetuning/imagenet.yaml (+ Data2VecImageClassificationConfig)
     ("image", "classify", "pre-LN"): {
         "train.lr": 5e-4, "train.batch_size": 64, "train.reference_batch": 512, "train.betas": [0.9, 0.98],
@@ -154,7 +170,8 @@ FINETUNE_REFERENCE = {
         "train.max_steps": 100_000, "train.min_lr_scale": 0.0, "train.clip_norm": 0.0,
         "finetune.layer_decay": 1.0, "finetune.label_smoothing": 0.1,
         # not overridden by that model: the checkpoint's pretraining config (pretraining/base_imagenet_d2v1.yaml)
-        "finetune.drop_path": 0.25, "model.encoder.attn_dropout": 0.05, "model.encoder.dropout": 0.0},
+        "finetune.drop_path": 0.25, "model.encoder.attn_dropout": 0.05, "model.encoder.dropout": 0.0,
+        **FINETUNE_IMAGE_VIEWS},
     # examples/wav2vec/config/finetuning/base_100h.yaml (batch: max_tokens 3.2M × 2 GPUs × update_freq 4)
     **{("audio", task, "post-LN"): {
         "train.lr": 3e-5, "train.reference_batch": 64, "train.betas": [0.9, 0.98], "train.eps": 1e-8,
@@ -211,6 +228,20 @@ def test_print_config_is_a_config_file_that_resolves_to_itself(tmp_path):
     again = resolve("audio", "data", "out", "base", str(f), {})
     assert again.to_dict()["model"] == printed["model"]
     assert again.to_dict()["train"] == {**printed["train"], "betas": list(printed["train"]["betas"])}
+
+
+def test_print_config_shows_the_image_views_and_set_turns_them_off():
+    r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--preset", "base",
+                        "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    t = yaml.safe_load(r.stdout)["train"]
+    assert (t["augment"], t["crop_scale"], t["hflip"], t["color_jitter"]) == ("crop", [0.2, 1.0], 0.5, 0.0)
+    off = resolve("image", "data", "out", "base", None, {"train.augment": "none"}, model_frontend={"image_size": 224})
+    assert off.train.augment == "none" and off.train.crop_scale == (0.2, 1.0)  # only the switch moved
+    assert resolve("image", "d", "o", "demo", None, {}, model_frontend={"image_size": 28}).train.augment == "none"
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="train.augment"):
+        resolve("image", "d", "o", "base", None, {"train.augment": "mixup"}, model_frontend={"image_size": 224})
 
 
 def test_audio_finetune_schedule_follows_fairseq_phases():

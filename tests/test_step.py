@@ -32,8 +32,7 @@ def _micro_batches(cfg, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        imgs = np.empty(B, dtype=object)
-        imgs[:] = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8).tobytes() for _ in range(B)]
+        imgs = rng.integers(0, 255, (B, 28 * 28 * 3), dtype=np.uint8)  # the read tasks' views
         out.append(collate({"image": imgs}, cfg.model, step_rng(0, 0, 0, i), 16000, 64))
     return out
 
