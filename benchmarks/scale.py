@@ -180,22 +180,27 @@ def elastic_replan(chunks, rest4: list) -> list:
     return [task_lists(stream, 0, plan.share(r)) for r in range(3)]
 
 
-def settle(timeout: float = 120.0) -> None:
-    """Wait until every CPU of the cluster is free: a reader closed after its first steps leaves read
-    tasks in flight (Ray Data does not cancel them), and the next reader's first block would wait
-    for them (3-4 s at 1M rows here), which a training run, whose readers are drained, never does."""
+def settle(chunks, timeout: float = 120.0) -> None:
+    """A cluster as a training run has it between two reads: every CPU free and a warm worker. A
+    reader closed after its first steps (as here, never in training, whose readers are drained)
+    leaves read tasks in flight and its workers are sometimes replaced: the next reader's first
+    block waited for them (1-3 s at 1M rows here). So: wait for free CPUs, then read one chunk
+    through Ray Data to the end, as stream.warm_up does."""
     import ray
+
+    from pipeline.train.stream import tasks_dataset
 
     total = ray.cluster_resources().get("CPU", 0)
     t = time.perf_counter()
     time.sleep(0.2)
     while ray.available_resources().get("CPU", 0) < total and time.perf_counter() - t < timeout:
         time.sleep(0.1)
-    time.sleep(0.2)
+    for _ in tasks_dataset([chunks[:1]], COLUMNS["text"]).iter_batches(batch_size=None):
+        pass
 
 
 def first_batch(chunks) -> float:
-    settle()
+    settle(chunks)
     stream = new_stream(chunks)
     t = time.perf_counter()
     groups = stream.groups(0, None, GRAD_ACCUM)
@@ -207,7 +212,7 @@ def first_batch(chunks) -> float:
 
 
 def epoch_boundary(chunks) -> float:
-    settle()
+    settle(chunks)
     stream = new_stream(chunks)
     plan = stream.plan(None, GRAD_ACCUM)
     tail = min(TAIL_STEPS, plan.steps)
@@ -228,7 +233,7 @@ def boundary_parts(chunks) -> dict:
 
     from pipeline.train.stream import read_task
 
-    settle()
+    settle(chunks)
     stream = new_stream(chunks)
     stream.order(0)
     out = {}

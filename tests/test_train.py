@@ -82,6 +82,40 @@ def test_stop_and_resume_gives_identical_weights(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_each_epoch_draws_new_crops_and_a_resume_draws_the_same(demo_shards, tmp_path, monkeypatch):
+    """Random resized crops (the 2.0 recipe's views) on 2 workers over more than two epochs: every
+    row is trained on another crop in epoch 1 than in epoch 0, and a run stopped mid-epoch 1 and
+    resumed trains on exactly the crops (and ends with exactly the weights) of an uninterrupted run."""
+    data = demo_shards["image_test"]
+    per_epoch = json.load(open(os.path.join(data, "manifest.json")))["counts"]["written"] // 16
+    steps = 2 * per_epoch + 1
+    base = ["--modality", "image", "--data", data, "--max-steps", str(steps), "--set", "train.checkpoint_every=3",
+            "--set", "train.augment=crop", "--set", "train.crop_scale=[0.2, 1.0]", *SMALL]
+    logs = {}
+    for name, stops in (("straight", [None]), ("split", [per_epoch + 2, None])):
+        logs[name] = str(tmp_path / f"{name}.jsonl")
+        monkeypatch.setenv("D2V_SAMPLE_LOG", logs[name])
+        for stop in stops:
+            assert pretrain([*base, "--output", str(tmp_path / name),
+                             *(["--stop-at-step", str(stop)] if stop else [])]) == 0
+
+    def views(log):  # (step, rank) → (epoch, rows, views) of the attempt that counted (the last)
+        return {(x["step"], x["rank"]): (x["epoch"], x["rows"], x["views"]) for x in map(json.loads, open(log))}
+
+    a, b = views(logs["straight"]), views(logs["split"])
+    assert sorted(a) == [(s, r) for s in range(steps) for r in (0, 1)]
+    assert a == b  # the resumed run saw the same rows in the same crops
+    crop = {}
+    for epoch, rows, vs in a.values():
+        for r, v in zip(rows, vs):
+            crop.setdefault(r, {})[epoch] = v
+    both = [c for c in crop.values() if 0 in c and 1 in c]
+    assert len(both) > 50 and all(c[0] != c[1] for c in both)  # another crop of each image every epoch
+    wa, wb = (load_file(os.path.join(tmp_path / n, "final", "model.safetensors")) for n in ("straight", "split"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
 def test_worker_crash_restarts_from_checkpoint(demo_shards, tmp_path):
     from tests.servers import session_ray_address
     out = str(tmp_path / "run")
@@ -89,7 +123,7 @@ def test_worker_crash_restarts_from_checkpoint(demo_shards, tmp_path):
            "RAY_ADDRESS": session_ray_address()}  # the job joins the session's cluster
     r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--data",
                         demo_shards["image"], "--output", out, "--max-steps", "8",
-                        "--set", "train.checkpoint_every=4", *SMALL],
+                        "--set", "train.checkpoint_every=4", "--set", "train.augment=crop", *SMALL],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(out, ".fault_injected"))  # the fault really happened

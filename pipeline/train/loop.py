@@ -16,11 +16,13 @@ workers (`at_world`: same effective batch, grad_accum re-derived) and reads each
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from pipeline.train.batches import Ahead, step_rng
@@ -235,7 +237,7 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
             pos.update(epoch=pos["epoch"] + 1, step_in_epoch=0, rest=None)
         planned = 0
         groups = stream.groups(pos["epoch"], pos["rest"], t.grad_accum)
-        return Ahead(lambda step: [(task.collate(nb, step_rng(t.seed, rank, step, i)), nb[ROW_ID])
+        return Ahead(lambda step: [(task.collate(nb, step_rng(t.seed, rank, step, i)), _sample_ids(nb, sample_log))
                                    for i, nb in enumerate(next(groups))], pos["step"], stop)
 
     ahead = prepare(pos)
@@ -285,10 +287,20 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     return last
 
 
+def _sample_ids(batch: dict, sample_log: str | None) -> tuple:
+    """A micro-batch's stable row ids and, under the sample-log test hook, a digest of each image
+    view it trained on (the crop the read task drew), else None."""
+    if not sample_log or "image" not in batch or not isinstance(batch["image"], np.ndarray):
+        return batch[ROW_ID], None
+    return batch[ROW_ID], [hashlib.sha1(v.tobytes()).hexdigest()[:16] for v in batch["image"]]
+
+
 def _log_rows(path: str, step: int, epoch: int, rank: int, world: int, rows: list) -> None:
-    """Test hook: one JSON line per rank and step with the stable ids of the rows it trained on."""
+    """Test hook: one JSON line per rank and step with the stable ids of the rows it trained on
+    (and, for images, a digest of each view)."""
+    views = [v for _, vs in rows if vs is not None for v in vs]
     line = json.dumps({"step": step, "epoch": epoch, "rank": rank, "world": world,
-                       "rows": [int(r) for b in rows for r in b]}) + "\n"
+                       "rows": [int(r) for b, _ in rows for r in b], **({"views": views} if views else {})}) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())  # one write per line: the ranks' lines do not interleave
