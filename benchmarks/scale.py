@@ -15,8 +15,9 @@ Settings as the text demo preset trains (pipeline/recipes.py DEMO_TRAIN, TrainCo
 grad_accum 1, window (train.shuffle_buffer) 1024, seed 0, world 1; 4 → 3 workers for the elastic
 re-plan. Per size, in seconds:
 - list: `list_chunks` (shard listing + every Parquet footer; warm page cache).
-- plan epoch: RankStream construction + `order(0)` + the plan, rank 0's share and the read-task
-  chunk lists exactly as `RankStream.read` builds them (no Ray).
+- plan epoch: RankStream construction from the packed chunk list the driver hands a worker +
+  `order(0)` + the plan, rank 0's share and the windows it touches, as `RankStream.read` computes
+  them before Ray Data starts (no Ray; each read task finds its own chunks).
 - first batch: from starting `RankStream.groups(0, None, 1)` until the first step's batch arrives
   on a local Ray (`ray.init(num_cpus=2)`), warm: a training worker overlaps Ray Data's cold start
   with the model build (stream.warm_up). The very first read of the run, at the largest size on
@@ -24,13 +25,13 @@ re-plan. Per size, in seconds:
   larger of the two.
 - epoch boundary: `groups(0, rest, 1)` from the last 4 steps of epoch 0 (`Plan.left_after`); those
   steps are drained, then the next step (epoch 1's first) is timed. Its parts are timed apart too
-  (rows "· …"): order(1), read-task chunk lists, the read tasks' JSON specs (stream.tasks_dataset),
-  `ray.data.from_items` + `map_batches` over them, and from `iter_batches` to the first read
+  (rows "· …"): order(1), the share's windows, the plan put in the object store once,
+  `ray.data.range` + `map_batches(read_planned)`, and from `iter_batches` to the first read
   task's block (Ray Data's executor start + one read task).
 - resume plan: `Plan.left_after(k)` for k = half the epoch's steps, the new plan and its share.
 - elastic re-plan: the rest of epoch 0 after 4 workers made half their steps, re-split for 3: a
   RankStream for world 3 + order(0) (what each restarted rank computes, counted once) + the plan,
-  every rank's share and read-task chunk lists.
+  every rank's share and its windows.
 Listing and planning rows are the best of --repeats runs (CPU work on a shared machine); the Ray
 rows (first batch, epoch boundary and its parts) the median of --repeats runs.
 Memory, per size: the driver's peak RSS and the largest peak RSS of Ray's worker processes (they
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import resource
@@ -75,7 +75,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline.config import ROW_GROUP_ROWS, PreprocessConfig, TextSettings  # noqa: E402
-from pipeline.train.stream import COLUMNS, Plan, RankStream, list_chunks  # noqa: E402
+from pipeline.train.stream import COLUMNS, Plan, RankStream, list_chunks, pack_chunks  # noqa: E402
 
 SHARD_ROWS = 250_000
 VOCAB = 8000
@@ -88,7 +88,7 @@ TIMINGS = ("list_s", "plan_epoch_s", "first_batch_s", "epoch_boundary_s", "resum
 LABELS = {"list_s": "list (list_chunks)", "plan_epoch_s": "plan epoch", "first_batch_s": "first batch",
           "epoch_boundary_s": "epoch boundary", "resume_plan_s": "resume plan", "elastic_replan_s": "elastic re-plan 4→3",
           "driver_peak_rss_mb": "driver peak RSS, MB", "read_task_peak_rss_mb": "read task peak RSS, MB"}
-PARTS = ("order", "task lists", "task specs", "from_items", "first block")
+PARTS = ("order", "windows", "plan to object store", "dataset", "first block")
 
 
 # ----------------------------------------------------------------------------- data
@@ -152,22 +152,23 @@ def best(fn, repeats: int) -> float:
     return out
 
 
-def task_lists(stream: RankStream, epoch: int, share: list) -> list:
-    """The read tasks' chunk lists for `share`, built as RankStream.read builds them."""
-    order, w, k = stream.order(epoch), stream.window, stream.windows_per_task
-    windows = stream._windows(share)
-    return [[c for j in windows[a: a + k] for c in order.slice(j * w, (j + 1) * w)]
-            for a in range(0, len(windows), k)]
+def read_plan(stream: RankStream, epoch: int, share: list) -> np.ndarray:
+    """What RankStream.read computes on the worker before Ray Data starts: the epoch's chunk order
+    and the windows the share touches (each read task finds its own chunks: a binary search per
+    window, inside the task)."""
+    stream.order(epoch)
+    return np.asarray(stream._windows(share), np.int64)
 
 
-def new_stream(chunks, world: int = 1, rank: int = 0) -> RankStream:
-    return RankStream(chunks, COLUMNS["text"], BATCH, WINDOW, SEED, rank, world)
+def new_stream(packed: dict, world: int = 1, rank: int = 0) -> RankStream:
+    """A worker's stream from the packed chunk list the driver hands it (stream.pack_chunks)."""
+    return RankStream(packed, COLUMNS["text"], BATCH, WINDOW, SEED, rank, world)
 
 
 def plan_epoch(chunks) -> list:
     stream = new_stream(chunks)
     plan = stream.plan(None, GRAD_ACCUM)
-    return task_lists(stream, 0, plan.share(0))
+    return read_plan(stream, 0, plan.share(0))
 
 
 def resume_plan(plan: Plan, k: int) -> list:
@@ -177,7 +178,7 @@ def resume_plan(plan: Plan, k: int) -> list:
 def elastic_replan(chunks, rest4: list) -> list:
     stream = new_stream(chunks, world=3)
     plan = Plan(rest4, 3, BATCH * GRAD_ACCUM)
-    return [task_lists(stream, 0, plan.share(r)) for r in range(3)]
+    return [read_plan(stream, 0, plan.share(r)) for r in range(3)]
 
 
 def settle(chunks, timeout: float = 120.0) -> None:
@@ -188,15 +189,14 @@ def settle(chunks, timeout: float = 120.0) -> None:
     through Ray Data to the end, as stream.warm_up does."""
     import ray
 
-    from pipeline.train.stream import tasks_dataset
+    from pipeline.train.stream import warm_up
 
     total = ray.cluster_resources().get("CPU", 0)
     t = time.perf_counter()
     time.sleep(0.2)
     while ray.available_resources().get("CPU", 0) < total and time.perf_counter() - t < timeout:
         time.sleep(0.1)
-    for _ in tasks_dataset([chunks[:1]], COLUMNS["text"]).iter_batches(batch_size=None):
-        pass
+    warm_up(chunks, COLUMNS["text"]).join()
 
 
 def first_batch(chunks) -> float:
@@ -231,25 +231,29 @@ def boundary_parts(chunks) -> dict:
     """The epoch boundary's driver-side work, one part at a time (epoch 1, rank 0 of 1)."""
     import ray
 
-    from pipeline.train.stream import read_task
+    from pipeline.train.stream import READ_BLOCK_BYTES, READ_BLOCKS, read_planned
+
+    ray.data.DataContext.get_current().target_max_block_size = READ_BLOCK_BYTES  # as RankStream.read
 
     settle(chunks)
     stream = new_stream(chunks)
     stream.order(0)
     out = {}
     t = time.perf_counter()
-    stream.order(1)
+    order = stream.order(1)
     out["order"] = time.perf_counter() - t
     t = time.perf_counter()
-    tasks = task_lists(stream, 1, stream.plan(None, GRAD_ACCUM).share(0))
-    out["task lists"] = time.perf_counter() - t
+    windows = read_plan(stream, 1, stream.plan(None, GRAD_ACCUM).share(0))
+    out["windows"] = time.perf_counter() - t
     t = time.perf_counter()
-    items = [{"chunks": json.dumps([dataclasses.astuple(c) for c in cs]), "epoch": 1} for cs in tasks]
-    out["task specs"] = time.perf_counter() - t
+    plan = ray.put({"order": order, "window": stream.window, "windows": windows, "epoch": 1,
+                    "columns": stream.columns, "view": None})
+    out["plan to object store"] = time.perf_counter() - t
     t = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_task, fn_kwargs={"columns": COLUMNS["text"], "view": None}, batch_size=1, batch_format="numpy")
-    out["from_items"] = time.perf_counter() - t
+    n = len(windows)
+    ds = ray.data.range(n, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
+        read_planned, fn_kwargs={"plan_ref": plan}, batch_size=1, batch_format="numpy")
+    out["dataset"] = time.perf_counter() - t
     t = time.perf_counter()
     blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
     first = next(blocks)
@@ -315,7 +319,7 @@ class Peaks:
 def measure(data: str, repeats: int) -> dict:
     with Peaks() as peaks:
         out = {"list_s": best(lambda: list_chunks(data, COLUMNS["text"]), repeats)}
-        chunks = list_chunks(data, COLUMNS["text"])
+        chunks = pack_chunks(list_chunks(data, COLUMNS["text"]))  # what the driver hands the workers
         out["plan_epoch_s"] = best(lambda: plan_epoch(chunks), repeats)
         plan = new_stream(chunks).plan(None, GRAD_ACCUM)
         out["resume_plan_s"] = best(lambda: resume_plan(plan, plan.steps // 2), repeats)
@@ -421,7 +425,7 @@ def main(argv=None) -> int:
     try:
         # The first batch of a fresh cluster at the largest size: Ray Data's cold start (worker
         # processes, the first read tasks) is paid once per process; the sizes below run warm.
-        cold = first_batch(list_chunks(folders[-1], COLUMNS["text"]))
+        cold = first_batch(pack_chunks(list_chunks(folders[-1], COLUMNS["text"])))
         print(f"# cold first batch ({size_name(sizes[-1])} rows, fresh Ray): {cold:.2f} s", flush=True)
         results = []
         for n, data in zip(sizes, folders):

@@ -14,7 +14,7 @@ from pipeline.recipes import recipe
 from pipeline.finetune.tasks import build_vocab, target_column, write_fraction
 from pipeline.train.config import FineTuneConfig, resolve_finetune
 from pipeline.train.launch import check_resume, fit, frontend_from_manifest, read_manifest
-from pipeline.train.stream import COLUMNS, list_chunks
+from pipeline.train.stream import COLUMNS, list_chunks, pack_chunks
 
 SPLITS = {"train_data": "--train-data", "val_data": "--val-data", "test_data": "--test-data"}
 
@@ -159,7 +159,7 @@ def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None, tags: dict |
     if cfg.tracking_uri:
         prepare_experiment(cfg.tracking_uri, cfg.experiment)
     return fit(finetune_loop_per_worker, "finetune", cfg.train, cfg.output,
-               {"run": cfg.to_dict(), "chunks": [dataclasses.asdict(c) for c in chunks], "tags": tags or {}})
+               {"run": cfg.to_dict(), "chunks": pack_chunks(chunks), "tags": tags or {}})
 
 
 def check(cfg: FineTuneConfig, allow_change: bool = False) -> tuple[FineTuneConfig, str | None]:

@@ -10,7 +10,7 @@ from pipeline.config import ConfigError
 from pipeline.pretrain.worker import train_loop_per_worker
 from pipeline.train.config import RunConfig
 from pipeline.train.launch import fit, read_manifest
-from pipeline.train.stream import CHUNK_ROWS, COLUMNS, list_chunks, split_chunks
+from pipeline.train.stream import CHUNK_ROWS, COLUMNS, list_chunks, pack_chunks, split_chunks
 from pipeline.train.tracking import prepare_experiment
 
 
@@ -59,5 +59,5 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None, tags: dict | None
     # Parquet metadata is read here.
     chunks, val_chunks = data_chunks(cfg)
     return fit(train_loop_per_worker, "pretrain", cfg.train, cfg.output,
-               {"run": cfg.to_dict(), "fault": fault, "tags": tags or {}, "chunks": [dataclasses.asdict(c) for c in chunks],
+               {"run": cfg.to_dict(), "fault": fault, "tags": tags or {}, "chunks": pack_chunks(chunks),
                 "val_chunks": [dataclasses.asdict(c) for c in val_chunks]})

@@ -27,7 +27,7 @@ import torch
 
 from pipeline.train.batches import Ahead, step_rng
 from pipeline.train.checkpoint import load_state, save_state
-from pipeline.train.stream import ROW_ID, Chunk, RankStream, interval_rows
+from pipeline.train.stream import ROW_ID, RankStream, interval_rows
 
 POSITION = {"step": 0, "epoch": 0, "rest": None, "step_in_epoch": 0, "world": 0}
 SAMPLE_LOG = "D2V_SAMPLE_LOG"  # test hook: a file each rank appends the row ids of its steps to
@@ -199,11 +199,11 @@ class Meter:
         return out
 
 
-def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, chunks: list[dict], sink,
+def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, chunks: dict, sink,
               config: dict, resumed: bool) -> dict:
     """Train from `pos` to train.stop_at_step (or max_steps, or the task's early stop); returns the
     last logged metrics. `config` is saved with every checkpoint."""
-    stream = RankStream([Chunk(**c) for c in chunks], task.columns, t.batch_size, t.shuffle_buffer, t.seed,
+    stream = RankStream(chunks, task.columns, t.batch_size, t.shuffle_buffer, t.seed,
                         rank, world, view=task.view)
     whole_epoch = stream.plan(None, t.grad_accum)
     if whole_epoch.steps == 0:

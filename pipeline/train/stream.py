@@ -5,8 +5,9 @@
       epoch e's global order: the chunks in a seeded random order, then a seeded shuffle inside
       consecutive windows of `window` rows ─► rows 0 … N−1 of the epoch
       ─► the rows still to read (`rest`, intervals of that order) cut into `world` equal shares
-      ─► rank r's share read by Ray Data: one read task per run of windows (≥ READ_TASK_ROWS rows),
-         each opening a file once and a row group once, decoding + augmenting images (augment.py)
+      ─► rank r's share read by Ray Data: at most READ_BLOCKS tasks, each reading a run of windows
+         one after the other (a row group once per window, each file's footer once per process),
+         decoding + augmenting images (augment.py), handing on ~1 MB blocks as it goes
       ─► batches of `batch_size` rows, grad_accum of them per optimizer step
 
 A class-sorted folder (all cats, then all dogs) thus arrives mixed, differently every epoch.
@@ -20,6 +21,7 @@ chunk order and a binary search per window: O(N log N) in the chunks, never a wa
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -30,15 +32,13 @@ import numpy as np
 import pyarrow as pa
 
 CHUNK_ROWS = 64  # the shuffle unit: a chunk is at most this many consecutive rows of one row group
-# Rows one read task produces at least (whole windows): enough that per-task costs (scheduling, a
-# file-system client, Parquet footers) are small, small enough that a block of decoded rows stays
-# tens of MB (256 augmented 224-px images are 38 MB; 64 audio crops of 15 s 61 MB).
-READ_TASK_ROWS = {"image": 256, "audio": 64, "input_ids": 8192}  # by the model-input column
+READ_BLOCKS = 32  # Ray tasks per epoch read of one rank (each covers consecutive read units)
+READ_BLOCK_BYTES = 1 << 20  # the blocks those tasks hand on, as they go
 COLUMNS = {"image": ["image"], "audio": ["audio"], "text": ["input_ids"]}  # the model inputs per modality
 ROW_ID = "__row__"  # each batch's stable row ids (index in the run's chunk list), for tests and logs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """Rows [start, stop) of row group `group` of one Parquet file; `id0` is the stable id of row
     `start` (its index in the run's whole chunk list, set by RankStream)."""
@@ -71,10 +71,14 @@ def list_chunks(data: str, columns: list[str]) -> list[Chunk]:
     with ThreadPoolExecutor(max_workers=16) as pool:
         sizes = list(pool.map(groups, files))
     chunks = []
-    for f, ns in zip(files, sizes):
-        uri = _uri(data, root, f)
-        for g, n in enumerate(ns):
-            chunks += [Chunk(uri, g, a, min(a + CHUNK_ROWS, n)) for a in range(0, n, CHUNK_ROWS)]
+    gc.disable()  # 156 k new objects at 10 M rows: the collector's passes over them cost more than making them
+    try:
+        for f, ns in zip(files, sizes):
+            uri = _uri(data, root, f)
+            for g, n in enumerate(ns):
+                chunks += [Chunk(uri, g, a, min(a + CHUNK_ROWS, n)) for a in range(0, n, CHUNK_ROWS)]
+    finally:
+        gc.enable()
     return chunks
 
 
@@ -98,7 +102,7 @@ def _uri(data: str, root: str, path: str) -> str:
 def _cut(items: list, lo: int, hi: int, size, trim) -> list:
     """Rows [lo, hi) of the concatenation of `items` (each `size(item)` rows long), as items
     trimmed by `trim(item, first, stop)` (row offsets inside the item). For short lists (a run
-    position's intervals); long ones (an epoch's chunks) go through `_Order`."""
+    position's intervals); long ones (an epoch's chunks) go through `_Table.slice`."""
     out, pos = [], 0
     for it in items:
         n = size(it)
@@ -111,24 +115,61 @@ def _cut(items: list, lo: int, hi: int, size, trim) -> list:
     return out
 
 
-class _Order:
-    """An epoch's chunks in their seeded order, with the prefix sum of their rows: rows [lo, hi)
-    of the order are found by binary search (O(log N + chunks returned))."""
+def pack_chunks(chunks: list[Chunk]) -> dict:
+    """The run's chunk list as columns (what the driver hands the workers: one small object, not a
+    dict per chunk): {"paths": distinct files, "file", "group", "start", "stop": one entry per chunk}."""
+    paths = list(dict.fromkeys(c.path for c in chunks))
+    index = {p: i for i, p in enumerate(paths)}
+    return {"paths": paths, "file": np.fromiter((index[c.path] for c in chunks), np.int64, len(chunks)),
+            **{k: np.fromiter((getattr(c, k) for c in chunks), np.int64, len(chunks)) for k in ("group", "start", "stop")}}
 
-    def __init__(self, chunks: list[Chunk], perm: np.ndarray):
-        self.chunks = [chunks[i] for i in perm]
-        self.starts = np.zeros(len(perm) + 1, np.int64)
-        np.cumsum([c.rows for c in self.chunks], out=self.starts[1:])
+
+class _Table:
+    """Chunks as numpy columns (file index, row group, start, stop, stable id of the first row),
+    seen in an order `perm` (an epoch's; identity by default) with the prefix sum of their rows in
+    that order."""
+
+    def __init__(self, paths: list[str], file, group, start, stop, perm=None):
+        self.paths = paths
+        self.file, self.group = np.asarray(file, np.int64), np.asarray(group, np.int64)
+        self.start, self.stop = np.asarray(start, np.int64), np.asarray(stop, np.int64)
+        rows = self.stop - self.start
+        self.id0 = np.zeros(len(rows), np.int64)  # stable ids: each row's index in the whole list
+        np.cumsum(rows[:-1], out=self.id0[1:])
+        self._set_order(rows, perm)
+
+    def _set_order(self, rows, perm) -> None:
+        self.perm = np.arange(len(rows)) if perm is None else perm
+        self.starts = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(rows[self.perm], out=self.starts[1:])
+
+    @classmethod
+    def of(cls, chunks) -> "_Table":
+        packed = chunks if isinstance(chunks, dict) else pack_chunks(chunks)
+        return cls(packed["paths"], packed["file"], packed["group"], packed["start"], packed["stop"])
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def permuted(self, perm: np.ndarray) -> "_Table":
+        """The same chunks in order `perm` (only the prefix sum is computed; columns are shared)."""
+        out = object.__new__(_Table)
+        out.paths, out.file, out.group, out.start, out.stop, out.id0 = (
+            self.paths, self.file, self.group, self.start, self.stop, self.id0)
+        out._set_order(self.stop - self.start, perm)
+        return out
 
     def slice(self, lo: int, hi: int) -> list[Chunk]:
-        """Rows [lo, hi) of the order, as (possibly trimmed) chunks."""
+        """Rows [lo, hi) of this order, as (possibly trimmed) chunks: a binary search, then only the
+        chunks returned are touched (O(log N + k))."""
+        i0 = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        i1 = int(np.searchsorted(self.starts, hi, side="left"))
         out = []
-        i = int(np.searchsorted(self.starts, lo, side="right")) - 1
-        while i < len(self.chunks) and self.starts[i] < hi:
-            c, s = self.chunks[i], int(self.starts[i])
-            a, b = max(lo, s) - s, min(hi, s + c.rows) - s
-            out.append(Chunk(c.path, c.group, c.start + a, c.start + b, c.id0 + a))
-            i += 1
+        for i in range(max(i0, 0), min(i1, len(self))):
+            s, k = int(self.starts[i]), int(self.perm[i])
+            a, b = max(lo, s) - s, min(hi, int(self.starts[i + 1])) - s
+            out.append(Chunk(self.paths[self.file[k]], int(self.group[k]), int(self.start[k]) + a,
+                             int(self.start[k]) + b, int(self.id0[k]) + a))
         return out
 
 
@@ -203,26 +244,31 @@ def _fs_path(uri: str) -> str:
     return rest if scheme != "file" else "/" + rest.lstrip("/")
 
 
-def read_chunk_table(chunks: list[Chunk], columns: list[str]) -> pa.Table:
-    """The rows of `chunks`, in order, with each row's stable id (ROW_ID): every file is opened
-    once and every row group read once, however many of its chunks are asked for."""
+_PARQUET: dict = {}  # open Parquet files of this process (footer read once), by chunk path
+_PARQUET_OPEN = 256
+
+
+def _parquet(path: str):
     import pyarrow.parquet as pq
 
-    files: dict[str, pq.ParquetFile] = {}
+    if path not in _PARQUET:
+        if len(_PARQUET) >= _PARQUET_OPEN:
+            _PARQUET.pop(next(iter(_PARQUET))).close()  # the oldest
+        fs, p = _open(path)
+        _PARQUET[path] = pq.ParquetFile(fs.open_input_file(p))
+    return _PARQUET[path]
+
+
+def read_chunk_table(chunks: list[Chunk], columns: list[str]) -> pa.Table:
+    """The rows of `chunks`, in order, with each row's stable id (ROW_ID): every row group is read
+    once however many of its chunks are asked for, and each file's footer once per process."""
     groups: dict[tuple[str, int], pa.Table] = {}
     tables = []
-    try:
-        for c in chunks:
-            if (c.path, c.group) not in groups:
-                if c.path not in files:
-                    fs, p = _open(c.path)
-                    files[c.path] = pq.ParquetFile(fs.open_input_file(p))
-                groups[(c.path, c.group)] = files[c.path].read_row_group(c.group, columns=columns)
-            t = groups[(c.path, c.group)].slice(c.start, c.rows)
-            tables.append(t.append_column(ROW_ID, pa.array(np.arange(c.id0, c.id0 + c.rows, dtype=np.int64))))
-    finally:
-        for f in files.values():
-            f.close()
+    for c in chunks:
+        if (c.path, c.group) not in groups:
+            groups[(c.path, c.group)] = _parquet(c.path).read_row_group(c.group, columns=columns)
+        t = groups[(c.path, c.group)].slice(c.start, c.rows)
+        tables.append(t.append_column(ROW_ID, pa.array(np.arange(c.id0, c.id0 + c.rows, dtype=np.int64))))
     if not tables:
         return pa.table({**{c: [] for c in columns}, ROW_ID: pa.array([], pa.int64())})
     return pa.concat_tables(tables)
@@ -258,6 +304,28 @@ def tasks_dataset(tasks: list[list[Chunk]], columns: list[str], epoch: int = 0, 
     items = [{"chunks": json.dumps([dataclasses.astuple(c) for c in cs]), "epoch": epoch} for cs in tasks]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_task, fn_kwargs={"columns": columns, "view": view}, batch_size=1, batch_format="numpy")
+
+
+_PLANS: dict = {}  # the last plans a read-task process fetched, by object id
+
+
+def read_planned(batch: dict, plan_ref) -> pa.Table:
+    """Ray Data map task: read task i of a RankStream.read plan (fetched once per process from the
+    object store) → the rows of its windows, in order, images as views."""
+    import ray
+
+    key = plan_ref.hex()
+    if key not in _PLANS:
+        _PLANS.clear()
+        _PLANS[key] = ray.get(plan_ref)
+    plan = _PLANS[key]
+    order, w = plan["order"], plan["window"]
+    tables = []
+    for i in batch["id"]:  # window number i of the share
+        j = int(plan["windows"][int(i)])
+        chunks = order.slice(j * w, (j + 1) * w)
+        tables.append(_with_views(read_chunk_table(chunks, plan["columns"]), plan["view"], plan["epoch"]))
+    return pa.concat_tables(tables)
 
 
 def chunks_dataset(chunks: list[Chunk], columns: list[str], task_rows: int = 1024):
@@ -303,16 +371,18 @@ def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def warm_up(chunks: list[dict], columns: list[str]) -> threading.Thread:
+def warm_up(chunks: dict, columns: list[str]) -> threading.Thread:
     """Read one chunk through Ray Data in a background thread: a worker's first read pays for Ray
     Data's start and the read tasks' processes (3 s of the first window's 3.7 s here, 0.7 s warm);
-    started before the model is built, that cost overlaps the build."""
+    started before the model is built, that cost overlaps the build. `chunks`: pack_chunks' columns."""
+    first = Chunk(chunks["paths"][chunks["file"][0]], chunks["group"][0], chunks["start"][0], chunks["stop"][0])
+
     def read() -> None:
         from pipeline.raycluster import quiet_ray_data
 
         quiet_ray_data(worker=True)  # as the stream's own reads (RankStream.read)
         try:
-            for _ in tasks_dataset([[Chunk(**chunks[0])]], columns).iter_batches(batch_size=None):
+            for _ in tasks_dataset([[first]], columns).iter_batches(batch_size=None):
                 pass
         except Exception:  # only a warm-up: the real read reports any error
             pass
@@ -327,30 +397,26 @@ class RankStream:
     global position. `view` (augment.view_spec plus "seed"): images arrive as (B, size, size, 3)
     uint8 training views drawn in the read tasks; None leaves the stored bytes."""
 
-    def __init__(self, chunks: list[Chunk], columns: list[str], batch_size: int, window: int, seed: int,
-                 rank: int, world: int, view: dict | None = None, task_rows: int | None = None):
-        offsets = np.zeros(len(chunks) + 1, np.int64)
-        np.cumsum([c.rows for c in chunks], out=offsets[1:])
-        self.chunks = [dataclasses.replace(c, id0=int(o)) for c, o in zip(chunks, offsets)]
-        self.total = int(offsets[-1])
+    def __init__(self, chunks: list[Chunk] | dict, columns: list[str], batch_size: int, window: int, seed: int,
+                 rank: int, world: int, view: dict | None = None):
+        self.table = _Table.of(chunks)  # list[Chunk] or pack_chunks' columns
+        self.total = int(self.table.starts[-1])
         self.columns, self.batch_size = columns, batch_size
         self.shuffle = window > 0
         self.window = window if window > 0 else batch_size  # without shuffling: windows are just read units
         self.seed, self.rank, self.world = seed, rank, world
         self.view = None if view is None else {**view, "seed": seed}
-        task_rows = task_rows or min([READ_TASK_ROWS[c] for c in columns if c in READ_TASK_ROWS] or [1024])
-        self.windows_per_task = max(1, -(-task_rows // self.window))
-        self._order: tuple[int, _Order] | None = None
+        self._order: tuple[int, _Table] | None = None
 
     def plan(self, rest: list | None, grad_accum: int) -> Plan:
         """The plan for the rows `rest` of an epoch (None: the whole epoch)."""
         return Plan([[0, self.total]] if rest is None else rest, self.world, self.batch_size * grad_accum)
 
-    def order(self, epoch: int) -> _Order:
+    def order(self, epoch: int) -> _Table:
         """The epoch's chunks in their seeded order (the global order before the window shuffle)."""
         if self._order is None or self._order[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.chunks))
-            self._order = (epoch, _Order(self.chunks, perm))
+            perm = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.table))
+            self._order = (epoch, self.table.permuted(perm))
         return self._order[1]
 
     def _window_rows(self, j: int) -> int:
@@ -403,13 +469,23 @@ class RankStream:
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
+        # A map task's output is cut into blocks of this size as it is produced; Ray Data's default
+        # (128 MiB) would hold back a task's whole output (≈ 40 MB of text over its read units)
+        # until the task ends (20 s before the first batch at 10 M rows, measured).
+        ctx.target_max_block_size = READ_BLOCK_BYTES
         # One reader per worker and epoch (every few seconds on a small data set): its progress
         # (logged: a worker has no terminal) and execution lines would flood the driver's console.
         quiet_ray_data(worker=True)
-        k = self.windows_per_task
-        tasks = [[c for j in windows[a: a + k] for c in order.slice(j * w, (j + 1) * w)]
-                 for a in range(0, len(windows), k)]
-        ds = tasks_dataset(tasks, self.columns, epoch, self.view)
+        # The read tasks find each window's chunks in the plan (a binary search per window), so
+        # nothing here grows with the data but the windows' numbers.
+        plan = ray.put({"order": order, "window": w, "windows": np.asarray(windows, np.int64), "epoch": epoch,
+                        "columns": self.columns, "view": self.view})
+        n = len(windows)
+        # At most READ_BLOCKS Ray tasks, each reading its read units one after the other (streamed
+        # out block by block): Ray Data spends ~25 ms per task, so 1 221 one-unit tasks (a 10 M-row
+        # epoch) cost 30 s and 2 s before the first block; 32 tasks 1.2 s and 0.55 s (measured here).
+        ds = ray.data.range(n, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
+            read_planned, fn_kwargs={"plan_ref": plan}, batch_size=1, batch_format="numpy")
         needs = self._needs(epoch, rows)
         cols = self.columns + [ROW_ID]
         pending, have, out = [], 0, []
