@@ -121,6 +121,11 @@ def sample_seed(seed: int, epoch: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, row, 0x1A6E]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def view_of(cfg) -> dict | None:
+    """The training view of a run's config (pretraining or fine-tuning): images only, else None."""
+    return view_spec(cfg.train, cfg.model.frontend.image_size) if cfg.modality == "image" else None
+
+
 def view_spec(train, size: int) -> dict:
     """The training-view fields of a TrainConfig for image size `size` (what read tasks get)."""
     return {"size": size, "augment": train.augment, "crop_scale": list(train.crop_scale),

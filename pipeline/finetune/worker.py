@@ -17,13 +17,13 @@ import tempfile
 import torch
 
 from pipeline import storage
+from pipeline.augment import view_of
 from pipeline.model.finetune import FineTuneModel
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import FineTuneConfig
 from pipeline.train.loop import POSITION, Task, at_world, copy_to_local, cpu_copy, restore, run_steps, worker_context
 from pipeline.train.step import autocast_for
 from pipeline.finetune.step import build_finetune_optimizer, finetune_step
-from pipeline.augment import view_spec
 from pipeline.train.stream import COLUMNS, list_chunks, read_rows, warm_up
 from pipeline.finetune.tasks import Targets, collate, evaluate, target_column
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit
@@ -76,7 +76,7 @@ def finetune_loop_per_worker(config: dict) -> None:
 
     cfg = FineTuneConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
     rank, world, device, _ = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
-    warm_up(config["chunks"], COLUMNS[cfg.modality])  # Ray Data's start overlaps the build
+    warm_up(config["chunks"], COLUMNS[cfg.modality], view_of(cfg))  # Ray Data's start overlaps the build
     cfg = at_world(cfg, world, rank)
     t, f = cfg.train, cfg.finetune
 
@@ -125,7 +125,7 @@ class FineTuning(Task):
         self.cfg, self.t, self.f, self.model, self.net, self.opt = cfg, t, f, model, net, opt
         self.rank, self.world, self.device, self.sink = rank, world, device, sink
         self.columns = COLUMNS[cfg.modality] + [target_column(f.task)]
-        self.view = view_spec(t, cfg.model.frontend.image_size) if cfg.modality == "image" else None
+        self.view = view_of(cfg)
         self.targets = Targets(f.task, cfg.labels)
         self.autocast = autocast_for(device)
         self.every = t.eval_every or max(1, t.max_steps // 5)

@@ -19,6 +19,7 @@ import time
 import torch
 
 from pipeline import storage
+from pipeline.augment import view_of
 from pipeline.model.data2vec import Data2Vec
 from pipeline.model.objective import NonFiniteLoss, RepresentationCollapse
 from pipeline.train.batches import collate
@@ -28,7 +29,6 @@ from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
 from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
                                  load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
-from pipeline.augment import view_spec
 from pipeline.train.stream import COLUMNS, Chunk, warm_up
 from pipeline.train.tracking import MLflowSink, NullSink, git_commit, mask_picture
 
@@ -38,7 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
     (rank 0) → the step loop → write final/ (rank 0)."""
     cfg = RunConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
     rank, world, device, threads = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
-    warm_up(config["chunks"], COLUMNS[cfg.modality])  # Ray Data's start overlaps the build
+    warm_up(config["chunks"], COLUMNS[cfg.modality], view_of(cfg))  # Ray Data's start overlaps the build
     cfg = at_world(cfg, world, rank)
     model, net, opt, pos, resumed = build(cfg, world, device)
     sink = open_tracking(cfg, config, world, device, threads) if rank == 0 else NullSink()
@@ -110,7 +110,7 @@ class Pretraining(Task):
         self.cfg, self.t, self.model, self.net, self.opt = cfg, t, model, net, opt
         self.rank, self.world, self.device, self.sink = rank, world, device, sink
         self.columns = COLUMNS[cfg.modality]
-        self.view = view_spec(t, cfg.model.frontend.image_size) if cfg.modality == "image" else None
+        self.view = view_of(cfg)
         self.fault = config.get("fault") or {}
         self.autocast = autocast_for(device)
         self.pictured = pos["step"] > 0

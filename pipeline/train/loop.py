@@ -223,9 +223,6 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     pos["world"] = world
     stop = t.stop_at_step or t.max_steps
     t0 = time.perf_counter()
-    task.begin(pos)
-    meter = Meter(task.averaged)
-    meter.run.update(t0=t0, eval=time.perf_counter() - t0)  # the run's clock includes begin(), as evaluation
     start_step, last = pos["step"], {}
     sample_log = os.environ.get(SAMPLE_LOG)
     plan, planned = None, 0  # this epoch's plan and the steps made since it was drawn
@@ -240,7 +237,10 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
         return Ahead(lambda step: [(task.collate(nb, step_rng(t.seed, rank, step, i)), _sample_ids(nb, sample_log))
                                    for i, nb in enumerate(next(groups))], pos["step"], stop)
 
-    ahead = prepare(pos)
+    ahead = prepare(pos)  # reading the first steps starts now, while begin() evaluates
+    task.begin(pos)
+    meter = Meter(task.averaged)
+    meter.run.update(t0=t0, eval=time.perf_counter() - t0)  # the run's clock includes begin(), as evaluation
     try:
         while pos["step"] < stop and not task.stopped(pos):
             t_wait = time.perf_counter()

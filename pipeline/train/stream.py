@@ -281,7 +281,7 @@ def _with_views(t: pa.Table, view: dict | None, epoch: int) -> pa.Table:
         return t
     from pipeline.augment import train_views
 
-    px = train_views(t.column("image").to_pylist(), t.column(ROW_ID).to_numpy(), view, view["seed"], epoch)
+    px = train_views(t.column("image").to_pylist(), t.column(ROW_ID).to_numpy(), view, view.get("seed", 0), epoch)
     size = view["size"]
     col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size * size * 3), len(px), [None, pa.py_buffer(px.tobytes())])
     return t.set_column(t.column_names.index("image"), "image", col)
@@ -371,10 +371,11 @@ def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def warm_up(chunks: dict, columns: list[str]) -> threading.Thread:
+def warm_up(chunks: dict, columns: list[str], view: dict | None = None) -> threading.Thread:
     """Read one chunk through Ray Data in a background thread: a worker's first read pays for Ray
-    Data's start and the read tasks' processes (3 s of the first window's 3.7 s here, 0.7 s warm);
-    started before the model is built, that cost overlaps the build. `chunks`: pack_chunks' columns."""
+    Data's start and the read tasks' processes (3 s of the first window's 3.7 s here, 0.7 s warm),
+    and with a `view` their torch/torchvision imports; started before the model is built, that cost
+    overlaps the build. `chunks`: pack_chunks' columns."""
     first = Chunk(chunks["paths"][chunks["file"][0]], chunks["group"][0], chunks["start"][0], chunks["stop"][0])
 
     def read() -> None:
@@ -382,7 +383,7 @@ def warm_up(chunks: dict, columns: list[str]) -> threading.Thread:
 
         quiet_ray_data(worker=True)  # as the stream's own reads (RankStream.read)
         try:
-            for _ in tasks_dataset([[first]], columns).iter_batches(batch_size=None):
+            for _ in tasks_dataset([[first]], columns, view=view).iter_batches(batch_size=None):
                 pass
         except Exception:  # only a warm-up: the real read reports any error
             pass
@@ -507,16 +508,82 @@ class RankStream:
 
     def groups(self, epoch: int, rest: list | None, grad_accum: int) -> Iterator[list[dict]]:
         """Optimizer steps' micro-batch groups (grad_accum batches each) of this rank from (epoch,
-        rest) on, across epoch boundaries: the next epoch's reader starts as soon as the previous
-        one is drained, not when the training loop gets there. An epoch ends at its last full step."""
-        while True:
-            plan = self.plan(rest, grad_accum)
-            if plan.steps == 0 and rest is None:
-                return
-            batches = self.read(epoch, plan.share(self.rank))
-            for _ in range(plan.steps):
-                yield [next(batches) for _ in range(grad_accum)]
-            epoch, rest = epoch + 1, None
+        rest) on, across epoch boundaries. Each epoch is read in a background thread that runs up to
+        a window of batches ahead; the next epoch's reader starts as soon as that thread has read
+        the last window, so its first window is read while the last one is trained on. An epoch
+        ends at its last full step."""
+        ahead = self.window // self.batch_size + grad_accum
+        reader = nxt = None
+        try:
+            while True:
+                plan = self.plan(rest, grad_accum)
+                if plan.steps == 0 and rest is None:
+                    return
+                reader, nxt = nxt or _Background(self.read(epoch, plan.share(self.rank)), ahead), None
+                whole = self.plan(None, grad_accum)
+                for _ in range(plan.steps):
+                    if nxt is None and reader.done() and whole.steps:
+                        nxt = _Background(self.read(epoch + 1, whole.share(self.rank)), ahead)
+                    yield [reader.next() for _ in range(grad_accum)]
+                reader.close()
+                epoch, rest = epoch + 1, None
+        finally:  # closed (end of run, rollback): stop the readers still running
+            for r in (reader, nxt):
+                if r is not None:
+                    r.close()
+
+
+class _Background:
+    """Items of a generator, produced in a daemon thread up to `depth` ahead; `next()` re-raises
+    the producer's error; `close()` stops it and closes the generator (its Ray Data read)."""
+
+    def __init__(self, gen: Iterator, depth: int):
+        import queue
+
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._gen, self._stop, self._end = gen, threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="epoch-reader")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._gen:
+                if not self._put((True, item)):
+                    break
+            else:  # asked for more than it made: an error, not a hang
+                self._put((False, RuntimeError("the epoch's reader ended before its last step")))
+        except BaseException as e:  # handed to the consumer
+            self._put((False, e))
+        finally:
+            self._end.set()
+            self._gen.close()
+
+    def done(self) -> bool:
+        """The generator is exhausted (what it made may still be queued)."""
+        return self._end.is_set()
+
+    def next(self):
+        ok, item = self._q.get()
+        if not ok:
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._q.empty():  # unblock a producer waiting on a full queue
+            self._q.get_nowait()
+        self._thread.join(timeout=30)
 
 
 def _split(t: pa.Table, n: int) -> tuple[pa.Table, list[pa.Table]]:
