@@ -6,8 +6,6 @@ collation for the next steps in a background thread while the current step train
 """
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Callable
 
 import numpy as np
@@ -17,6 +15,7 @@ from pipeline.augment import eval_views
 from pipeline.model.config import ModelConfig
 from pipeline.model.data2vec import draw_masks
 from pipeline.model.frontends import conv_frames
+from pipeline.train.background import Background
 from pipeline.tokenizer import PAD_ID
 
 IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet statistics
@@ -123,36 +122,12 @@ class Ahead:
     early stop, the end of the epoch)."""
 
     def __init__(self, make: Callable[[int], object], first: int, last: int, depth: int = 2):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(make, first, last), daemon=True,
-                                        name="prepare-next-steps")
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, make, first: int, last: int) -> None:
-        try:
-            for step in range(first, last):
-                if not self._put((step, make(step))):
-                    return
-        except BaseException as e:  # handed to the training thread, raised there
-            self._put((None, e))
+        self._steps = Background(((step, make(step)) for step in range(first, last)), depth, "prepare-next-steps")
+        self._thread = self._steps._thread
 
     def get(self) -> tuple[int, object]:
         """(step, its micro-batches), in step order."""
-        step, item = self._q.get()
-        if step is None:
-            raise item
-        return step, item
+        return self._steps.next()
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._steps.close()

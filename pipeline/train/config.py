@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipeline import storage
+from pipeline.augment import AUGMENTS
 from pipeline.config import ConfigError, check
 from pipeline.model.config import ModelConfig
 from pipeline.recipes import recipe
@@ -163,7 +164,7 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = unlimited)")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
-        _check(self.augment in ("none", "crop"), "augment", f"must be 'none' or 'crop', got {self.augment!r}")
+        _check(self.augment in AUGMENTS, "augment", f"must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
                f"must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
         _check(len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1], "crop_ratio",

@@ -31,6 +31,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from pipeline.train.background import Background
+
 CHUNK_ROWS = 64  # the shuffle unit: a chunk is at most this many consecutive rows of one row group
 READ_BLOCKS = 32  # Ray tasks per epoch read of one rank (each covers consecutive read units)
 READ_BLOCK_BYTES = 1 << 20  # the blocks those tasks hand on, as they go
@@ -519,11 +521,11 @@ class RankStream:
                 plan = self.plan(rest, grad_accum)
                 if plan.steps == 0 and rest is None:
                     return
-                reader, nxt = nxt or _Background(self.read(epoch, plan.share(self.rank)), ahead), None
+                reader, nxt = nxt or Background(self.read(epoch, plan.share(self.rank)), ahead, "epoch-reader"), None
                 whole = self.plan(None, grad_accum)
                 for _ in range(plan.steps):
                     if nxt is None and reader.done() and whole.steps:
-                        nxt = _Background(self.read(epoch + 1, whole.share(self.rank)), ahead)
+                        nxt = Background(self.read(epoch + 1, whole.share(self.rank)), ahead, "epoch-reader")
                     yield [reader.next() for _ in range(grad_accum)]
                 reader.close()
                 epoch, rest = epoch + 1, None
@@ -531,59 +533,6 @@ class RankStream:
             for r in (reader, nxt):
                 if r is not None:
                     r.close()
-
-
-class _Background:
-    """Items of a generator, produced in a daemon thread up to `depth` ahead; `next()` re-raises
-    the producer's error; `close()` stops it and closes the generator (its Ray Data read)."""
-
-    def __init__(self, gen: Iterator, depth: int):
-        import queue
-
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._gen, self._stop, self._end = gen, threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="epoch-reader")
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for item in self._gen:
-                if not self._put((True, item)):
-                    break
-            else:  # asked for more than it made: an error, not a hang
-                self._put((False, RuntimeError("the epoch's reader ended before its last step")))
-        except BaseException as e:  # handed to the consumer
-            self._put((False, e))
-        finally:
-            self._end.set()
-            self._gen.close()
-
-    def done(self) -> bool:
-        """The generator is exhausted (what it made may still be queued)."""
-        return self._end.is_set()
-
-    def next(self):
-        ok, item = self._q.get()
-        if not ok:
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        while not self._q.empty():  # unblock a producer waiting on a full queue
-            self._q.get_nowait()
-        self._thread.join(timeout=30)
 
 
 def _split(t: pa.Table, n: int) -> tuple[pa.Table, list[pa.Table]]:
