@@ -25,9 +25,9 @@ re-plan. Per size, in seconds:
   larger of the two.
 - epoch boundary: `groups(0, rest, 1)` from the last 4 steps of epoch 0 (`Plan.left_after`); those
   steps are drained, then the next step (epoch 1's first) is timed. Its parts are timed apart too
-  (rows "· …"): order(1), the share's windows, the plan put in the object store once,
-  `ray.data.range` + `map_batches(read_planned)`, and from `iter_batches` to the first read
-  task's block (Ray Data's executor start + one read task).
+  (rows "· …"): order(1), the share's windows, `RankStream.dataset` (the plan put in the object
+  store once, `ray.data.range` + `map_batches(read_planned)`), and from `iter_batches` to the first
+  read task's block (Ray Data's executor start + one read task).
 - resume plan: `Plan.left_after(k)` for k = half the epoch's steps, the new plan and its share.
 - elastic re-plan: the rest of epoch 0 after 4 workers made half their steps, re-split for 3: a
   RankStream for world 3 + order(0) (what each restarted rank computes, counted once) + the plan,
@@ -88,7 +88,7 @@ TIMINGS = ("list_s", "plan_epoch_s", "first_batch_s", "epoch_boundary_s", "resum
 LABELS = {"list_s": "list (list_chunks)", "plan_epoch_s": "plan epoch", "first_batch_s": "first batch",
           "epoch_boundary_s": "epoch boundary", "resume_plan_s": "resume plan", "elastic_replan_s": "elastic re-plan 4→3",
           "driver_peak_rss_mb": "driver peak RSS, MB", "read_task_peak_rss_mb": "read task peak RSS, MB"}
-PARTS = ("order", "windows", "plan to object store", "dataset", "first block")
+PARTS = ("order", "windows", "dataset", "first block")
 
 
 # ----------------------------------------------------------------------------- data
@@ -229,30 +229,18 @@ def epoch_boundary(chunks) -> float:
 
 def boundary_parts(chunks) -> dict:
     """The epoch boundary's driver-side work, one part at a time (epoch 1, rank 0 of 1)."""
-    import ray
-
-    from pipeline.train.stream import READ_BLOCK_BYTES, READ_BLOCKS, read_planned
-
-    ray.data.DataContext.get_current().target_max_block_size = READ_BLOCK_BYTES  # as RankStream.read
-
     settle(chunks)
     stream = new_stream(chunks)
     stream.order(0)
     out = {}
     t = time.perf_counter()
-    order = stream.order(1)
+    stream.order(1)
     out["order"] = time.perf_counter() - t
     t = time.perf_counter()
     windows = read_plan(stream, 1, stream.plan(None, GRAD_ACCUM).share(0))
     out["windows"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan = ray.put({"order": order, "window": stream.window, "windows": windows, "epoch": 1,
-                    "columns": stream.columns, "view": None})
-    out["plan to object store"] = time.perf_counter() - t
-    t = time.perf_counter()
-    n = len(windows)
-    ds = ray.data.range(n, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
-        read_planned, fn_kwargs={"plan_ref": plan}, batch_size=1, batch_format="numpy")
+    ds = stream.dataset(1, windows)  # the plan put in the object store once + the read's dataset
     out["dataset"] = time.perf_counter() - t
     t = time.perf_counter()
     blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))

@@ -131,14 +131,14 @@ class _Table:
     seen in an order `perm` (an epoch's; identity by default) with the prefix sum of their rows in
     that order."""
 
-    def __init__(self, paths: list[str], file, group, start, stop, perm=None):
+    def __init__(self, paths: list[str], file, group, start, stop):
         self.paths = paths
         self.file, self.group = np.asarray(file, np.int64), np.asarray(group, np.int64)
         self.start, self.stop = np.asarray(start, np.int64), np.asarray(stop, np.int64)
         rows = self.stop - self.start
         self.id0 = np.zeros(len(rows), np.int64)  # stable ids: each row's index in the whole list
         np.cumsum(rows[:-1], out=self.id0[1:])
-        self._set_order(rows, perm)
+        self._set_order(rows, None)
 
     def _set_order(self, rows, perm) -> None:
         self.perm = np.arange(len(rows)) if perm is None else perm
@@ -460,14 +460,11 @@ class RankStream:
         """Rows Ray Data reads to produce `rows` (whole windows)."""
         return sum(self._window_rows(j) for j in self._windows(rows))
 
-    def read(self, epoch: int, rows: list) -> Iterator[dict]:
-        """The rows `rows` (intervals) of the epoch's order, in order, as batches of batch_size."""
+    def dataset(self, epoch: int, windows: list[int]):
+        """The Ray dataset of the windows `windows` of the epoch's order, in order (each window's
+        rows as read, before its shuffle; images as this stream's views)."""
         import ray
 
-        windows = self._windows(rows)
-        if not windows:
-            return
-        order, w = self.order(epoch), self.window
         from pipeline.raycluster import quiet_ray_data
 
         ctx = ray.data.DataContext.get_current()
@@ -481,14 +478,21 @@ class RankStream:
         quiet_ray_data(worker=True)
         # The read tasks find each window's chunks in the plan (a binary search per window), so
         # nothing here grows with the data but the windows' numbers.
-        plan = ray.put({"order": order, "window": w, "windows": np.asarray(windows, np.int64), "epoch": epoch,
-                        "columns": self.columns, "view": self.view})
+        plan = ray.put({"order": self.order(epoch), "window": self.window, "windows": np.asarray(windows, np.int64),
+                        "epoch": epoch, "columns": self.columns, "view": self.view})
         n = len(windows)
         # At most READ_BLOCKS Ray tasks, each reading its read units one after the other (streamed
         # out block by block): Ray Data spends ~25 ms per task, so 1 221 one-unit tasks (a 10 M-row
         # epoch) cost 30 s and 2 s before the first block; 32 tasks 1.2 s and 0.55 s (measured here).
-        ds = ray.data.range(n, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
+        return ray.data.range(n, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
             read_planned, fn_kwargs={"plan_ref": plan}, batch_size=1, batch_format="numpy")
+
+    def read(self, epoch: int, rows: list) -> Iterator[dict]:
+        """The rows `rows` (intervals) of the epoch's order, in order, as batches of batch_size."""
+        windows = self._windows(rows)
+        if not windows:
+            return
+        ds = self.dataset(epoch, windows)
         needs = self._needs(epoch, rows)
         cols = self.columns + [ROW_ID]
         pending, have, out = [], 0, []
