@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.train.stream import ROW_ID, Plan, RankStream, _uri, interval_rows, list_chunks, take
+from pipeline.train.stream import ROW_ID, Plan, RankStream, _fs_path, _uri, interval_rows, list_chunks, take
 
 
 def _class_sorted_folder(root, n_per_class=300, classes=("a", "b", "c", "d")):
@@ -105,6 +105,9 @@ def test_chunk_paths_keep_the_uri_scheme_host_and_query():
     assert (_uri("s3://b/prep/?endpoint_override=minio:9000", "b/prep", "b/prep/shards/a.parquet")
             == "s3://b/prep/shards/a.parquet?endpoint_override=minio:9000")
     assert _uri("hdfs://nn:8020/prep", "/prep", "/prep/shards/a.parquet") == "hdfs://nn:8020/prep/shards/a.parquet"
+    import pyarrow.fs as pafs
+    for uri in ("file:///data/a%20b/shards/p.parquet", "s3://b/a%20b/p.parquet?endpoint_override=h:1&scheme=http"):
+        assert _fs_path(uri) == pafs.FileSystem.from_uri(uri)[1]  # the read tasks open what pyarrow would
 
 
 def test_ahead_prepares_steps_in_order_off_the_training_thread():

@@ -240,10 +240,13 @@ def _open(uri: str):
 
 
 def _fs_path(uri: str) -> str:
-    """s3://b/x/y.parquet?q → b/x/y.parquet; file:///x/y → /x/y (what pyarrow's from_uri gives)."""
+    """s3://b/x/y.parquet?q → b/x/y.parquet; file:///x/a%20b → /x/a b (what pyarrow's from_uri
+    gives, percent-decoding included)."""
+    from urllib.parse import unquote
+
     base = uri.partition("?")[0]
     scheme, rest = base.split("://", 1)
-    return rest if scheme != "file" else "/" + rest.lstrip("/")
+    return unquote(rest if scheme != "file" else "/" + rest.lstrip("/"))
 
 
 _PARQUET: dict = {}  # open Parquet files of this process (footer read once), by chunk path
