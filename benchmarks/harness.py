@@ -43,7 +43,7 @@ def demo_run_config(data: str, modality: str, output: str, size: str = "demo",
     pre = os.path.join(data, f"{modality}_{SPLITS[modality][0]}")
     fe = {**frontend_from_manifest(read_manifest(pre, modality)), **frontend}
     # Benchmarks time one micro-batch per worker per step: base recipes' reference_batch would
-    # otherwise derive grad_accum 8–16 on one worker.
+    # otherwise make each step 8–16 micro-batches on one worker.
     overrides = {"train.reference_batch": None, **(overrides or {})}
     return resolve(modality, pre, output, size, None, overrides, model_frontend=fe)
 

@@ -13,25 +13,33 @@ writes it. A folder under --work with the right row count is reused (10M rows: ~
 
 Settings as the text demo preset trains (pipeline/recipes.py DEMO_TRAIN, TrainConfig): batch 32,
 grad_accum 1, window (train.shuffle_buffer) 1024, seed 0, world 1; 4 → 3 workers for the elastic
-re-plan. Per size, in seconds:
+re-plan. A step is the effective batch E = batch × grad_accum × workers, cut into the workers'
+shares as config.step_layout cuts it (`split_evenly(E, world)`; each share in grad_accum
+micro-batches of `split_evenly(share, grad_accum)`): E = 32 on 1 worker; in the elastic case the run's
+E = 128 (4 × 32), which stays 128 on 3 workers (shares 43, 43, 42). Per size, in seconds:
 - list: `list_chunks` (shard listing + every Parquet footer; warm page cache).
 - plan epoch: RankStream construction from the packed chunk list the driver hands a worker +
-  `order(0)` + the plan, rank 0's share and the windows it touches, as `RankStream.read` computes
-  them before Ray Data starts (no Ray; each read task finds its own chunks).
-- first batch: from starting `RankStream.groups(0, None, 1)` until the first step's batch arrives
-  on a local Ray (`ray.init(num_cpus=2)`), warm: a training worker overlaps Ray Data's cold start
-  with the model build (stream.warm_up). The very first read of the run, at the largest size on
-  the fresh cluster, is reported apart (`first_batch_cold_s`); the 30-s target is checked on the
+  `order(0)` + the plan + its read units (`RankStream.units`, what `RankStream.dataset` computes
+  before Ray Data starts) + rank 0's share of the first unit's steps (`EpochOrder.share`, what the
+  first read task computes before it reads a row). No Ray.
+- first batch: from starting `RankStream.groups(0, None, micro)` until the first step's share
+  arrives on a local Ray (`ray.init(num_cpus=2)`), warm: a training worker overlaps Ray Data's cold
+  start with the model build (stream.warm_up). The very first read of the run, at the largest size
+  on the fresh cluster, is reported apart (`first_batch_cold_s`); the 30-s target is checked on the
   larger of the two.
-- epoch boundary: `groups(0, rest, 1)` from the last 4 steps of epoch 0 (`Plan.left_after`); those
-  steps are drained, then the next step (epoch 1's first) is timed. Its parts are timed apart too
-  (rows "· …"): order(1), the share's windows, `RankStream.dataset` (the plan put in the object
-  store once, `ray.data.range` + `map_batches(read_planned)`), and from `iter_batches` to the first
-  read task's block (Ray Data's executor start + one read task).
-- resume plan: `Plan.left_after(k)` for k = half the epoch's steps, the new plan and its share.
-- elastic re-plan: the rest of epoch 0 after 4 workers made half their steps, re-split for 3: a
+- epoch boundary: `groups(0, rest, micro)` from the last 4 steps of epoch 0 (`Plan.left_after`);
+  those steps are drained, then the next step (epoch 1's first) is timed. Its parts are timed apart
+  too (rows "· …"): order(1); "units": the plan, its read units and rank 0's share of the first
+  unit's steps (that share is computed again by the first read task, inside "first block");
+  `RankStream.dataset` (the plan put in the object store once, `ray.data.from_items` over the
+  units + `map_batches(read_planned)`); and from `iter_batches` to the first read task's block
+  (Ray Data's executor start + one read task).
+- resume plan: `Plan.left_after(k)` for k = half the epoch's steps, the new plan, its read units
+  and rank 0's share of the first unit's steps (the epoch's chunk order already built, its window
+  shuffles drawn anew).
+- elastic re-plan: the rest of epoch 0 after 4 workers made half their steps, re-cut for 3: a
   RankStream for world 3 + order(0) (what each restarted rank computes, counted once) + the plan,
-  every rank's share and its windows.
+  its read units and every rank's share of the first unit's steps.
 Listing and planning rows are the best of --repeats runs (CPU work on a shared machine); the Ray
 rows (first batch, epoch boundary and its parts) the median of --repeats runs.
 Memory, per size: the driver's peak RSS and the largest peak RSS of Ray's worker processes (they
@@ -46,7 +54,8 @@ uploaded through pyarrow's S3FileSystem to moto's S3 server on loopback (the tes
 Prints a table (one row per measurement, one column per size, the ratio of the two largest sizes
 last), then one JSON line: per-size lists "rows", "list_s", "plan_epoch_s", "first_batch_s",
 "epoch_boundary_s", "resume_plan_s", "elastic_replan_s", "driver_peak_rss_mb",
-"read_task_peak_rss_mb", "boundary_parts_s"; "first_batch_cold_s", "s3_list_s", "s3_shards",
+"read_task_peak_rss_mb", "boundary_parts_s" (order, units, dataset, first block);
+"first_batch_cold_s", "s3_list_s", "s3_shards",
 "s3_rows", "max_growth_10x" (the largest ratio of a timing between the two largest sizes) and
 "targets" (at the largest size: epoch boundary ≤ 1 s, first batch ≤ 30 s, growth ≤ 12×).
 """
@@ -75,12 +84,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline.config import ROW_GROUP_ROWS, PreprocessConfig, TextSettings  # noqa: E402
-from pipeline.train.stream import COLUMNS, Plan, RankStream, list_chunks, pack_chunks  # noqa: E402
+from pipeline.train.config import split_evenly  # noqa: E402
+from pipeline.train.stream import COLUMNS, EpochOrder, Plan, RankStream, list_chunks, pack_chunks  # noqa: E402
 
 SHARD_ROWS = 250_000
 VOCAB = 8000
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 BATCH, GRAD_ACCUM, WINDOW, SEED = 32, 1, 1024, 0  # the text demo preset (DEMO_TRAIN, TrainConfig)
+ELASTIC = (4, 3)  # workers before and after the elastic re-plan
 TAIL_STEPS = 4  # steps of epoch 0 drained before the boundary is timed
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",  # moto takes any
                   "AWS_DEFAULT_REGION": "us-east-1"}
@@ -88,7 +99,7 @@ TIMINGS = ("list_s", "plan_epoch_s", "first_batch_s", "epoch_boundary_s", "resum
 LABELS = {"list_s": "list (list_chunks)", "plan_epoch_s": "plan epoch", "first_batch_s": "first batch",
           "epoch_boundary_s": "epoch boundary", "resume_plan_s": "resume plan", "elastic_replan_s": "elastic re-plan 4→3",
           "driver_peak_rss_mb": "driver peak RSS, MB", "read_task_peak_rss_mb": "read task peak RSS, MB"}
-PARTS = ("order", "windows", "dataset", "first block")
+PARTS = ("order", "units", "dataset", "first block")
 
 
 # ----------------------------------------------------------------------------- data
@@ -152,33 +163,53 @@ def best(fn, repeats: int) -> float:
     return out
 
 
-def read_plan(stream: RankStream, epoch: int, share: list) -> np.ndarray:
-    """What RankStream.read computes on the worker before Ray Data starts: the epoch's chunk order
-    and the windows the share touches (each read task finds its own chunks: a binary search per
-    window, inside the task)."""
-    stream.order(epoch)
-    return np.asarray(stream._windows(share), np.int64)
+def shares(world: int, workers: int | None = None) -> list[int]:
+    """Samples per rank per step on `world` ranks of a run whose effective batch is batch ×
+    grad_accum × `workers` (default `world`), cut as config.step_layout cuts it."""
+    return split_evenly(BATCH * GRAD_ACCUM * (workers or world), world)
 
 
-def new_stream(packed: dict, world: int = 1, rank: int = 0) -> RankStream:
+def micro(stream: RankStream) -> list[int]:
+    """The rank's share in grad_accum micro-batches (config.step_layout with micro = batch)."""
+    return split_evenly(stream.n, GRAD_ACCUM)
+
+
+def new_stream(packed: dict, world: int = 1, rank: int = 0, workers: int | None = None) -> RankStream:
     """A worker's stream from the packed chunk list the driver hands it (stream.pack_chunks)."""
-    return RankStream(packed, COLUMNS["text"], BATCH, WINDOW, SEED, rank, world)
+    return RankStream(packed, COLUMNS["text"], shares(world, workers), WINDOW, SEED, rank)
+
+
+def first_shares(stream: RankStream, order: EpochOrder, plan: Plan, ranks=(0,)) -> list:
+    """The plan's read units (what RankStream.dataset computes before Ray Data starts) and the
+    shares of `ranks` of the first unit's steps (what each rank's first read task computes before
+    it reads a row)."""
+    units = stream.units(plan)
+    if not len(units):
+        return [units]
+    cut = split_evenly(stream.step_rows, stream.world)  # every rank's share, as `shares` cut them
+    s0, s1 = (int(x) for x in units[0])
+    return [units] + [[order.share(plan, s, sum(cut[:r]), cut[r]) for s in range(s0, s1)] for r in ranks]
 
 
 def plan_epoch(chunks) -> list:
     stream = new_stream(chunks)
-    plan = stream.plan(None, GRAD_ACCUM)
-    return read_plan(stream, 0, plan.share(0))
+    return first_shares(stream, stream.order(0), stream.plan(None))
 
 
-def resume_plan(plan: Plan, k: int) -> list:
-    return Plan(plan.left_after(k), plan.world, plan.step_rows).share(0)
+def fresh(order: EpochOrder) -> EpochOrder:
+    """`order` without the window shuffles it has drawn (its chunk order shared)."""
+    return EpochOrder(order.table, order.seed, order.epoch, order.window, order.shuffle)
 
 
-def elastic_replan(chunks, rest4: list) -> list:
-    stream = new_stream(chunks, world=3)
-    plan = Plan(rest4, 3, BATCH * GRAD_ACCUM)
-    return [read_plan(stream, 0, plan.share(r)) for r in range(3)]
+def resume_plan(stream: RankStream, plan: Plan, k: int) -> list:
+    order = fresh(stream.order(0))  # the epoch's chunk order, as the worker has it; window shuffles drawn anew
+    return first_shares(stream, order, Plan(plan.left_after(k), plan.step_rows))
+
+
+def elastic_replan(chunks, rest: list) -> list:
+    before, after = ELASTIC
+    stream = new_stream(chunks, world=after, workers=before)
+    return first_shares(stream, stream.order(0), stream.plan(rest), range(after))
 
 
 def settle(chunks, timeout: float = 120.0) -> None:
@@ -203,7 +234,7 @@ def first_batch(chunks) -> float:
     settle(chunks)
     stream = new_stream(chunks)
     t = time.perf_counter()
-    groups = stream.groups(0, None, GRAD_ACCUM)
+    groups = stream.groups(0, None, micro(stream))
     step = next(groups)
     dt = time.perf_counter() - t
     assert len(step) == GRAD_ACCUM and len(step[0]["input_ids"]) == BATCH
@@ -214,9 +245,9 @@ def first_batch(chunks) -> float:
 def epoch_boundary(chunks) -> float:
     settle(chunks)
     stream = new_stream(chunks)
-    plan = stream.plan(None, GRAD_ACCUM)
+    plan = stream.plan(None)
     tail = min(TAIL_STEPS, plan.steps)
-    groups = stream.groups(0, plan.left_after(plan.steps - tail), GRAD_ACCUM)
+    groups = stream.groups(0, plan.left_after(plan.steps - tail), micro(stream))
     for _ in range(tail):
         next(groups)
     t = time.perf_counter()
@@ -237,10 +268,11 @@ def boundary_parts(chunks) -> dict:
     stream.order(1)
     out["order"] = time.perf_counter() - t
     t = time.perf_counter()
-    windows = read_plan(stream, 1, stream.plan(None, GRAD_ACCUM).share(0))
-    out["windows"] = time.perf_counter() - t
+    plan = stream.plan(None)
+    first_shares(stream, fresh(stream.order(1)), plan)  # the order dataset() ships keeps no drawn shuffles
+    out["units"] = time.perf_counter() - t
     t = time.perf_counter()
-    ds = stream.dataset(1, windows)  # the plan put in the object store once + the read's dataset
+    ds = stream.dataset(1, plan)  # the plan put in the object store once + the read's dataset
     out["dataset"] = time.perf_counter() - t
     t = time.perf_counter()
     blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
@@ -309,11 +341,12 @@ def measure(data: str, repeats: int) -> dict:
         out = {"list_s": best(lambda: list_chunks(data, COLUMNS["text"]), repeats)}
         chunks = pack_chunks(list_chunks(data, COLUMNS["text"]))  # what the driver hands the workers
         out["plan_epoch_s"] = best(lambda: plan_epoch(chunks), repeats)
-        plan = new_stream(chunks).plan(None, GRAD_ACCUM)
-        out["resume_plan_s"] = best(lambda: resume_plan(plan, plan.steps // 2), repeats)
-        plan4 = new_stream(chunks, world=4).plan(None, GRAD_ACCUM)
-        rest4 = plan4.left_after(plan4.steps // 2)
-        out["elastic_replan_s"] = best(lambda: elastic_replan(chunks, rest4), repeats)
+        stream = new_stream(chunks)
+        plan = stream.plan(None)
+        out["resume_plan_s"] = best(lambda: resume_plan(stream, plan, plan.steps // 2), repeats)
+        before = new_stream(chunks, world=ELASTIC[0]).plan(None)
+        rest = before.left_after(before.steps // 2)
+        out["elastic_replan_s"] = best(lambda: elastic_replan(chunks, rest), repeats)
         out["first_batch_s"] = statistics.median(first_batch(chunks) for _ in range(max(1, repeats)))
         out["epoch_boundary_s"] = statistics.median(epoch_boundary(chunks) for _ in range(max(1, repeats)))
         parts = [boundary_parts(chunks) for _ in range(max(1, repeats))]

@@ -37,6 +37,68 @@ def check(cond: bool, name: str, msg: str) -> None:
 _check = check
 
 
+def _type_name(tp) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if origin in (tuple, list):
+        inner = [a for a in args if a is not Ellipsis]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        if origin is tuple and inner and Ellipsis not in args:
+            return f"a list of {len(inner)} {plural.get(inner[0], 'values')}"
+        return "a list" + (f" of {plural.get(inner[0], 'values')}" if inner else "")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+            list: "a list", tuple: "a list"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fits(value, tp) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        if origin is tuple and inner and Ellipsis not in args:
+            return len(value) == len(inner) and all(_fits(v, a) for v, a in zip(value, inner))
+        return not inner or all(_fits(v, inner[0]) for v in value)
+    if (origin or tp) is dict:
+        return isinstance(value, dict)
+    return True  # sections (their own classes) are checked field by field where they are built
+
+
+def check_fields(cls, values: dict, section: str) -> None:
+    """Raise ConfigError naming the field and the type it must have when a value in `values` (a
+    mapping of field → value about to build dataclass `cls`, e.g. from YAML or --set) does not fit
+    its annotation: `train.lr: must be a number, got 'abc'` — before any range check compares it."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise ConfigError(f"{section}{name}: must be {_type_name(hints[name])}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImageSettings:
     size: int = 224

@@ -9,8 +9,8 @@ large value against a table copied from those configs. Where we cannot follow th
 line says so and why.
 
 Batch sizes are per worker (per GPU in the reference); base/large recipes also set
-`train.reference_batch` (per-GPU batch × the reference's GPU count), from which a run derives
-`train.grad_accum` for its own worker count: 4 GPUs reproduce a 16-GPU recipe's effective batch.
+`train.reference_batch` (per-GPU batch × the reference's GPU count): the run's effective batch on
+any worker count (train/config.py step_layout), so 4 GPUs reproduce a 16-GPU recipe's step.
 No Ray, no data code: configs only.
 """
 from __future__ import annotations

@@ -336,7 +336,8 @@ def test_image_views_benchmark_rates_bytes_and_cores():
 @pytest.mark.slow
 def test_scale_benchmark_runs(tmp_path):
     """benchmarks.scale at two tiny sizes (its own local Ray and moto's S3 server, so a subprocess):
-    every timing of both sizes is positive and the S3 listing covered every shard."""
+    every timing of both sizes (the epoch boundary's parts included) is positive and the S3 listing
+    covered every shard."""
     import subprocess
     import sys
 
@@ -350,6 +351,9 @@ def test_scale_benchmark_runs(tmp_path):
     for key in ("list_s", "plan_epoch_s", "first_batch_s", "epoch_boundary_s", "resume_plan_s", "elastic_replan_s",
                 "driver_peak_rss_mb", "read_task_peak_rss_mb"):
         assert len(res[key]) == 2 and all(v > 0 for v in res[key]), (key, res[key])
+    parts = res["boundary_parts_s"]  # the epoch boundary's parts: order, plan + read units, dataset, first block
+    assert set(parts) == {"order", "units", "dataset", "first block"}, parts
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in parts.values()), parts
     assert res["s3_list_s"] > 0 and res["max_growth_10x"] > 0 and res["first_batch_cold_s"] > 0
     assert set(res["targets"]) == {"epoch_boundary_le_1s", "first_batch_le_30s", "growth_le_12x"}
     assert "epoch boundary" in r.stdout and "20k/2k" in r.stdout

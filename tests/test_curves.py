@@ -35,21 +35,27 @@ def test_validation_loss_uses_fixed_masks_and_matches_a_hand_computation(demo_sh
     torch.manual_seed(0)
     model = Data2Vec(cfg.model).train()
     val = ValidationLoss(chunks, cfg, seed=0)
-    assert len(val.batches) == 2
+    assert len(val.batches) == 2  # val_batches × batch_size = 16 rows
     a = val(model, torch.device("cpu"), nullcontext)
     state = torch.random.get_rng_state()
     b = val(model, torch.device("cpu"), nullcontext)
     assert a == b and a > 0 and model.training  # same masks → same number; train mode restored
     assert torch.equal(torch.random.get_rng_state(), state)  # the training run's RNG is untouched
-    # By hand: the first 16 rows, collated with the same seeded rngs, the model in eval mode.
+    # By hand: the first 16 rows in one batch, each with its own seeded rng, the model in eval
+    # mode: the loss summed over all masked patches / their count, plus the CLS term weighted as a
+    # training step weighs it (cls_loss × batch_size × clones × its mean over the rows).
     rows = read_rows(chunks, COLUMNS["image"], 16)
     model.eval()
     torch.manual_seed(0)  # the forward's own noise, seeded as ValidationLoss seeds it
     with torch.no_grad():
-        hand = np.mean([float(model(*collate({k: v[i * 8:(i + 1) * 8] for k, v in rows.items()}, cfg.model,
-                                             np.random.default_rng([0, 104729, i]), 250_000, 512)).loss)
-                        for i in range(2)])
-    assert a == pytest.approx(hand, rel=1e-6)
+        out = model(*collate(rows, cfg.model, [np.random.default_rng([0, 104729, i]) for i in range(16)], 250_000, 512))
+    C, w = cfg.model.decoder.clone_batch, cfg.model.decoder.cls_loss
+    assert w > 0
+    hand = float(out.sum) / out.count + w * 8 * C * float(out.cls_sum) / (16 * C)
+    assert a == pytest.approx(hand, rel=1e-5)
+    # The memory fit's smaller micro-batches change only the pieces: the same rows, the same loss.
+    small = ValidationLoss(chunks, _cfg(demo_shards["image"], **{"train.val_batches": 2, "train.micro_batch": 3}), 0)
+    assert len(small.batches) == 6 and small(model, torch.device("cpu"), nullcontext) == pytest.approx(a, rel=1e-5)
     # The loss moves with the weights.
     with torch.no_grad():
         for p in model.encoder.parameters():

@@ -141,7 +141,7 @@ def test_export_task_class_gives_equal_logits(tmp_path, modality, task, mode):
 @pytest.mark.parametrize("modality", ["image", "audio", "text"])
 def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, modality):
     """Scratch init (the pretrained path is tested below); 2 workers with gradient accumulation
-    derived from the reference batch (32 = 8 per worker × 2 workers × 2). Text runs elastically
+    from the reference batch (32 = 2 workers × 16 samples in micro-batches of 8). Text runs elastically
     (--num-workers 1-2), which on a cluster with room for both starts with 2."""
     d = demo_shards
     out = str(tmp_path / "ft")
@@ -151,7 +151,7 @@ def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, mo
                      "--output", out, "--max-steps", "6", "--label-fraction", "0.5", *SMALL, *elastic,
                      "--set", "train.reference_batch=32", "--set", "train.eval_every=3"]) == 0
     out_text = capsys.readouterr().out
-    assert "batch: effective batch 32 = 8 per worker × 2 worker(s) × grad_accum 2" in out_text
+    assert "batch: effective batch 32 = 2 worker(s) × 16 samples, in 2 micro-batch(es) of 8" in out_text
     s = json.loads(out_text.strip().splitlines()[-1])
     assert set(s) >= {"test_accuracy", "val_accuracy", "init", "label_fraction"}
     assert s["init"] == "scratch" and s["label_fraction"] == 0.5 and 0 <= s["test_accuracy"] <= 1
@@ -163,7 +163,7 @@ def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, mo
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlflow.db"))
     run = client.get_run(open(os.path.join(out, "mlflow_run_id")).read().strip())
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == s["test_accuracy"]
-    assert run.data.tags["train.effective_batch"] == "32" and run.data.params["train.grad_accum"] == "2"
+    assert run.data.tags["train.effective_batch"] == "32" and run.data.params["train.reference_batch"] == "32"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [3, 6]
     for key, value in (("world_size", 2), ("effective_batch", 32)):
         assert {m.value for m in client.get_metric_history(run.info.run_id, key)} == {value}
@@ -173,7 +173,7 @@ def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, mo
 def test_a_step_too_big_for_a_worker_runs_in_smaller_micro_batches(demo_shards, tmp_path, capsys):
     """Fit, don't refuse: audio from scratch (its CNN trains: the largest estimate) at 16 clips of
     up to 20 s per worker does not fit 4 GiB; the run goes on with the largest micro-batch that fits
-    and grad_accum raised, the effective batch unchanged, and says so (console and MLflow)."""
+    (train.micro_batch), the effective batch unchanged, and says so (console and MLflow)."""
     d = demo_shards
     out = str(tmp_path / "ft")
     assert finetune(["--task", "classify", "--modality", "audio", "--init", "scratch", "--train-data", d["audio_train"],
@@ -182,13 +182,15 @@ def test_a_step_too_big_for_a_worker_runs_in_smaller_micro_batches(demo_shards, 
                      "--set", "train.worker_memory_gb=4", "--set", "train.log_every=1"]) == 0
     text = capsys.readouterr().out
     line = next(x for x in text.splitlines() if x.startswith("memory: "))
-    assert line.startswith("memory: micro-batch 4 × grad_accum 4 per worker = 16") and "of 4.0" in line, line
-    assert "batch: effective batch 32 = 4 per worker × 2 worker(s) × grad_accum 4" in text
+    assert line.startswith("memory: micro-batches of at most ") and "of 4.0" in line, line
+    micro = int(line.split()[5])
+    assert 1 <= micro < 16
+    assert f"batch: effective batch 32 = 2 worker(s) × 16 samples, in {-(-16 // micro)} micro-batch(es)" in text
     assert json.loads(text.strip().splitlines()[-1])["steps"] == 2
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlflow.db"))
     run = client.get_run(open(os.path.join(out, "mlflow_run_id")).read().strip())
-    assert run.data.tags["memory"] == line and run.data.params["train.grad_accum"] == "4"
+    assert run.data.tags["memory"] == line and run.data.params["train.micro_batch"] == str(micro)
 
 
 @pytest.mark.slow
@@ -246,7 +248,7 @@ def test_finetune_config_errors_before_ray(demo_shards, tmp_path, capsys):
     # 1% of the labels (≥ 1 row per class: 10 rows) cannot fill one step of 32 on 2 workers
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--label-fraction", "0.01",
                      "--num-workers", "2"]) == 2
-    assert "no full step" in capsys.readouterr().err
+    assert "fewer than one step's effective batch" in capsys.readouterr().err
     assert finetune(["--task", "classify", "--init", "scratch", *base, "--set", "train.worker_memory_gb=0.5"]) == 2
     assert capsys.readouterr().err.startswith("error: train.batch_size: a step needs about")
     assert finetune(["--task", "classify", "--init", "scratch", "--modality", "image", "--train-data",

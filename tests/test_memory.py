@@ -26,8 +26,9 @@ def test_estimate_bounds_the_measured_peak_of_real_steps():
 
 
 def test_base_image_recipe_on_224px_fits_by_smaller_micro_batches_or_is_refused():
-    """Fit, don't refuse: the largest micro-batch that fits, grad_accum raised so the effective
-    batch stays; refused, naming the fields, only when one sample does not fit."""
+    """Fit, don't refuse: the largest micro-batch that fits (train.micro_batch), the effective
+    batch, batch_size and grad_accum untouched; refused, naming the fields, only when one sample
+    does not fit."""
     cfg = resolve("image", "d", "o", "base", None, {"train.num_workers": 2, "train.worker_memory_gb": 8},
                   model_frontend={"image_size": 224})
     assert estimate(cfg)["total"] > 8 * GB
@@ -35,17 +36,17 @@ def test_base_image_recipe_on_224px_fits_by_smaller_micro_batches_or_is_refused(
         check_memory(cfg)
     msg = str(e.value)
     assert msg.startswith("train.batch_size:") and "model.decoder.clone_batch" in msg and "196 tokens" in msg
+    assert "train.micro_batch (the same step in smaller pieces)" in msg
     fitted, line = fit_memory(cfg)
     t, f = cfg.train, fitted.train
-    assert f.effective_batch == t.effective_batch and f.batch_size * f.grad_accum == t.batch_size * t.grad_accum
-    assert estimate(fitted)["total"] <= 8 * GB
-    bigger = [b for b in range(f.batch_size + 1, t.batch_size) if (t.batch_size * t.grad_accum) % b == 0]
-    assert all(estimate(with_micro_batch(cfg, b))["total"] > 8 * GB for b in bigger)  # the largest that fits
-    assert line.startswith(f"memory: micro-batch {f.batch_size} × grad_accum {f.grad_accum} per worker = "
-                           f"{t.batch_size * t.grad_accum}") and "of 8.0 (train.worker_memory_gb)" in line
+    assert (f.effective_batch, f.batch_size, f.grad_accum) == (t.effective_batch, t.batch_size, t.grad_accum)
+    assert f.micro_batch < t.batch_size and estimate(fitted)["total"] <= 8 * GB
+    assert estimate(with_micro_batch(cfg, f.micro_batch + 1))["total"] > 8 * GB  # the largest that fits
+    assert line.startswith(f"memory: micro-batches of at most {f.micro_batch} (one of {t.batch_size} needs about")
+    assert "of 8.0 (train.worker_memory_gb)" in line and line.endswith(f.batch_line())
     assert fit_memory(fitted) == (fitted, None)  # what fits is left as it is
     tiny = resolve("image", "d", "o", "base", None, {"train.worker_memory_gb": 1}, model_frontend={"image_size": 224})
-    with pytest.raises(ConfigError, match=r"^train\.batch_size: a step needs about .*batch 1, 196 tokens"):
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: a step needs about .*micro-batch 1, 196 tokens"):
         fit_memory(tiny)  # the process alone needs more than 1 GiB
 
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from pipeline.model.data2vec import Data2Vec
 from pipeline.model.objective import NonFiniteLoss
-from pipeline.train.batches import collate, step_rng
+from pipeline.train.batches import collate, sample_rngs, step_rng
 from pipeline.train.config import resolve
 from pipeline.train.step import build_optimizer, train_step
 
@@ -177,3 +177,56 @@ def test_fused_adamw_steps_like_the_for_each_kernels():
     for a, b, a0 in zip(fused, ref, start):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert (a - a0).abs().min() > 1e-5  # every weight moved
+
+
+def _rows(modality: str, n: int, rng) -> dict:
+    """n samples of unequal length (audio 0.3–1 s, text 6–30 tokens) or n images, as numpy columns."""
+    if modality == "audio":
+        return {"audio": np.array([rng.standard_normal(int(rng.integers(4800, 16000))).astype(np.float32)
+                                   for _ in range(n)], dtype=object)}
+    if modality == "text":
+        return {"input_ids": np.array([np.concatenate([[0], rng.integers(5, 300, int(rng.integers(4, 28))), [2]])
+                                       for _ in range(n)], dtype=object)}
+    return {"image": rng.integers(0, 255, (n, 28 * 28 * 3), dtype=np.uint8)}
+
+
+@pytest.mark.parametrize("modality,mode", [("audio", "d2v2"), ("audio", "d2v1"), ("text", "d2v2"), ("text", "d2v1"),
+                                           ("image", "d2v2")])
+def test_any_cut_of_a_step_into_micro_batches_gives_the_same_update(modality, mode):
+    """The loss is summed over loss positions and divided by the step's count (fairseq's
+    sample_size), masks and crops are drawn per sample, padding never reaches a real step (decoder
+    included) and the image 2.0 CLS term keeps its weight: 2 steps of 6 samples of unequal length
+    cut as [6], [4, 2], [3, 3], [1 × 6] end in the same weights. In float64, so what is left is
+    rounding (1e-12); in float32 the same cuts differ by ~1e-7 relative in a gradient, which AdamW
+    turns into ~1e-6 on parameters whose gradient is near zero (a LayerNorm bias starting at 0)."""
+    over = {"train.lr": 1e-3, "train.warmup_steps": 1, "model.mode": mode, "train.batch_size": 6,
+            "train.audio_batching": "pad"}
+    if mode == "d2v2":
+        over["model.decoder.mask_noise_std"] = 0.0  # drawn from the process's RNG, not per sample
+    fe = {"vocab_size": 300} if modality == "text" else ({"image_size": 28} if modality == "image" else {})
+    cfg = resolve(modality, "d", "o", "demo", None, over, model_frontend=fe)
+    if modality == "image":
+        assert cfg.model.decoder.cls_loss > 0
+    rows = _rows(modality, 12, np.random.default_rng(1))
+    results = []
+    for cut in ([6], [4, 2], [3, 3], [1] * 6):
+        torch.manual_seed(0)
+        model = Data2Vec(cfg.model).double()
+        opt = build_optimizer(model, cfg.train)
+        for step in range(2):
+            micro, a = [], step * 6
+            for n in cut:
+                batch = {k: v[a: a + n] for k, v in rows.items()}
+                x, m = collate(batch, cfg.model, sample_rngs(0, step, range(a, a + n)),
+                               cfg.train.audio_max_samples, 64, "pad")
+                micro.append(({k: v.double() if v.is_floating_point() else v for k, v in x.items()}, m))
+                a += n
+            train_step(model, model, opt, micro, step, cfg.train)
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    for other in results[1:]:
+        for k, v in results[0].items():
+            if v.is_floating_point():
+                assert float((other[k] - v).norm()) <= 1e-12 * max(float(v.norm()), 1e-3), k
+    torch.manual_seed(0)
+    init = Data2Vec(cfg.model).double().state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in results[0].items() if k.startswith("encoder."))  # it trained

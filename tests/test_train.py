@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError
-from pipeline.train.config import TrainConfig, parse_sets, resolve
+from pipeline.train.config import RunConfig, TrainConfig, parse_sets, resolve
 from pipeline.train.step import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,21 +116,33 @@ def test_each_epoch_draws_new_crops_and_a_resume_draws_the_same(demo_shards, tmp
 
 
 @pytest.mark.slow
-def test_worker_crash_restarts_from_checkpoint(demo_shards, tmp_path):
+@pytest.mark.parametrize("by", ["steps", "seconds"])
+def test_worker_crash_restarts_from_checkpoint(demo_shards, tmp_path, by):
+    """A worker dies in step 5's evaluation: the run resumes from its last checkpoint, step 4 —
+    written by checkpoint_every=4, or, with checkpoint_every=100, by time-based checkpoints due
+    every step (train.checkpoint_every_s) — says how many logged steps it re-runs, and MLflow
+    holds one value per step (the history is the committed one: a restart re-runs no logged step)."""
     from tests.servers import session_ray_address
     out = str(tmp_path / "run")
     env = {**os.environ, "D2V_FAIL_AT_STEP": "5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "RAY_ADDRESS": session_ray_address()}  # the job joins the session's cluster
+    every = ["--set", "train.checkpoint_every=4"] if by == "steps" else \
+        ["--set", "train.checkpoint_every=100", "--set", "train.checkpoint_every_s=0.001"]
     r = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--modality", "image", "--data",
-                        demo_shards["image"], "--output", out, "--max-steps", "8",
-                        "--set", "train.checkpoint_every=4", "--set", "train.augment=crop", *SMALL],
+                        demo_shards["image"], "--output", out, "--max-steps", "8", *every,
+                        "--set", "train.augment=crop", *SMALL, "--set", "train.log_every=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(out, ".fault_injected"))  # the fault really happened
     logs = r.stdout + r.stderr
-    assert "injected fault at step 5" in logs and "resumed from step 4" in logs
+    assert "injected fault at step 5" in logs and "resumed from step 4 " in logs
+    assert "re-runs 0 step(s) the last attempt had logged" in logs  # step 5 died before its log line
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["step"] == 8 and summary["final"]
+    client, run = mlflow_metrics(out)
+    assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)] \
+        == list(range(1, 9))  # one value per step
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "rerun_steps")] == [0.0]
 
 
 def test_config_errors_name_the_field(demo_shards, tmp_path, capsys):
@@ -140,7 +152,13 @@ def test_config_errors_name_the_field(demo_shards, tmp_path, capsys):
     cases = [(["--set", "train.lr=-1"], "train.lr"), (["--set", "model.mask.prob=1.5"], "model.mask.prob"),
              (["--set", "train.nope=1"], "train.nope"), (["--max-steps", "0"], "train.max_steps"),
              (["--preset", "huge"], "preset"), (["--set", "model.encoder.heads=5"], "model.encoder.heads"),
-             (["--set", "model.frontend.image_size=56"], "model.frontend.image_size")]
+             (["--set", "model.frontend.image_size=56"], "model.frontend.image_size"),
+             # types, from each field's annotation, before any range check compares the value
+             (["--set", "train.lr=abc"], "train.lr: must be a number, got 'abc'"),
+             (["--set", "train.batch_size=1.5"], "train.batch_size: must be an integer, got 1.5"),
+             (["--set", "model.encoder.pre_norm=3"], "model.encoder.pre_norm: must be true or false, got 3"),
+             (["--set", "train.crop_scale=[0.2]"], "train.crop_scale: must be a list of 2 numbers"),
+             (["--set", "train.reference_batch=lots"], "train.reference_batch: must be an integer or null")]
     for extra, needle in cases:
         rc, err = pretrain([*base, *extra]), capsys.readouterr().err
         assert rc == 2 and needle in err and err.count("\n") == 1, (extra, err)
@@ -176,27 +194,39 @@ def test_lr_schedules():
     assert lr_at(49, ft) == 1.0 and lr_at(75, ft) == pytest.approx(0.05 ** 0.5) and lr_at(100, ft) == pytest.approx(0.05)
 
 
-def test_reference_batch_derives_accumulation_for_the_worker_count():
-    """A base recipe's effective batch (per-GPU batch × the reference's GPUs) is kept on fewer
-    workers by accumulating; the LR is scaled only when asked, and only when the batch differs."""
+def test_reference_batch_is_the_effective_batch_at_every_worker_count():
+    """A base recipe's effective batch (per-GPU batch × the reference's GPUs) is the run's, exactly,
+    on any number of workers: shares that differ by at most one sample, micro-batches of at most
+    batch_size (or micro_batch) that differ by at most one. Nothing is rounded, so no LR rescale."""
+    from pipeline.train.config import split_evenly, step_layout
+
     fe = {"image_size": 224}
-    for workers, accum in ((1, 16), (2, 8), (4, 4), (16, 1)):  # image 2.0 base: 16 per GPU × 16 GPUs
-        t = resolve("image", "d", "o", "base", None, {"train.num_workers": workers}, model_frontend=fe).train
-        assert (t.reference_batch, t.grad_accum, t.effective_batch) == (256, accum, 256)
-        assert t.peak_lr == t.lr == 1e-3 and t.batch_line().endswith("(the recipe's reference batch)")
-    t = TrainConfig(batch_size=32, num_workers=3, reference_batch=256, lr=1.0)  # 256 / 96 → 3 steps of 96
-    assert (t.grad_accum, t.effective_batch, t.peak_lr) == (3, 288, 1.0)
-    assert "≠ the recipe's reference batch 256; lr not scaled" in t.batch_line()
-    s = TrainConfig(batch_size=32, num_workers=3, reference_batch=256, lr=1.0, scale_lr=True, warmup_steps=0,
-                    schedule="tri_stage", max_steps=100)
-    assert s.peak_lr == pytest.approx(288 / 256) and lr_at(5, s) == pytest.approx(288 / 256)
-    assert TrainConfig(batch_size=64, num_workers=8, reference_batch=256).grad_accum == 1  # never below 1
+    t = resolve("image", "d", "o", "base", None, {}, model_frontend=fe).train  # image 2.0 base: 16 × 16 GPUs
+    assert (t.reference_batch, t.batch_size, t.effective_batch) == (256, 16, 256)
+    for world, shares, micro in ((1, [256], [16] * 16), (2, [128] * 2, [16] * 8), (16, [16] * 16, [16]),
+                                 (3, [86, 85, 85], [15, 15, 14, 14, 14, 14]), (5, [52, 51, 51, 51, 51], [13] * 4)):
+        lay = step_layout(t, world)
+        assert lay.shares == shares and sum(lay.shares) == 256 and lay.micro[0] == micro, (world, lay)
+        assert all(sum(m) == s and max(m) <= 16 and max(m) - min(m) <= 1 for m, s in zip(lay.micro, lay.shares))
+    assert step_layout(t, 3).line() == ("effective batch 256 = 3 worker(s) × 86 or 85 samples, in 6 "
+                                        "micro-batch(es) of 15 or 14")
+    assert t.batch_line(16) == "effective batch 256 = 16 worker(s) × 16 samples, in 1 micro-batch(es) of 16"
+    small = dataclasses.replace(t, micro_batch=5)  # the memory fit's field: the same step in smaller pieces
+    assert small.effective_batch == 256 and step_layout(small, 2).micro[0] == split_evenly(128, 26)
     assert TrainConfig(batch_size=8, grad_accum=3).effective_batch == 24  # no reference: as given
+    assert TrainConfig(batch_size=8, grad_accum=3, num_workers=4).batch_line(3) == \
+        "effective batch 96 = 3 worker(s) × 32 samples, in 4 micro-batch(es) of 8"
+    with pytest.raises(ConfigError, match=r"^train\.num_workers: 5 workers cannot share an effective batch of 4"):
+        step_layout(TrainConfig(batch_size=4), 5)
     with pytest.raises(ConfigError, match=r"^train\.grad_accum: derived from train\.reference_batch=256"):
         resolve("image", "d", "o", "base", None, {"train.grad_accum": 2}, model_frontend=fe)
     own = resolve("image", "d", "o", "base", None, {"train.reference_batch": None, "train.grad_accum": 2},
                   model_frontend=fe).train
     assert own.grad_accum == 2 and own.effective_batch == 32
+    # building a config never rewrites another field (dataclasses.replace re-runs the checks only)
+    assert dataclasses.replace(t, batch_size=7).grad_accum == t.grad_accum == 1
+    assert RunConfig.from_dict({**resolve("text", "d", "o").to_dict(),
+                                "train": {**resolve("text", "d", "o").to_dict()["train"], "scale_lr": False}})
 
 
 def test_streaming_dataset_is_not_materialized(demo_shards):
@@ -271,6 +301,9 @@ def test_nan_on_one_rank_stops_the_run_or_rolls_back(demo_shards, tmp_path, monk
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[4] < lr_at(3, resolve("image", "d", "o", "demo", None, parse_sets(
         ["train.max_steps=4", "train.warmup_steps=2"])).train)  # the LR after the rollback is scaled down
+    for key in ("loss", "lr"):  # the abandoned step 3 was never logged: one value per step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == sorted(set(steps)), (key, steps)
 
 
 @pytest.mark.slow
@@ -352,19 +385,36 @@ def test_resume_accepts_a_run_written_before_fields_were_added(tmp_path):
         if last in section:
             assert section.pop(last) == value  # today's default is what an old run meant
             removed.add(key)
-    assert removed >= {"model.frontend.mask_id", "train.reference_batch", "train.scale_lr", "train.tri_stage_hold"}
+    assert removed >= {"model.frontend.mask_id", "train.reference_batch", "train.tri_stage_hold"}
+    old["train"]["scale_lr"] = False  # a field this version dropped (the effective batch is exact now)
     (tmp_path / "config.json").write_text(json.dumps(old))
     (tmp_path / "ray" / "pretrain").mkdir(parents=True)
     check_resume(cfg)
-    with pytest.raises(ConfigError, match=r"^train\.grad_accum: .*1 → 2, train\.reference_batch: None → 64"):
+    with pytest.raises(ConfigError, match=r"^train\.reference_batch: .*\(train\.reference_batch: None → 64\)"):
         check_resume(resolve("image", "d", str(tmp_path), "demo", None, {"train.reference_batch": 64}))
 
 
-def test_elastic_world_sizes_keep_the_runs_effective_batch(capsys):
-    """--num-workers MIN-MAX, and at_world: each world size re-derives grad_accum for the same
-    effective batch; where it cannot be met, scale_lr decides the LR."""
-    from pipeline.train.config import parse_workers
-    from pipeline.train.loop import at_world
+def test_resume_accepts_new_keys_under_a_resumable_mapping_field(tmp_path):
+    """train.worker_resources is resumable: its keys (flattened to train.worker_resources.trainer)
+    may be added, changed or dropped on a resume; a field that merely shares its prefix is not."""
+    from pipeline.train.launch import RESUMABLE, check_resume, resumable
+
+    assert resumable("train.worker_resources.trainer", RESUMABLE["pretrain"])
+    assert not resumable("train.worker_resourcesx", {"train.worker_resources"})
+    (tmp_path / "ray" / "pretrain").mkdir(parents=True)
+    for before, now in (({}, {"trainer": 1}), ({"trainer": 1}, {"trainer": 2, "ssd": 1}), ({"trainer": 1}, {})):
+        cfg = resolve("text", "d", str(tmp_path), "demo", None, {"train.worker_resources": before})
+        (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+        check_resume(resolve("text", "d", str(tmp_path), "demo", None, {"train.worker_resources": now}))
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: "):
+        check_resume(resolve("text", "d", str(tmp_path), "demo", None, {"train.worker_resources": {"trainer": 3},
+                                                                       "train.batch_size": 3}))
+
+
+def test_elastic_world_sizes_keep_the_runs_effective_batch():
+    """--num-workers MIN-MAX: every world size trains the run's effective batch exactly (the
+    configured num_workers' batch × grad_accum), in shares that differ by at most one sample."""
+    from pipeline.train.config import parse_workers, step_layout
 
     assert parse_workers("4") == {"train.num_workers": 4}
     assert parse_workers("1-8") == {"train.num_workers": 8, "train.min_workers": 1}
@@ -375,11 +425,104 @@ def test_elastic_world_sizes_keep_the_runs_effective_batch(capsys):
     cfg = resolve("text", "d", "o", "demo", None, {**parse_workers("1-4"), "train.batch_size": 8,
                                                    "train.grad_accum": 1, "train.reference_batch": None})
     assert cfg.train.effective_batch == 32
-    for world, accum in ((4, 1), (2, 2), (1, 4)):
-        t = at_world(cfg, world, rank=0).train
-        assert (t.num_workers, t.grad_accum, t.effective_batch, t.peak_lr) == (world, accum, 32, cfg.train.lr)
-    t = at_world(cfg, 3, rank=0).train  # 32 / 24 rounds to 1 step of 24: said, LR as the recipe's rule says
-    assert (t.grad_accum, t.effective_batch) == (1, 24)
-    assert "elastic: 3 worker(s) of 1-4: effective batch 24" in capsys.readouterr().out
-    scaled = at_world(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, scale_lr=True)), 3, 0).train
-    assert scaled.peak_lr == pytest.approx(cfg.train.lr * 24 / 32)
+    for world, shares, micro in ((4, [8] * 4, [8]), (2, [16] * 2, [8, 8]), (1, [32], [8] * 4), (3, [11, 11, 10], [6, 5])):
+        lay = step_layout(cfg.train, world)
+        assert (lay.shares, lay.micro[0], lay.effective) == (shares, micro, 32), world
+
+
+@pytest.mark.slow
+def test_any_cut_of_the_global_batch_trains_the_same_steps(demo_shards, tmp_path, capsys):
+    """4 optimizer steps of the same global batch of 6 clips (spoken digits: unequal lengths) on
+    1 worker × grad_accum 6, 2 workers × 3, 3 workers × shares of 2, 4 workers × shares of
+    2/2/1/1, and 1 worker whose memory fit cuts its 6 into micro-batches: the same final weights,
+    to float rounding (fairseq's normalization: train/step.py). The 2.0 decoder's noise is off
+    here: it is drawn per process, not per sample (README, "Nodes that vanish")."""
+    from pipeline.train.config import resolve
+    from pipeline.train.memory import GB, estimate, with_micro_batch
+
+    common = ["--modality", "audio", "--data", demo_shards["audio"], "--max-steps", "4",
+              "--set", "train.reference_batch=6", "--set", "model.decoder.mask_noise_std=0",
+              "--set", "train.warmup_steps=1", "--set", "train.log_every=1"]
+    cfg = resolve("audio", demo_shards["audio"], "o", "demo", None, {"train.batch_size": 6, "train.reference_batch": 6})
+    room = (estimate(with_micro_batch(cfg, 3))["total"] + estimate(with_micro_batch(cfg, 4))["total"]) / 2 / GB
+    cuts = {"1x6": ["--num-workers", "1", "--set", "train.batch_size=1"],
+            "2x3": ["--num-workers", "2", "--set", "train.batch_size=1"],
+            "3x2": ["--num-workers", "3", "--set", "train.batch_size=2"],
+            "4 uneven": ["--num-workers", "4", "--set", "train.batch_size=2"],
+            "fitted": ["--num-workers", "1", "--set", "train.batch_size=6", "--set", f"train.worker_memory_gb={room:.4f}"]}
+    weights, printed = {}, {}
+    for name, args in cuts.items():
+        out = str(tmp_path / name.replace(" ", "_"))
+        assert pretrain(common + args + ["--output", out]) == 0, name
+        printed[name] = capsys.readouterr().out
+        weights[name] = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert "effective batch 6 = 4 worker(s) × 2 or 1 samples, in 1 micro-batch(es) of 2 or 1" in printed["4 uneven"]
+    assert "memory: micro-batches of at most 3 " in printed["fitted"], printed["fitted"]
+    assert "effective batch 6 = 1 worker(s) × 6 samples, in 2 micro-batch(es) of 3" in printed["fitted"]
+    ref = weights["1x6"]
+    norm = sum(float(v.double().norm()) ** 2 for v in ref.values() if v.is_floating_point()) ** 0.5
+    for name, w in weights.items():
+        diff = sum(float((w[k].double() - v.double()).norm()) ** 2 for k, v in ref.items() if v.is_floating_point())
+        assert diff ** 0.5 <= 1e-6 * norm, (name, diff ** 0.5 / norm)
+    init = {k: v for k, v in ref.items() if k.startswith("teacher_encoder.")}
+    assert any(not torch.equal(ref[k.replace("teacher_encoder.", "encoder.", 1)], v) for k, v in init.items())
+
+
+@pytest.mark.slow
+def test_base_image_recipe_on_three_workers_fits_and_trains_exactly_2048(ray_local, tmp_path):
+    """data2vec 1.0 image base (reference batch 2048 = 128 per GPU × 16) on 3 workers whose memory
+    forces a fit: the exact command prints an effective batch of exactly 2048 (683 + 683 + 682, in
+    micro-batches that fit); the same recipe with a one-block encoder, so a CPU can run the step,
+    trains each step on exactly 2048 distinct images cut that way."""
+    from benchmarks.photos import write_photos
+    from pipeline.config import ImageSettings, PreprocessConfig
+    from pipeline.ingest import run as ingest
+    from pipeline.train.memory import GB, estimate, with_micro_batch
+
+    raw, data = str(tmp_path / "raw"), str(tmp_path / "photos224")
+    os.makedirs(raw)
+    write_photos(raw, 2100, seed=3, min_side=240, max_side=320)
+    ingest(PreprocessConfig(modality="image", input=raw, output=data, image=ImageSettings(size=224)))
+    cmd = [sys.executable, "-m", "jobs.pretrain", "--preset", "base", "--modality", "image", "--set", "model.mode=d2v1",
+           "--num-workers", "3", "--data", data]
+    proc = subprocess.Popen([*cmd, "--output", str(tmp_path / "base"), "--set", "train.worker_memory_gb=6"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed = []
+    for line in proc.stdout:  # the lines before Ray starts: what the run will train
+        printed.append(line)
+        if line.startswith("batch: "):
+            break
+    proc.kill()
+    proc.wait()
+    text = "".join(printed)
+    memory = next(x for x in printed if x.startswith("memory: micro-batches of at most "))
+    micro = int(memory.split()[5])
+    assert 1 <= micro < 128, text
+    n = -(-683 // micro)
+    assert f"batch: effective batch 2048 = 3 worker(s) × 683 or 682 samples, in {n} micro-batch(es)" in text, text
+
+    small = ["--set", "model.encoder.depth=1", "--set", "model.encoder.dim=64", "--set", "model.encoder.heads=2",
+             "--set", "model.target.top_k=1"]
+    cfg = resolve("image", data, "o", "base", None, {"model.mode": "d2v1", "train.num_workers": 3,
+                                                    **parse_sets([s for s in small if s != "--set"])},
+                  model_frontend={"image_size": 224})
+    room = (estimate(with_micro_batch(cfg, 100))["total"] + estimate(with_micro_batch(cfg, 101))["total"]) / 2 / GB
+    from tests.servers import session_ray_address
+    log, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "small")
+    env = {**os.environ, "D2V_SAMPLE_LOG": log, "RAY_ADDRESS": session_ray_address()}
+    r = subprocess.run([*cmd, *small, "--output", out, "--max-steps", "2", "--set", f"train.worker_memory_gb={room:.4f}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "memory: micro-batches of at most 100 " in r.stdout, r.stdout[-3000:]
+    assert "batch: effective batch 2048 = 3 worker(s) × 683 or 682 samples, in 7 micro-batch(es) of 98 or 97" \
+        in r.stdout, r.stdout[-3000:]
+    steps = {}
+    for x in map(json.loads, open(log)):
+        steps.setdefault(x["step"], {})[x["rank"]] = x["rows"]
+    assert sorted(steps) == [0, 1]
+    for ranks in steps.values():
+        assert sorted(len(v) for v in ranks.values()) == [682, 683, 683]
+        rows = [i for v in ranks.values() for i in v]
+        assert len(rows) == len(set(rows)) == 2048
+    client, run = mlflow_metrics(out)
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "effective_batch")} == {2048.0}

@@ -128,15 +128,15 @@ def training_data(cfg: FineTuneConfig) -> str:
 
 
 def training_chunks(cfg: FineTuneConfig) -> list:
-    """The chunks the workers stream (label-fraction subset included), checked to give every worker
-    at least one full step per epoch (before Ray starts)."""
+    """The chunks the workers stream (label-fraction subset included), checked to hold at least one
+    full step (the effective batch) per epoch (before Ray starts)."""
     t = cfg.train
     chunks = list_chunks(training_data(cfg), COLUMNS[cfg.modality] + [target_column(cfg.finetune.task)])
     rows = sum(c.rows for c in chunks)
-    if rows // t.num_workers // (t.batch_size * t.grad_accum) < 1:
+    if rows < t.effective_batch:
         raise ConfigError(f"train.batch_size: {rows} training rows (label fraction {cfg.finetune.label_fraction:g}) "
-                          f"give {t.num_workers} worker(s) no full step of batch_size {t.batch_size} × grad_accum "
-                          f"{t.grad_accum}; lower train.batch_size, use fewer workers or more labels")
+                          f"are fewer than one step's effective batch {t.effective_batch} ({t.batch_line()}); "
+                          f"lower train.batch_size (or train.reference_batch) or use more labels")
     return chunks
 
 

@@ -1,5 +1,6 @@
-"""Fine-tuning's optimizer (layer-wise LR decay) and step: supervised loss over grad_accum
-micro-batches, the head-only warm-up, the same LR schedules as pretraining (train/step.py)."""
+"""Fine-tuning's optimizer (layer-wise LR decay) and step: the supervised loss of the step's global
+batch over this rank's micro-batches, the head-only warm-up, the same LR schedules as pretraining
+(train/step.py)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -32,9 +33,13 @@ def build_finetune_optimizer(model, t: TrainConfig, layer_decay: float = 1.0) ->
 def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[tuple[dict, dict, object]],
                   step: int, t: TrainConfig, f, *, autocast: Callable[[], object] = nullcontext,
                   world: int = 1) -> dict:
-    """One optimizer step of fine-tuning over a group of micro-batches (inputs, targets, time mask).
+    """One optimizer step of fine-tuning over this rank's micro-batches (inputs, targets, time mask).
 
-    Losses are divided by the group size (as `train_step`). During the head warm-up
+    Each micro-batch's loss is summed over its samples and divided by the step's global batch
+    (train.effective_batch; × world for DDP's average), as fairseq normalizes by sample_size
+    (sentences: classification, and CTC with sentence_avg): the update is the global batch's mean
+    however it is cut. BatchNorm (`finetune.feature_bn`) standardizes over each micro-batch, so
+    the memory fit never cuts a feature_bn run below train.batch_size. During the head warm-up
     (`f.freeze_encoder_steps`) only the head's (and time-mask embedding's) gradients are applied:
     the others are dropped after the backward (which DDP needs to run on every parameter)."""
     lr = lr_at(step, t)
@@ -46,19 +51,23 @@ def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro
         with (net.no_sync() if world > 1 and not last else nullcontext()):
             with autocast():
                 out = net(inputs, mask)
-            loss = loss_fn(model, out, y, f.label_smoothing)
+            loss = loss_fn(model, out, y, f.label_smoothing, reduction="sum") / t.effective_batch
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
             if world > 1:  # every rank learns it before any backward's all-reduce (see _agree_on_health)
                 dist.all_reduce(bad)
             if bad.item():
                 from pipeline.model.objective import NonFiniteLoss
                 raise NonFiniteLoss(f"fine-tuning loss is not finite at step {step} (on {int(bad.item())} rank(s))")
-            (loss / len(micro)).backward()
-        total += float(loss.detach()) / len(micro)
+            (loss * world).backward()
+        total += float(loss.detach())
     if step < f.freeze_encoder_steps:
         for name, p in model.named_parameters():
             if not name.startswith(("head", "mask_emb")):
                 p.grad = None
+    if world > 1:  # the global batch's loss, for the log
+        x = torch.tensor([total], dtype=torch.float64, device=next(model.parameters()).device)
+        dist.all_reduce(x)
+        total = float(x)
     grad_norm = float("nan")
     if t.clip_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],

@@ -83,33 +83,39 @@ def collate(batch: dict, modality: str, model_cfg, targets: Targets, rng: np.ran
     classification, clips longer than train.audio_max_samples are randomly cropped."""
     from pipeline import masking
 
+    B = len(batch[target_column(targets.task)])
+    rngs = rng.spawn(B) if isinstance(rng, np.random.Generator) else list(rng)  # one per sample
     mask = None
     if modality == "image":
         inputs = {"image": image_tensor(batch["image"], model_cfg.frontend.image_size)}
     elif modality == "audio":
         limit = 10 ** 9 if targets.task == "ctc" else t.audio_max_samples
-        wav, lengths = audio_tensor(batch["audio"], limit, rng, "pad")
+        wav, lengths = audio_tensor(batch["audio"], limit, rngs, "pad")
         inputs = {"audio": wav, "lengths": lengths}
-        if mask_prob > 0:
+        if mask_prob > 0:  # each clip's time masks from its own generator, over its own frames
             frames = conv_frames(lengths).numpy()
-            mask = torch.from_numpy(masking.span_mask(frames, int(conv_frames(wav.shape[1])), mask_prob,
-                                                      mask_length, rng, min_masks=0, require_same=False))
+            T = int(conv_frames(wav.shape[1]))
+            mask = torch.from_numpy(np.stack([
+                np.pad(masking.span_mask([n], int(n), mask_prob, mask_length, r, min_masks=0, require_same=False)[0],
+                       (0, T - int(n))) for r, n in zip(rngs, frames)]))
     else:
         inputs = {"input_ids": text_tensor(batch["input_ids"], min(t.text_max_tokens, model_cfg.frontend.max_positions))}
     return inputs, targets(batch[target_column(targets.task)]), mask
 
 
-def loss_fn(model, out, y: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy (classify), or CTC loss averaged over clips (fairseq `sentence_avg`), with
-    `zero_infinity` so a clip too short for its transcript adds no NaN."""
+def loss_fn(model, out, y: dict, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (classify), or CTC loss per clip (fairseq `sentence_avg`: normalized by clips),
+    with `zero_infinity` so a clip too short for its transcript adds no NaN. `reduction`: "mean"
+    over the batch's samples, or "sum" (the step divides by the global batch, finetune/step.py)."""
     if model.task == "classify":
-        return F.cross_entropy(out.float(), y["labels"], label_smoothing=label_smoothing)
+        return F.cross_entropy(out.float(), y["labels"], label_smoothing=label_smoothing, reduction=reduction)
     logits, pad = out
     T = logits.shape[1]
     frames = torch.full((logits.shape[0],), T, dtype=torch.long) if pad is None else (~pad).sum(1).cpu()
     logp = F.log_softmax(logits.float(), -1).transpose(0, 1)  # (T, B, V)
-    return F.ctc_loss(logp, y["targets"], frames, y["target_lengths"], blank=BLANK, reduction="sum",
-                      zero_infinity=True) / logits.shape[0]
+    total = F.ctc_loss(logp, y["targets"], frames, y["target_lengths"], blank=BLANK, reduction="sum",
+                       zero_infinity=True)
+    return total if reduction == "sum" else total / logits.shape[0]
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """`finetune_loop_per_worker`: what each Ray Train worker runs to fine-tune. The step loop (seeded
-resumable stream, batches ahead, grad_accum groups, metric windows, logging, checkpoints via
+resumable stream, batches ahead, the step's share in micro-batches, metric windows, logging, checkpoints via
 ray.train.report, epochs) is loop.py's, shared with pretraining; this file holds what fine-tuning
 adds:
 
@@ -21,7 +21,7 @@ from pipeline.augment import view_of
 from pipeline.model.finetune import FineTuneModel
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import FineTuneConfig
-from pipeline.train.loop import POSITION, Task, at_world, copy_to_local, cpu_copy, restore, run_steps, worker_context
+from pipeline.train.loop import POSITION, Task, copy_to_local, cpu_copy, restore, run_steps, worker_context
 from pipeline.train.step import autocast_for
 from pipeline.finetune.step import build_finetune_optimizer, finetune_step
 from pipeline.train.stream import COLUMNS, list_chunks, read_rows, warm_up
@@ -77,7 +77,6 @@ def finetune_loop_per_worker(config: dict) -> None:
     cfg = FineTuneConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
     rank, world, device, _ = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
     warm_up(config["chunks"], COLUMNS[cfg.modality], view_of(cfg))  # Ray Data's start overlaps the build
-    cfg = at_world(cfg, world, rank)
     t, f = cfg.train, cfg.finetune
 
     notes: dict = {}
@@ -95,7 +94,7 @@ def finetune_loop_per_worker(config: dict) -> None:
         sink = MLflowSink(cfg.tracking_uri, cfg.experiment, cfg.output,
                           f"{cfg.modality}-{f.task}-{init_name}-{f.label_fraction:g}", config["run"],
                           parent_run_id=cfg.parent_run_id)
-        sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
+        sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.lr": cfg.train.lr,
                        "git_commit": git_commit(), "modality": cfg.modality, "task": f.task, "init": cfg.init,
                        "label_fraction": f.label_fraction, "ray.num_workers": world, "device": str(device)})
         sink.set_tags(config.get("tags") or {})

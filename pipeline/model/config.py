@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.config import check
+from pipeline.config import check, check_fields
 
 MODES = ("d2v1", "d2v2")
 NORMS = ("instance", "layer", "none")
@@ -208,9 +208,11 @@ class ModelConfig:
                 known = {f.name for f in dataclasses.fields(subs[k])}
                 unknown = set(v) - known
                 _check(not unknown, k, f"unknown field(s) {sorted(unknown)}")
+                check_fields(subs[k], v, f"model.{k}.")
                 kw[k] = subs[k](**v)
             else:
                 kw[k] = v
         known = {f.name for f in dataclasses.fields(cls)}
         _check(not set(kw) - known, "", f"unknown field(s) {sorted(set(kw) - known)}")
+        check_fields(cls, {k: v for k, v in kw.items() if k not in subs}, "model.")
         return cls(**kw)

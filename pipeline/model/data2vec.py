@@ -5,7 +5,8 @@
       student 1.0: x with mask embeddings ─► encoder ─► linear head ─► predictions at masked steps
       student 2.0: only unmasked tokens of `clone_batch` masked copies ─► encoder ─► noise-filled
                    full sequence ─► conv decoder ─► predictions at masked steps (one teacher pass)
-    loss = regression(pred, y) over masked, non-padded steps / their count
+    loss = regression(pred, y) summed over masked, non-padded steps (`loss_positions`) / their
+           count; the training step divides the sums by the *global* count instead (train/step.py)
 
 Masks come in as data (B·C, T) bool, True = masked; `draw_masks` makes them from numpy.
 """
@@ -24,7 +25,7 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.ema import ema_decay_at, ema_update
 from pipeline.model.encoder import Encoder
 from pipeline.model.frontends import Decoder, build_frontend, conv_frames, regression_head
-from pipeline.model.objective import check_step, feature_std, make_targets, regression_loss
+from pipeline.model.objective import check_step, feature_std, make_targets, regression_sum
 
 # Sub-modules of each front end that form its *local* encoder (the rest is the context part).
 LOCAL_PARTS = {"image": ("proj",), "audio": ("cnn", "feat_norm", "feat_proj"), "text": ("tokens",)}
@@ -45,9 +46,15 @@ def _dropout_off(module: nn.Module):
 @dataclass
 class Output:
     loss: torch.Tensor
+    """This batch's loss: `sum` / `count` (+ the CLS term, cls_loss × `cls_sum`)."""
     target_var: torch.Tensor
     pred_var: torch.Tensor
     num_masked: int
+    sum: torch.Tensor | None = None
+    """The regression loss summed over the `count` loss positions."""
+    count: int = 0
+    cls_sum: torch.Tensor | float = 0.0
+    """2.0 with a CLS loss: the CLS regression summed over the B·C rows (unweighted)."""
 
 
 class Data2Vec(nn.Module):
@@ -154,6 +161,27 @@ class Data2Vec(nn.Module):
         t = self.cfg.target
         return make_targets(top, pad, t.layer_norm, t.final_norm)
 
+    def loss_positions(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """(B or B·C, T) bool: the steps the loss is taken at — masked and not padding (text 1.0:
+        where the student sees <mask>). Its sum is the batch's sample size (fairseq
+        `sample_size`), known before the forward: the step normalizes by the global one."""
+        cfg = self.cfg
+        T = mask.shape[1]
+        if "lengths" in batch:  # audio: frames past a clip's end
+            pad = torch.arange(T, device=mask.device)[None, :] >= conv_frames(batch["lengths"].long())[:, None]
+        elif "input_ids" in batch:
+            pad = batch["input_ids"] == self.frontend.PAD
+        else:
+            pad = None
+        if pad is not None and mask.shape[0] != pad.shape[0]:  # 2.0: C masked copies per sample
+            pad = pad.repeat_interleave(mask.shape[0] // pad.shape[0], 0)
+        sel = mask if pad is None else mask & ~pad.to(mask.device)
+        if cfg.mode == "d2v1" and cfg.modality == "text":
+            # fairseq data2vec_text.py: `masked_indices = src_tokens.eq(self.mask_idx)` — the loss
+            # covers the steps the student sees as <mask>, not the 10% random / 10% kept ones.
+            sel = sel & (batch["input_ids_masked"] == cfg.frontend.mask_id)
+        return sel
+
     def forward(self, batch: dict, mask: torch.Tensor) -> Output:
         if self.cfg.mode == "d2v1":
             return self._forward_v1(batch, mask)
@@ -173,11 +201,7 @@ class Data2Vec(nn.Module):
         h, hpad = self.frontend.prepend(h, pad)
         h, _ = self.encoder(h, hpad)
         h = h[:, self.frontend.num_extra:]  # (B, T, D)
-        sel = mask if pad is None else mask & ~pad
-        if cfg.modality == "text":
-            # fairseq data2vec_text.py: `masked_indices = src_tokens.eq(self.mask_idx)` — the loss
-            # covers the steps the student sees as <mask>, not the 10% random / 10% kept ones.
-            sel = sel & (batch["input_ids_masked"] == cfg.frontend.mask_id)
+        sel = self.loss_positions(batch, mask)
         pred = self.head(h[sel])  # (N, D)
         return self._loss(pred, y[sel])
 
@@ -207,22 +231,24 @@ class Data2Vec(nn.Module):
         # Decoder input: noise at masked steps, encoder outputs back at their positions.
         full = torch.randn(B * C, T, D, device=enc.device, dtype=enc.dtype) * cfg.decoder.mask_noise_std
         full = full.scatter(1, ids_keep[..., None].expand(-1, -1, D), enc)
-        pred = self.decoder(full)  # (B·C, T, D)
-        sel = mask if pad is None else mask & ~pad
+        pred = self.decoder(full, pad)  # (B·C, T, D)
+        sel = self.loss_positions(batch, mask)
         out = self._loss(pred[sel], y[sel])
         if n and cfg.decoder.cls_loss > 0:  # image 2.0: CLS regresses the mean target
             # fairseq data2vec2.py adds d2v_loss(cls_pred, cls_target) * cls_loss * sample_size,
             # and the trainer divides every loss by sample_size (masked tokens): the CLS term is
-            # cls_loss × the *sum* over the B·C clones of the per-sample loss.
+            # cls_loss × the *sum* over the B·C clones of the per-sample loss (train/step.py
+            # keeps that weight per configured per-worker batch whatever the split).
             cls_target = y.mean(1)  # (B·C, D)
-            per_sample = regression_loss(cls_out[:, 0], cls_target, cfg.loss.beta, cfg.loss.scale)
-            out.loss = out.loss + cfg.decoder.cls_loss * per_sample * cls_out.shape[0]
+            out.cls_sum = regression_sum(cls_out[:, 0], cls_target, cfg.loss.beta, cfg.loss.scale)
+            out.loss = out.loss + cfg.decoder.cls_loss * out.cls_sum
         return out
 
     def _loss(self, pred, target) -> Output:
-        loss = regression_loss(pred, target, self.cfg.loss.beta, self.cfg.loss.scale)
-        return Output(loss=loss, target_var=feature_std(target), pred_var=feature_std(pred),
-                      num_masked=int(pred.shape[0]))
+        total = regression_sum(pred, target, self.cfg.loss.beta, self.cfg.loss.scale)
+        n = int(pred.shape[0])
+        return Output(loss=total / max(n, 1), target_var=feature_std(target), pred_var=feature_std(pred),
+                      num_masked=n, sum=total, count=n)
 
     def check(self, out: Output, step: int) -> None:
         """Collapse guard and finite-loss check (raises RepresentationCollapse / NonFiniteLoss)."""
@@ -249,39 +275,79 @@ class Data2Vec(nn.Module):
         return (f * w).sum(1) / w.sum(1).clamp(min=1)
 
 
-def draw_masks(cfg: ModelConfig, batch_size: int, T: int, rng: np.random.Generator,
+def draw_masks(cfg: ModelConfig, batch_size: int, T: int, rng,
                lengths: np.ndarray | None = None, input_ids: np.ndarray | None = None) -> dict:
     """Masks for one batch, as numpy (usable in a Ray Data map task or a collate function).
 
     Returns {"mask": (B or B·clone_batch, T) bool} and, for text 1.0, {"input_ids_masked"}.
-    `lengths`: valid steps per sample (audio frames / text tokens); None = all T valid.
+    `rng`: one generator per sample (batches.sample_rngs: seeded by the sample's row and the
+    step), or one generator, split into one per sample. `lengths`: valid steps per sample (audio
+    frames / text tokens); None = all T valid.
+
+    Each sample's masks are drawn from its own generator over its own length, so they do not
+    depend on the other samples of its micro-batch: any cut of a step into micro-batches and
+    workers draws the same masks (train/step.py). Deviations that follows from it: data2vec 1.0
+    audio draws each clip's span count from its own length (fairseq `require_same_masks` trims
+    every row to the batch's smallest count); 2.0 audio/text mask each sample's own frames and
+    keep as many padding steps as make every row keep the same number of steps (the student
+    encodes an equal count per row; padding is no attention key and takes no loss).
     """
     m = cfg.mask
-    lengths = np.full(batch_size, T) if lengths is None else np.asarray(lengths)
+    B = batch_size
+    rngs = rng.spawn(B) if isinstance(rng, np.random.Generator) else list(rng)
+    assert len(rngs) == B, (len(rngs), B)
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     if cfg.mode == "d2v2":
-        n = batch_size * cfg.decoder.clone_batch
+        C = cfg.decoder.clone_batch
         if cfg.modality == "image":
             h = w = int(round(T ** 0.5))
-            mask = masking.inverse_block_mask(n, (h, w), m.prob, rng, block=m.length, adjust=m.adjust)
-        elif cfg.modality == "audio":
-            mask = masking.inverse_block_mask(n, (T,), m.prob, rng, block=m.length, adjust=m.adjust,
-                                              inverse=False)
-        else:
-            mask = masking.random_mask(n, T, m.prob, rng)
-        return {"mask": mask}
+            return {"mask": np.concatenate([masking.inverse_block_mask(C, (h, w), m.prob, r, block=m.length,
+                                                                       adjust=m.adjust) for r in rngs])}
+        rows = []
+        for r, n in zip(rngs, lengths):
+            n = int(n)
+            if cfg.modality == "audio":
+                rows.append(masking.inverse_block_mask(C, (n,), m.prob, r, block=m.length, adjust=m.adjust,
+                                                       inverse=False))
+            else:
+                rows.append(masking.random_mask(C, n, m.prob, r))
+        return {"mask": _pad_keeping_equal(rows, T)}
     if cfg.modality == "image":
         h = w = int(round(T ** 0.5))
-        return {"mask": masking.beit_block_mask(batch_size, h, w, int(round(m.prob * T)), rng,
-                                                min_block=m.min_block)}
+        return {"mask": np.concatenate([masking.beit_block_mask(1, h, w, int(round(m.prob * T)), r,
+                                                                min_block=m.min_block) for r in rngs])}
+    mask = np.zeros((B, T), bool)
     if cfg.modality == "audio":
-        return {"mask": masking.span_mask(lengths, T, m.prob, m.length, rng)}
-    mask = masking.token_mask(lengths, T, m.prob, rng, span=m.length)
+        for i, (r, n) in enumerate(zip(rngs, lengths)):
+            mask[i, :n] = masking.span_mask([n], int(n), m.prob, m.length, r)[0]
+        return {"mask": mask}
+    corrupted = input_ids.copy()
     mask_id, V = cfg.frontend.mask_id, cfg.frontend.vocab_size
-    if m.bert_corrupt:
-        # Random replacements are non-special ids: <s>, <pad>, </s>, <unk> are 0-3 and <mask> is 4
-        # (tokenizers trained here) or, RoBERTa-style, the last id.
-        lo, hi = (5, V) if mask_id == 4 else (4, mask_id if mask_id == V - 1 else V)
-        corrupted = masking.corrupt_tokens(input_ids, mask, rng, mask_id, hi, num_special=lo)
-    else:
-        corrupted = np.where(mask, mask_id, input_ids)
+    # Random replacements are non-special ids: <s>, <pad>, </s>, <unk> are 0-3 and <mask> is 4
+    # (tokenizers trained here) or, RoBERTa-style, the last id.
+    lo, hi = (5, V) if mask_id == 4 else (4, mask_id if mask_id == V - 1 else V)
+    for i, (r, n) in enumerate(zip(rngs, lengths)):
+        n = int(n)
+        mask[i, :n] = masking.token_mask([n], n, m.prob, r, span=m.length)[0]
+        ids = input_ids[i: i + 1, :n]
+        corrupted[i, :n] = (masking.corrupt_tokens(ids, mask[i: i + 1, :n], r, mask_id, hi, num_special=lo)[0]
+                            if m.bert_corrupt else np.where(mask[i, :n], mask_id, ids[0]))
     return {"mask": mask, "input_ids_masked": corrupted}
+
+
+def _pad_keeping_equal(rows: list[np.ndarray], T: int) -> np.ndarray:
+    """Per-sample 2.0 masks (C, n_i) → (B·C, T): past each sample's n_i steps, the first padding
+    steps are kept (False) until every row keeps as many steps as the row keeping the most, the
+    rest masked. Masked counts grow with length, so a row of length n_i always has the room."""
+    keep = max(int((~r).sum(1).max()) for r in rows)
+    out = np.ones((sum(len(r) for r in rows), T), bool)
+    i = 0
+    for r in rows:
+        n = r.shape[1]
+        out[i: i + len(r), :n] = r
+        for j, row_keep in enumerate((~r).sum(1)):
+            extra = keep - int(row_keep)
+            assert extra <= T - n, (keep, int(row_keep), T, n)
+            out[i + j, n: n + extra] = False
+        i += len(r)
+    return out

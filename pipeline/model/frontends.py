@@ -250,14 +250,21 @@ class Decoder(nn.Module):
         else:
             self.proj = nn.Sequential(nn.Linear(d.dim, d.dim * 2), nn.GELU(), nn.Linear(d.dim * 2, D))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) → (B, T, D); for images T = h*w in row-major grid order."""
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) → (B, T, D); for images T = h*w in row-major grid order. `pad` (B, T) True
+        at padding: zeroed before every conv, so a real step's prediction never depends on how
+        much padding its batch has (deviation: fairseq's decoder convolves over padding — its
+        audio pretraining crops instead of padding, its text batches pad; here a sample's
+        update must not depend on which micro-batch it lands in, train/step.py)."""
         B, T, D = x.shape
         y = x.transpose(1, 2)  # (B, D, T)
         if self.grid:
             y = y.reshape(B, D, *self.grid)  # (B, D, h, w)
+        keep = None if pad is None or self.grid else (~pad)[:, None, :].to(y.dtype)  # (B, 1, T)
         residual = y
         for blk in self.blocks:
+            if keep is not None:
+                y = y * keep
             y = blk["conv"](y)
             y = F.gelu(blk["norm"](y.movedim(1, -1)).movedim(-1, 1))
             if self.residual and residual.shape == y.shape:

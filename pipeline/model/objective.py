@@ -15,6 +15,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss is NaN or infinite."""
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 activations (autocast) → fp32 for targets and losses; fp32/fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def instance_norm(x: torch.Tensor, pad: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """Normalize each channel over time, using only real (non-padded) steps. x: (B, T, D)."""
     if pad is None:
@@ -39,7 +44,7 @@ def _norm(x, kind, pad):
 def make_targets(layers: list[torch.Tensor], pad: torch.Tensor | None, layer_norm: str,
                  final_norm: str) -> torch.Tensor:
     """Average of the given teacher layers (B, T, D) each normalized, then optionally normalized."""
-    y = sum(_norm(l.float(), layer_norm, pad) for l in layers) / len(layers)
+    y = sum(_norm(at_least_fp32(l), layer_norm, pad) for l in layers) / len(layers)
     return _norm(y, final_norm, pad)
 
 
@@ -47,13 +52,22 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, beta: float,
                     scale: float | None) -> torch.Tensor:
     """(N, D) predictions vs targets at masked steps → summed over D, scaled (default 1/√D),
     averaged over the N masked steps."""
-    pred = pred.float()
+    return regression_sum(pred, target, beta, scale) / max(pred.shape[0], 1)
+
+
+def regression_sum(pred: torch.Tensor, target: torch.Tensor, beta: float, scale: float | None,
+                   per_row: bool = False) -> torch.Tensor:
+    """(N, D) predictions vs targets → the loss summed over D, scaled (default 1/√D), and summed
+    over the N steps (fairseq data2vec2 `d2v_loss` summed: the step divides by its sample size);
+    `per_row`: the (N,) per-step values."""
+    pred = at_least_fp32(pred)
     if beta == 0:
         per = F.mse_loss(pred, target, reduction="none")
     else:
         per = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
     scale = 1.0 / math.sqrt(pred.shape[-1]) if scale is None else scale
-    return per.sum(-1).sum() * scale / max(pred.shape[0], 1)
+    rows = per.sum(-1) * scale
+    return rows if per_row else rows.sum()
 
 
 def feature_std(x: torch.Tensor) -> torch.Tensor:

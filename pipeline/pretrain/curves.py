@@ -23,20 +23,24 @@ ONLINE_PROBE_C = 1.0
 
 
 class ValidationLoss:
-    """Fixed (inputs, masks) batches of held-out rows; `__call__` gives the model's mean loss."""
+    """Fixed (inputs, masks) batches of held-out rows — val_batches × batch_size rows (or all there
+    are, if fewer), in pieces of the micro-batch (the memory fit changes only the pieces); `__call__` gives the model's loss
+    over all of them (summed over their loss positions / their count, as a training step)."""
 
     def __init__(self, chunks: list[Chunk], cfg, seed: int):
         t, m = cfg.train, cfg.model
         self.seed = seed
-        rows = read_rows(chunks, COLUMNS[cfg.modality], t.val_batches * t.batch_size)
+        self.cls_weight = m.decoder.cls_loss * t.batch_size * (m.decoder.clone_batch if m.mode == "d2v2" else 1)
+        want = t.val_batches * t.batch_size
+        rows = read_rows(chunks, COLUMNS[cfg.modality], want)
         n = len(next(iter(rows.values())))
+        if n == 0:
+            raise ValueError("validation data has no rows")
         self.batches = []
-        for i, a in enumerate(range(0, n - t.batch_size + 1, t.batch_size)):
-            b = {k: v[a: a + t.batch_size] for k, v in rows.items()}
-            rng = np.random.default_rng([seed, 104729, i])  # the same masks at every evaluation
-            self.batches.append(collate(b, m, rng, t.audio_max_samples, t.text_max_tokens, t.audio_batching))
-        if not self.batches:
-            raise ValueError(f"validation data has {n} rows, fewer than one batch of {t.batch_size}")
+        for a in range(0, n, t.micro):
+            b = {k: v[a: a + t.micro] for k, v in rows.items()}
+            rngs = [np.random.default_rng([seed, 104729, i]) for i in range(a, a + len(b[COLUMNS[cfg.modality][0]]))]
+            self.batches.append(collate(b, m, rngs, t.audio_max_samples, t.text_max_tokens, t.audio_batching))
 
     @torch.no_grad()
     def __call__(self, model, device, autocast) -> float:
@@ -47,12 +51,15 @@ class ValidationLoss:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             try:
-                total = 0.0
+                total = cls = 0.0
+                count = rows = 0
                 for inputs, mask in self.batches:
                     with autocast():
                         out = model({k: v.to(device) for k, v in inputs.items()}, mask.to(device))
-                    total += float(out.loss)
-                return total / len(self.batches)
+                    total, count = total + float(out.sum), count + out.count
+                    cls, rows = cls + float(out.cls_sum), rows + mask.shape[0]
+                # the CLS term as a training step weighs it: cls_loss × b·C × its mean over the rows
+                return total / max(count, 1) + self.cls_weight * cls / max(rows, 1)
             finally:
                 model.train(was)
 

@@ -26,7 +26,7 @@ from pipeline.train.batches import collate
 from pipeline.train.checkpoint import save_final
 from pipeline.train.config import RunConfig
 from pipeline.pretrain.curves import OnlineProbe, ValidationLoss
-from pipeline.train.loop import (POSITION, Restart, Task, at_world, copy_to_local, cpu_copy,
+from pipeline.train.loop import (POSITION, Restart, Task, copy_to_local, cpu_copy,
                                  load_model_and_optimizer, restore, run_steps, worker_context)
 from pipeline.train.step import autocast_for, build_optimizer, train_step
 from pipeline.train.stream import COLUMNS, Chunk, warm_up
@@ -39,7 +39,6 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = RunConfig.from_dict(config["run"])  # config["run"] stays what is logged and saved
     rank, world, device, threads = worker_context(cfg.train.use_gpu, config.get("log_level", "INFO"))
     warm_up(config["chunks"], COLUMNS[cfg.modality], view_of(cfg))  # Ray Data's start overlaps the build
-    cfg = at_world(cfg, world, rank)
     model, net, opt, pos, resumed = build(cfg, world, device)
     sink = open_tracking(cfg, config, world, device, threads) if rank == 0 else NullSink()
     try:
@@ -81,7 +80,7 @@ def open_tracking(cfg: RunConfig, config: dict, world: int, device, threads: int
     out_fs.create_dir(out_root, recursive=True)
     sink = MLflowSink(cfg.tracking_uri, cfg.experiment, cfg.output, f"{cfg.modality}-{cfg.model.mode}-{cfg.preset}",
                       config["run"], parent_run_id=cfg.parent_run_id)
-    sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.peak_lr": cfg.train.peak_lr,
+    sink.set_tags({"train.effective_batch": cfg.train.effective_batch, "train.lr": cfg.train.lr,
                    "git_commit": git_commit(), "modality": cfg.modality, "mode": cfg.model.mode,
                    "preset": cfg.preset, "ray.num_workers": world, "torch.threads_per_worker": threads,
                    "ray.cluster_cpus": config.get("cluster_cpus", "?"), "device": str(device)})
@@ -157,7 +156,8 @@ class Pretraining(Task):
         load_model_and_optimizer(self.model, self.opt, cpu_copy(snap), self.device)  # a copy: it may serve again
         pos.update(step=snap["step"], epoch=snap["epoch"], rest=snap["rest"], step_in_epoch=snap["step_in_epoch"],
                    rollbacks=pos["rollbacks"] + 1, lr_scale=pos["lr_scale"] * t.rollback_lr_factor)
-        self.sink.log_metrics({"rollback": pos["rollbacks"], "rollback_lr_scale": pos["lr_scale"]}, step)
+        self.sink.discard_after(pos["step"])  # the abandoned steps' metrics never reach the history
+        self.sink.log_event({"rollback": pos["rollbacks"], "rollback_lr_scale": pos["lr_scale"]}, step)
         self.sink.set_tags({f"rollback.{pos['rollbacks']}": f"step {step} → {pos['step']}: {type(e).__name__}: {e}"})
         if self.rank == 0:
             print(f"[rank 0] {type(e).__name__} at step {step}: rolled back to step {pos['step']}, "

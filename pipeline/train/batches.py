@@ -1,7 +1,8 @@
 """Numpy batches from Ray Data → model-ready torch tensors + masks. No Ray imports.
 
-Masks are drawn here, in the data path, from an rng seeded by (seed, rank, step, micro-step), so
-a resumed run draws exactly the masks the uninterrupted run would have drawn. `Ahead` runs this
+Masks (and audio crops) are drawn here, in the data path, from one generator per sample seeded by
+(seed, step, the sample's stable row id): a resumed run draws exactly the masks the uninterrupted
+run would have drawn, and so does a run cut into other workers or micro-batches. `Ahead` runs this
 collation for the next steps in a background thread while the current step trains.
 """
 from __future__ import annotations
@@ -34,19 +35,21 @@ def image_tensor(column, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def audio_tensor(column, max_samples: int, rng: np.random.Generator,
+def audio_tensor(column, max_samples: int, rng,
                  mode: str = "pad") -> tuple[torch.Tensor, torch.Tensor]:
     """Variable-length clips → (B, L) float, per-clip zero mean / unit variance (fairseq
     `normalize: true`), and their lengths.
 
     mode "crop": every clip randomly cropped to the batch's shortest (fairseq pretraining, good for
     long similar-length crops); "pad": clips longer than max_samples randomly cropped, the rest
-    zero-padded to the batch's longest (good for short clips of unequal length)."""
+    zero-padded to the batch's longest (good for short clips of unequal length). `rng`: one
+    generator per clip, or one for all. Only "pad" keeps a clip independent of its batch."""
+    rngs = [rng] * len(column) if isinstance(rng, np.random.Generator) else rng
     clips = []
-    for a in column:
+    for a, r in zip(column, rngs):
         a = np.asarray(a, np.float32)
         L = min(len(a), max_samples) if mode == "pad" else min(min(len(c) for c in column), max_samples)
-        off = int(rng.integers(0, len(a) - L + 1))
+        off = int(r.integers(0, len(a) - L + 1))
         c = a[off: off + L]
         clips.append((c - c.mean()) / np.sqrt(c.var() + 1e-5))
     T = max(len(c) for c in clips)
@@ -68,10 +71,13 @@ def text_tensor(column, max_tokens: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def collate(batch: dict, cfg: ModelConfig, rng: np.random.Generator, audio_max_samples: int,
+def collate(batch: dict, cfg: ModelConfig, rng, audio_max_samples: int,
             text_max_tokens: int, audio_batching: str = "pad") -> tuple[dict, torch.Tensor]:
-    """One numpy batch → (model inputs, mask (B or B·clone_batch, T) bool)."""
+    """One numpy batch → (model inputs, mask (B or B·clone_batch, T) bool). `rng`: a generator per
+    sample (sample_rngs), or one generator split into one per sample."""
     m = cfg.modality
+    B = len(next(iter(batch.values())))
+    rng = rng.spawn(B) if isinstance(rng, np.random.Generator) else rng
     if m == "image":
         inputs = {"image": image_tensor(batch["image"], cfg.frontend.image_size)}
         B, T, lengths, ids = inputs["image"].shape[0], (cfg.frontend.image_size // cfg.frontend.patch_size) ** 2, None, None
@@ -107,7 +113,14 @@ def eval_inputs(batch: dict, modality: str, image_size: int, max_positions: int)
 
 
 def step_rng(seed: int, rank: int, step: int, micro: int = 0) -> np.random.Generator:
+    """One generator for a whole batch (benchmarks and tests that have no row ids)."""
     return np.random.default_rng([seed, rank, step, micro])
+
+
+def sample_rngs(seed: int, step: int, row_ids) -> list[np.random.Generator]:
+    """One generator per sample of optimizer step `step`, from its stable row id: what a sample
+    draws (crop, masks) does not depend on the rank, micro-batch or neighbours it is trained with."""
+    return [np.random.default_rng([seed, step, int(r), 7727]) for r in row_ids]
 
 
 class Ahead:
@@ -116,7 +129,7 @@ class Ahead:
     when the step would otherwise wait for data (the data wait a run reports).
 
     `make(step)` builds one step's micro-batches; it is called in order for steps first … last-1,
-    and its randomness comes from step_rng(…, step, …), so the batches are exactly what a
+    and its randomness comes from sample_rngs(…, step, …), so the batches are exactly what a
     synchronous loop would build: resume stays bit-identical. An error in `make` is raised by the
     `get()` that would have returned that step. `close()` abandons what is queued (a rollback, an
     early stop, the end of the epoch)."""

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.augment import AUGMENTS
-from pipeline.config import ConfigError, check
+from pipeline.config import ConfigError, check, check_fields
 from pipeline.model.config import ModelConfig
 from pipeline.recipes import recipe
 from pipeline.train.tracking import absolute_tracking_uri, default_tracking_uri
@@ -50,14 +50,18 @@ class TrainConfig:
     batch_size: int = 16
     """Samples per worker per micro-batch."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step. Derived (not set) when reference_batch is set."""
+    """Micro-batches of batch_size per worker per optimizer step, when reference_batch is null:
+    the effective batch is then batch_size × grad_accum × num_workers (at any worker count)."""
     reference_batch: int | None = None
     """The recipe's effective batch: samples per optimizer step over all workers (the reference's
-    per-GPU batch × its GPU count). When set, grad_accum = round(reference_batch / (num_workers ×
-    batch_size)), at least 1, so 4 GPUs reproduce a 16-GPU recipe; null = use grad_accum as given."""
-    scale_lr: bool = False
-    """With reference_batch: when the effective batch differs from it (it does not divide evenly,
-    or one micro-batch per worker is already larger), scale lr linearly by effective / reference."""
+    per-GPU batch × its GPU count). When set, it is the run's effective batch exactly, at any
+    worker count (`step_layout`): 4 GPUs reproduce a 16-GPU recipe. null = batch_size × grad_accum
+    × num_workers."""
+    micro_batch: int | None = None
+    """The most samples a worker puts through one forward/backward; None = batch_size. The memory
+    fit lowers it when a step does not fit a worker. It changes how a step is cut, never what the
+    step computes: the effective batch, the loss normalization, the validation rows and the CLS
+    loss weight stay the config's."""
     lr: float = 1e-3
     min_lr_scale: float = 0.01
     """Both schedules end at lr × min_lr_scale."""
@@ -75,6 +79,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
+    checkpoint_every_s: float = 600.0
+    """Also checkpoint when this many seconds passed since the last checkpoint (0 = off): a lost
+    node or a resize re-runs at most about this much work, whatever checkpoint_every is."""
     num_workers: int = 1
     """Ray Train workers (DDP ranks); with min_workers, the most an elastic run uses."""
     min_workers: int | None = None
@@ -86,8 +93,11 @@ class TrainConfig:
     """Elastic: seconds between checks whether more workers could run (each growth restarts)."""
     worker_resources: dict = field(default_factory=dict)
     """Custom Ray resources each worker needs besides its CPUs/GPU, e.g. {trainer: 1} to keep
-    training workers on the nodes started with that resource (and the head's CPUs for data)."""
+    training workers on the nodes started with that resource."""
     cpus_per_worker: int = 1
+    """CPUs each worker holds. Its Ray Data readers run beside it on its node with no CPU of their
+    own (pipeline/train/elastic.py), as many at once as its share of the node's cores: they can
+    never be starved by workers holding every CPU."""
     use_gpu: bool = False
     max_failures: int = 2
     """Worker crashes tolerated; each restarts from the last checkpoint."""
@@ -136,9 +146,8 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.reference_batch is None or self.reference_batch >= 1, "reference_batch",
                f"must be >= 1 or null, got {self.reference_batch}")
-        if self.reference_batch is not None and self.batch_size >= 1 and self.num_workers >= 1:
-            per_step = self.num_workers * self.batch_size
-            object.__setattr__(self, "grad_accum", max(1, round(self.reference_batch / per_step)))
+        _check(self.micro_batch is None or self.micro_batch >= 1, "micro_batch",
+               f"must be >= 1 or null, got {self.micro_batch}")
         _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.stop_at_step is None or 1 <= self.stop_at_step <= self.max_steps, "stop_at_step",
                f"must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
@@ -154,6 +163,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0 and self.clip_norm >= 0, "clip_norm", "must be >= 0")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.checkpoint_every_s >= 0, "checkpoint_every_s", "must be >= 0 (0 = step-based only)")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "min_workers",
                f"must be in [1, num_workers={self.num_workers}] or null, got {self.min_workers}")
@@ -187,27 +197,71 @@ class TrainConfig:
 
     @property
     def effective_batch(self) -> int:
-        """Samples per optimizer step, all workers together."""
+        """Samples per optimizer step, all workers together: the run's, at any worker count."""
+        if self.reference_batch is not None:
+            return self.reference_batch
         return self.batch_size * self.grad_accum * self.num_workers
 
     @property
-    def peak_lr(self) -> float:
-        """The schedule's peak: lr, scaled by effective / reference batch only when scale_lr asks."""
-        if self.scale_lr and self.reference_batch:
-            return self.lr * self.effective_batch / self.reference_batch
-        return self.lr
+    def micro(self) -> int:
+        """The largest micro-batch a worker runs."""
+        return self.micro_batch or self.batch_size
 
-    def batch_line(self) -> str:
-        """How the effective batch is made, for the run's first line."""
-        line = (f"effective batch {self.effective_batch} = {self.batch_size} per worker × {self.num_workers} "
-                f"worker(s) × grad_accum {self.grad_accum}")
-        if self.reference_batch is None:
-            return line
-        if self.effective_batch == self.reference_batch:
-            return line + " (the recipe's reference batch)"
-        lr = (f"lr scaled to {self.peak_lr:.3g}" if self.scale_lr else
-              "lr not scaled: set train.scale_lr=true to scale it linearly")
-        return line + f" ≠ the recipe's reference batch {self.reference_batch}; {lr}"
+    def batch_line(self, world: int | None = None) -> str:
+        """How the effective batch is made on `world` workers (default num_workers)."""
+        return step_layout(self, world or self.num_workers).line()
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    """n as `parts` whole numbers that differ by at most one, the larger first: 7, 3 → [3, 2, 2]."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How one optimizer step's global batch is cut: `shares[r]` samples on rank r, in
+    micro-batches of `micro[r]` samples."""
+    effective: int
+    shares: list[int]
+    micro: list[list[int]]
+
+    @property
+    def world(self) -> int:
+        return len(self.shares)
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per step on the rank with the most."""
+        return max(len(m) for m in self.micro)
+
+    def offset(self, rank: int) -> int:
+        """Where rank's share starts in the step's (sorted) global batch."""
+        return sum(self.shares[:rank])
+
+    def line(self) -> str:
+        hi, lo = max(self.shares), min(self.shares)
+        share = f"{hi}" if hi == lo else f"{hi} or {lo}"
+        sizes = sorted({b for m in self.micro for b in m}, reverse=True)
+        counts = sorted({len(m) for m in self.micro}, reverse=True)
+        return (f"effective batch {self.effective} = {self.world} worker(s) × {share} samples, in "
+                f"{' or '.join(map(str, counts))} micro-batch(es) of {' or '.join(map(str, sizes))}")
+
+
+def step_layout(t: TrainConfig, world: int) -> StepLayout:
+    """The one place the step's cut is derived: the effective batch (the run's, whatever `world`)
+    in `world` shares that differ by at most one sample, each in the fewest micro-batches of at
+    most `t.micro` samples, again differing by at most one. Nothing is rounded: every layout of
+    the same run trains on the same global batch (loss normalization: train/step.py)."""
+    E = t.effective_batch
+    check(E >= world, "train.num_workers", f"{world} workers cannot share an effective batch of {E} samples")
+    shares = split_evenly(E, world)
+    return StepLayout(E, shares, [split_evenly(s, -(-s // t.micro)) for s in shares])
+
+
+# TrainConfig fields that older configs carry and this version dropped, and why.
+REMOVED_FIELDS = {
+    "scale_lr": "the effective batch is now exact at every worker count (step_layout): no LR to rescale",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +298,12 @@ class RunConfig:
         """The inverse of to_dict (sections become their config classes)."""
         d = dict(d)
         t = dict(d.pop("train"))
+        for k in REMOVED_FIELDS:  # configs written before a field was dropped
+            t.pop(k, None)
+        check_fields(TrainConfig, t, "train.")
+        check_fields(cls, {k: v for k, v in d.items() if k not in ("model", "finetune")}, "")
+        if "finetune" in d:
+            check_fields(TaskConfig, d["finetune"], "finetune.")
         for k in ("betas", "crop_scale", "crop_ratio"):
             if k in t:
                 t[k] = tuple(t[k])

@@ -52,7 +52,8 @@ def frontend_from_manifest(m: dict) -> dict:
 # Fields that may change between a run and its resume, per kind of run (the Ray Train run name);
 # any other difference changes what is being trained (schedule, batch, model, data) and is refused
 # unless --allow-config-change. How a run is run and where it logs never changes its weights:
-RUN_FIELDS = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.max_failures",
+RUN_FIELDS = {"train.stop_at_step", "train.log_every", "train.checkpoint_every", "train.checkpoint_every_s",
+              "train.micro_batch", "train.max_failures",
               "train.min_workers", "train.resize_interval_s", "train.worker_resources",
               "train.cpus_per_worker", "train.use_gpu", "train.compile", "train.worker_memory_gb",
               "tracking_uri", "experiment", "parent_run_id"}
@@ -66,7 +67,7 @@ RESUMABLE = {
 
 
 # Fields added after runs were already written with this layout, with the value those runs used.
-ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "train.scale_lr": False,
+ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None,
                "train.tri_stage_hold": 0.9, "finetune.feature_bn": False, "train.min_workers": None,
                "train.resize_interval_s": 60.0, "train.worker_resources": {},
                # before images were stored encoded and augmented per epoch (their shards are refused)
@@ -74,9 +75,17 @@ ADDED_FIELDS = {"model.frontend.mask_id": 4, "train.reference_batch": None, "tra
                "train.hflip": 0.5, "train.color_jitter": 0.0}
 
 
+def resumable(key: str, fields: set) -> bool:
+    """Whether flattened config key `key` may change on a resume: a listed field, or any key under a
+    listed mapping field (flatten turns train.worker_resources={trainer: 1} into
+    train.worker_resources.trainer)."""
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
 def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> None:
     """Refuse to resume a run whose schedule-relevant config differs from the one it started
     with, naming the differing fields (before Ray starts)."""
+    from pipeline.train.config import REMOVED_FIELDS
     from pipeline.train.tracking import default_tracking_uri, flatten
 
     fs, root = storage.resolve(cfg.output)
@@ -84,6 +93,8 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> Non
         return  # nothing to resume
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
     now = flatten(cfg.to_dict())
+    for k in REMOVED_FIELDS:  # an older config.json has them; they no longer change what is trained
+        before.pop(f"train.{k}", None)
     for k, v in ADDED_FIELDS.items():  # an older config.json lacks them, and meant these values
         if k in now:  # (a pretraining run has no finetune.* fields at all)
             before.setdefault(k, v)
@@ -92,7 +103,8 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> Non
     for k in ("data", "output", "train_data", "val_data", "test_data"):  # the same place written two ways
         if before.get(k) and now.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
             before[k] = now[k]
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE[name])
+    diff = sorted(k for k in set(before) | set(now)
+                  if before.get(k) != now.get(k) and not resumable(k, RESUMABLE[name]))
     if diff and not allow_change:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:6])
         raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"
@@ -103,19 +115,30 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> Non
 def fit(loop, name: str, t, output: str, loop_config: dict):
     """Run `loop` on `t.num_workers` Ray Train workers (elastic between t.min_workers and
     t.num_workers when set); checkpoints under OUTPUT/ray/NAME (a re-run resumes from the latest),
-    FailureConfig restarts."""
+    FailureConfig restarts: t.max_failures counts failures of the training code; a worker's node
+    lost restarts without counting (elastic.NodeLossPolicy). Each worker's Ray Data readers run on
+    its own t.cpus_per_worker CPUs (elastic.reader_options)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
 
     from pipeline.raycluster import train_log_level
+    from pipeline.train.elastic import NodeLossPolicy
     from ray.train.torch import TorchTrainer
+
+    class _Trainer(TorchTrainer):
+        # Ray 2.60 builds its default failure policy in fit() with no public way to pass one;
+        # this hands the controller NodeLossPolicy instead (left alone if Ray stops passing one).
+        def _initialize_and_run_controller(self, **kwargs):
+            if "failure_policy" in kwargs:
+                kwargs["failure_policy"] = NodeLossPolicy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     fs, out = storage.resolve(output)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
     workers = (t.min_workers, t.num_workers) if t.min_workers else t.num_workers
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: os.environ[k] for k in (SAMPLE_LOG,) if k in os.environ}}
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         loop,
         train_loop_config={**loop_config, "cluster_cpus": cluster_cpus, "log_level": train_log_level()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.use_gpu, resources_per_worker=resources,
@@ -155,6 +178,6 @@ def error_line(error: BaseException) -> str:
 
 
 def local_cluster_cpus(cfg) -> int:
-    """Logical CPUs for a local Ray cluster: the training workers' CPUs plus two for the Ray Data
-    tasks that feed them (a worker set that holds every CPU starves its own input and hangs)."""
+    """Logical CPUs for a local Ray cluster: the training workers' CPUs plus two for the driver's
+    own Ray Data reads (the workers' readers need none: elastic.reader_options)."""
     return max(os.cpu_count() or 1, cfg.train.num_workers * cfg.train.cpus_per_worker + 2)

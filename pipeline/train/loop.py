@@ -1,17 +1,20 @@
 """The step loop every Ray Train worker runs, pretraining (pipeline/pretrain/worker.py) and
 fine-tuning (pipeline/finetune/worker.py) alike. What differs between them is a `Task`'s hooks.
 
-    checkpoint → `restore` the run position → this rank's seeded stream (stream.py) → groups of
-    grad_accum micro-batches, collated ahead in a background thread (batches.Ahead) →
-    task.step → metric window → log line + MLflow (rank 0) → task.after_step (learning curves,
-    validation, early stop) → checkpoint via ray.train.report → epoch roll-over → … → stop
+    checkpoint → `restore` the run position → the step's layout at this world size
+    (config.step_layout: the effective batch in shares, micro-batches) → this rank's seeded
+    stream (stream.py) → its share of each step in micro-batches, collated ahead in a background
+    thread (batches.Ahead) → task.step → metric window → log line + MLflow (rank 0) →
+    task.after_step (learning curves, validation, early stop) → checkpoint via ray.train.report
+    (every checkpoint_every steps or checkpoint_every_s seconds) → epoch roll-over → … → stop
 
 The run position `pos` is what a checkpoint resumes from: step (optimizer steps so far), epoch,
 rest (the rows of the epoch's global order not yet read, stream.py; None = all of them),
 step_in_epoch (optimizer steps into that epoch), world (the world size that wrote it), plus the
 task's own fields (pretraining: lr_scale, rollbacks; fine-tuning: the best validation score so
-far …). Nothing in it depends on the world size, so an elastic run restarts on fewer or more
-workers (`at_world`: same effective batch, grad_accum re-derived) and reads each row once.
+far …). Nothing in it depends on the world size, and neither does a step's global batch, so an
+elastic run restarts on fewer or more workers with the same steps cut into other shares, and
+reads each row once.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.train.batches import Ahead, step_rng
+from pipeline.train.batches import Ahead, sample_rngs
 from pipeline.train.checkpoint import load_state, save_state
+from pipeline.train.config import step_layout
 from pipeline.train.stream import ROW_ID, RankStream, interval_rows
 
 POSITION = {"step": 0, "epoch": 0, "rest": None, "step_in_epoch": 0, "world": 0}
@@ -57,8 +61,8 @@ class Task:
         """Before the first step of this (re)start; timed as evaluation."""
 
     def step(self, step: int, micro: list[tuple], pos: dict) -> dict:
-        """One optimizer step over `micro` (grad_accum collated micro-batches) → metrics (at least
-        loss and lr). May move `pos` back and raise Restart."""
+        """One optimizer step over `micro` (this rank's share of the step, collated micro-batches)
+        → metrics (at least loss and lr). May move `pos` back and raise Restart."""
         raise NotImplementedError
 
     def after_step(self, step: int, pos: dict) -> None:
@@ -106,21 +110,6 @@ def worker_context(use_gpu: bool, log_level: str = "INFO"):
     threads = threads_for_worker(node_cpus(), ctx.get_local_world_size())
     torch.set_num_threads(threads)
     return ctx.get_world_rank(), ctx.get_world_size(), device, threads
-
-
-def at_world(cfg, world: int, rank: int):
-    """`cfg` on `world` workers (an elastic run's restart, or a fixed one): the same effective batch
-    — train.reference_batch, else the config's own batch × grad_accum × num_workers — with
-    grad_accum re-derived; where it cannot be met exactly, the recipe's LR rule (train.scale_lr)
-    applies to the batch it gets."""
-    t = cfg.train
-    if world == t.num_workers:
-        return cfg
-    now = dataclasses.replace(t, num_workers=world, reference_batch=t.reference_batch or t.effective_batch)
-    if rank == 0:
-        print(f"elastic: {world} worker(s) of {t.min_workers or t.num_workers}-{t.num_workers}: {now.batch_line()}",
-              flush=True)
-    return dataclasses.replace(cfg, train=now)
 
 
 def cpu_copy(state):
@@ -203,39 +192,39 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
               config: dict, resumed: bool) -> dict:
     """Train from `pos` to train.stop_at_step (or max_steps, or the task's early stop); returns the
     last logged metrics. `config` is saved with every checkpoint."""
-    stream = RankStream(chunks, task.columns, t.batch_size, t.shuffle_buffer, t.seed,
-                        rank, world, view=task.view)
-    whole_epoch = stream.plan(None, t.grad_accum)
+    layout = step_layout(t, world)
+    if rank == 0 and t.min_workers and world != t.num_workers:
+        print(f"elastic: {world} worker(s) of {t.min_workers}-{t.num_workers}: {layout.line()}", flush=True)
+    stream = RankStream(chunks, task.columns, layout.shares, t.shuffle_buffer, t.seed, rank, view=task.view)
+    whole_epoch = stream.plan(None)
     if whole_epoch.steps == 0:
-        raise RuntimeError(f"worker {rank} gets no full step per epoch: lower train.batch_size ({t.batch_size}) "
-                           f"× grad_accum ({t.grad_accum}) or use fewer workers ({world})")
-    if pos["rest"] is None and pos["step_in_epoch"]:  # written before positions were global: same world
-        pos["rest"] = whole_epoch.left_after(pos["step_in_epoch"])
+        raise RuntimeError(f"the data has {stream.total} rows, fewer than one step's effective batch "
+                           f"({t.effective_batch}): lower train.reference_batch or train.batch_size")
+    if pos["rest"] is None and pos["step_in_epoch"]:
+        raise RuntimeError(
+            f"the checkpoint at step {pos['step']} was written {pos['step_in_epoch']} steps into epoch "
+            f"{pos['epoch']} by an earlier version whose data order depended on the worker count; "
+            f"this version cannot tell which of that epoch's rows it read. Resume it with the version that "
+            f"wrote it, or start the run again in a new --output")
     if resumed:
-        resized = pos["world"] and pos["world"] != world
-        if rank == 0:
-            left = stream.total if pos["rest"] is None else interval_rows(pos["rest"])
-            print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, {left} of its {stream.total} "
-                  f"rows left) on {world} worker(s)" + (f", {pos['world']} before" if resized else ""), flush=True)
-        if resized:
-            sink.set_tags({f"resize.step{pos['step']}": f"{pos['world']} → {world} workers, grad_accum "
-                                                        f"{t.grad_accum}, effective batch {t.effective_batch}"})
+        _resumed(pos, world, layout, stream, sink, rank, t)
     pos["world"] = world
     stop = t.stop_at_step or t.max_steps
     t0 = time.perf_counter()
     start_step, last = pos["step"], {}
     sample_log = os.environ.get(SAMPLE_LOG)
     plan, planned = None, 0  # this epoch's plan and the steps made since it was drawn
+    clock = Clock(t.checkpoint_every_s, world)
 
     def prepare(pos: dict) -> Ahead:
         """The run's next steps from `pos`, collated in the background across epoch boundaries."""
         nonlocal plan, planned
-        while (plan := stream.plan(pos["rest"], t.grad_accum)).steps == 0:  # less than a step left: next epoch
+        while (plan := stream.plan(pos["rest"])).steps == 0:  # less than a step left: next epoch
             pos.update(epoch=pos["epoch"] + 1, step_in_epoch=0, rest=None)
         planned = 0
-        groups = stream.groups(pos["epoch"], pos["rest"], t.grad_accum)
-        return Ahead(lambda step: [(task.collate(nb, step_rng(t.seed, rank, step, i)), _sample_ids(nb, sample_log))
-                                   for i, nb in enumerate(next(groups))], pos["step"], stop)
+        groups = stream.groups(pos["epoch"], pos["rest"], layout.micro[rank])
+        return Ahead(lambda step: [(task.collate(nb, sample_rngs(t.seed, step, nb[ROW_ID])), _sample_ids(nb, sample_log))
+                                   for nb in next(groups)], pos["step"], stop)
 
     ahead = prepare(pos)  # reading the first steps starts now, while begin() evaluates
     task.begin(pos)
@@ -277,14 +266,58 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
                 sink.log_metrics(last, step)
                 if rank == 0:
                     eta = (time.perf_counter() - meter.run["t0"]) / max(step - start_step, 1) * (stop - step)
-                    print(f"step {step}/{t.max_steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
-                          f"{last['samples_per_s']:.1f} samples/s data-wait {last['data_wait_fraction']:.1%} "
-                          f"ETA {eta:.0f}s", flush=True)
-            if step % t.checkpoint_every == 0 or end:
+                    line = (f"step {step}/{t.max_steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
+                            f"{last['samples_per_s']:.1f} samples/s data-wait {last['data_wait_fraction']:.1%} "
+                            f"ETA {eta:.0f}s")
+                    print(line, flush=True)
+                    sink.set_tags({"progress.step": step, "progress": f"{line} ({time.strftime('%H:%M:%S')})"})
+            if step % t.checkpoint_every == 0 or end or clock.due():
                 report(rank, model, opt, dict(pos), config, last, task.checkpoint_extra(dict(pos)))
+                sink.commit(step)  # the metric history holds what a restart will not re-run
+                clock.reset()
     finally:
         ahead.close()
     return last
+
+
+class Clock:
+    """Time-based checkpoints (train.checkpoint_every_s): every rank must checkpoint at the same
+    step (a report is a barrier), so the ranks agree on the longest time since the last one."""
+
+    def __init__(self, every_s: float, world: int):
+        self.every_s, self.world = every_s, world
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.monotonic()
+
+    def due(self) -> bool:
+        if self.every_s <= 0:
+            return False
+        waited = torch.tensor([time.monotonic() - self.t0], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(waited, op=dist.ReduceOp.MAX)
+        return float(waited) >= self.every_s
+
+
+def _resumed(pos: dict, world: int, layout, stream: RankStream, sink, rank: int, t) -> None:
+    """A restart's lines and events: where it resumes, what it re-runs, a resize (its own tag)."""
+    if rank != 0:
+        return
+    resized = pos["world"] and pos["world"] != world
+    reached = sink.tag("progress.step")
+    rerun = max(0, int(reached) - pos["step"]) if reached else 0
+    left = stream.total if pos["rest"] is None else interval_rows(pos["rest"])
+    print(f"[rank 0] resumed from step {pos['step']} (epoch {pos['epoch']}, {left} of its {stream.total} rows "
+          f"left) on {world} worker(s)" + (f", {pos['world']} before" if resized else "")
+          + f"; re-runs {rerun} step(s) the last attempt had logged", flush=True)
+    sink.log_event({"rerun_steps": rerun}, pos["step"])
+    if resized:
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        sink.set_tags({f"resize.{when}": f"{pos['world']} → {world} workers at step {pos['step']} "
+                                         f"(re-runs {rerun} steps): {layout.line()}"})
 
 
 def _sample_ids(batch: dict, sample_log: str | None) -> tuple:

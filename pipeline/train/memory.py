@@ -1,7 +1,7 @@
 """Pre-flight memory estimate of one training step, from the resolved config alone (no Ray, no
-data): a step that does not fit a worker is split into smaller micro-batches with more gradient
-accumulation (the same effective batch, `fit_memory`); a run is refused, naming the fields to
-change, only when a micro-batch of one sample does not fit.
+data): a step that does not fit a worker is cut into smaller micro-batches (train.micro_batch:
+the same effective batch and the same update, `fit_memory`); a run is refused, naming the fields
+to change, only when a micro-batch of one sample does not fit.
 
     peak ≈ weights (student + teacher) + gradients + AdamW state (+ DDP buckets)
          + student activations kept for backward   (sequences × tokens × width × depth)
@@ -41,9 +41,19 @@ CNN_MAPS_TRAINED = 10  # first-layer-sized maps a trained audio CNN keeps throug
 OVERHEAD = 1.25  # on what a step allocates and frees: allocator fragmentation, the largest op's temporaries
 
 
+_COUNTS: dict[str, tuple[int, int]] = {}
+
+
 def _param_counts(cfg) -> tuple[int, int]:
-    """(student, teacher) parameter counts, from the model built on the meta device (no memory).
-    Fine-tuning (a FineTuneConfig) has no teacher."""
+    """(student, teacher) parameter counts, from the model built on the meta device (no memory),
+    once per architecture. Fine-tuning (a FineTuneConfig) has no teacher."""
+    key = repr((cfg.model, getattr(cfg, "finetune", None), len(getattr(cfg, "labels", None) or [])))
+    if key not in _COUNTS:
+        _COUNTS[key] = _count(cfg)
+    return _COUNTS[key]
+
+
+def _count(cfg) -> tuple[int, int]:
     import torch
 
     from pipeline.model.data2vec import Data2Vec
@@ -78,7 +88,7 @@ def estimate(cfg) -> dict[str, float]:
     hidden = int(D * m.encoder.mlp_ratio)
     T = tokens_per_sample(cfg)
     extra = 1 if m.modality == "image" and m.frontend.cls_token else 0
-    B = t.batch_size
+    B = t.micro  # the largest micro-batch a worker runs
     act = 2 if t.use_gpu else 4  # bf16 autocast on GPU
     if m.mode == "d2v2" and not finetune:
         seqs, S = B * m.decoder.clone_batch, T - int(round(T * m.mask.prob)) + extra
@@ -138,40 +148,40 @@ def available_per_worker(cfg: RunConfig) -> tuple[float | None, str]:
     return total * 0.8 / t.num_workers, f"this machine's memory shared by {t.num_workers} worker(s)"
 
 
-def with_micro_batch(cfg, batch_size: int):
-    """`cfg` with micro-batches of `batch_size` and grad_accum raised to keep the samples per
-    worker and step (batch_size × grad_accum), hence the effective batch."""
-    t = cfg.train
-    per_worker = t.batch_size * t.grad_accum
-    assert per_worker % batch_size == 0, (per_worker, batch_size)
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch_size,
-                                                              grad_accum=per_worker // batch_size))
+def with_micro_batch(cfg, micro: int):
+    """`cfg` with micro-batches of at most `micro` samples (train.micro_batch): the step, its
+    effective batch and its update stay the same (train/step.py normalizes by the global batch)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=micro))
 
 
 def fit_memory(cfg) -> tuple[object, str | None]:
-    """(cfg, None) when a step fits a worker (or the memory is unknown); else (cfg with the largest
-    micro-batch that fits — a divisor of batch_size × grad_accum, grad_accum raised to match —,
-    the line saying so). Raises ConfigError naming the fields to change when even a micro-batch of
-    one sample does not fit."""
+    """(cfg, None) when a step fits a worker (or the memory is unknown); else (cfg with the
+    largest micro-batch that fits, the line saying so and what runs). Raises ConfigError naming
+    the fields to change when even a micro-batch of one sample does not fit — or, for a
+    fine-tuning head that standardizes over its micro-batch (finetune.feature_bn), any micro-batch
+    below train.batch_size (the BatchNorm would see another batch)."""
     parts = estimate(cfg)
     have, source = available_per_worker(cfg)
     if have is None or parts["total"] <= have:
         return cfg, None
     t = cfg.train
-    per_worker = t.batch_size * t.grad_accum
-    # feature_bn standardizes over the micro-batch: it needs two samples
-    smallest = 2 if getattr(getattr(cfg, "finetune", None), "feature_bn", False) else 1
-    for b in range(t.batch_size - 1, smallest - 1, -1):
-        if per_worker % b:
-            continue
-        fitted = with_micro_batch(cfg, b)
-        need = estimate(fitted)["total"]
-        if need <= have:
-            return fitted, (f"memory: micro-batch {b} × grad_accum {per_worker // b} per worker = {per_worker} "
-                            f"(a micro-batch of {t.batch_size} needs about {parts['total'] / GB:.1f} GiB), "
-                            f"estimated {need / GB:.1f} GiB of {have / GB:.1f} ({source})")
-    check_memory(with_micro_batch(cfg, smallest) if per_worker % smallest == 0 else cfg)  # raises, naming the fields
-    raise AssertionError("unreachable: the smallest micro-batch did not fit")
+    if getattr(getattr(cfg, "finetune", None), "feature_bn", False):
+        check_memory(cfg)  # raises, naming the fields
+        raise AssertionError("unreachable")
+    lo, hi = 1, t.micro - 1  # the largest micro-batch in [lo, hi] that fits: the need grows with it
+    if hi < 1 or estimate(with_micro_batch(cfg, 1))["total"] > have:
+        check_memory(with_micro_batch(cfg, 1))  # raises, naming the fields
+        raise AssertionError("unreachable: a micro-batch of one sample did not fit")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(with_micro_batch(cfg, mid))["total"] <= have:
+            lo = mid
+        else:
+            hi = mid - 1
+    fitted = with_micro_batch(cfg, lo)
+    need = estimate(fitted)["total"]
+    return fitted, (f"memory: micro-batches of at most {lo} (one of {t.micro} needs about {parts['total'] / GB:.1f} "
+                    f"GiB), estimated {need / GB:.1f} GiB of {have / GB:.1f} ({source}); {fitted.train.batch_line()}")
 
 
 def check_memory(cfg) -> dict[str, float]:
@@ -181,7 +191,10 @@ def check_memory(cfg) -> dict[str, float]:
     if have is not None and parts["total"] > have:
         m, t = cfg.model, cfg.train
         T = tokens_per_sample(cfg)
-        knobs = ["train.batch_size", "train.grad_accum (same effective batch in smaller pieces)"]
+        knobs = ["train.micro_batch (the same step in smaller pieces)", "train.batch_size"]
+        if getattr(getattr(cfg, "finetune", None), "feature_bn", False):
+            knobs[0] = ("finetune.feature_bn=false (its BatchNorm standardizes over a micro-batch of "
+                        f"train.batch_size={t.batch_size}: the fit cannot cut it smaller)")
         if m.mode == "d2v2" and getattr(cfg, "finetune", None) is None:
             knobs.append("model.decoder.clone_batch")
         if m.modality == "image":
@@ -194,7 +207,7 @@ def check_memory(cfg) -> dict[str, float]:
         big = max((k for k in parts if k != "total"), key=parts.get)
         raise ConfigError(
             f"train.batch_size: a step needs about {parts['total'] / GB:.1f} GiB per worker (largest part: "
-            f"{big} {parts[big] / GB:.1f} GiB; batch {t.batch_size}, {T} tokens per sample, width "
+            f"{big} {parts[big] / GB:.1f} GiB; micro-batch {t.micro}, {T} tokens per sample, width "
             f"{m.encoder.dim} × depth {m.encoder.depth}) but {source} gives {have / GB:.1f} GiB. Lower one of: "
             f"{'; '.join(knobs)}")
     return parts

@@ -2,10 +2,17 @@
 harness (benchmarks/harness.py) and fine-tuning all call `train_step`, so the autocast / compiled
 path is the one everything runs. No Ray here: DDP is plain torch.distributed.
 
-    micro-batches [(inputs, mask)] × grad_accum
+    micro-batches [(inputs, mask)] (this rank's share of the step, step_layout)
+      └ the step's sample size: loss positions counted from the masks, summed over every rank
       └ for each: forward (bf16 autocast on GPU) → health check, agreed by every rank →
-                  backward (DDP all-reduces on the last micro-batch only)
+                  backward of (its loss sum / the step's sample size) (DDP all-reduces on the
+                  last micro-batch only)
     → clip → optimizer step (LR from the schedule × lr_scale) → EMA teacher update → metrics
+
+The normalization is fairseq's (data2vec2.py returns the loss summed over masked steps with
+`sample_size = masked.sum()`; trainer.py all-reduces sample_size and scales the gradients by
+world / sample_size): the update is the mean over every loss position of the global batch, however
+the batch is cut into workers and micro-batches, uneven shares and variable lengths included.
 """
 from __future__ import annotations
 
@@ -24,17 +31,17 @@ from pipeline.train.config import TrainConfig
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): a pure function, so resume needs no state."""
     if step < t.warmup_steps:
-        return t.peak_lr * (step + 1) / t.warmup_steps
+        return t.lr * (step + 1) / t.warmup_steps
     if t.schedule == "cosine":
         p = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        return t.peak_lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+        return t.lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
     # tri_stage (fairseq, phase_ratio [warm-up, hold, rest]): hold for tri_stage_hold of the run
     # after the warm-up, then decay exponentially to lr × min_lr_scale.
     hold_end = min(t.max_steps, t.warmup_steps + int(t.tri_stage_hold * t.max_steps))
     if step < hold_end:
-        return t.peak_lr
+        return t.lr
     p = (step - hold_end) / max(1, t.max_steps - hold_end)
-    return t.peak_lr * max(t.min_lr_scale, 1e-12) ** min(p, 1.0)
+    return t.lr * max(t.min_lr_scale, 1e-12) ** min(p, 1.0)
 
 
 def build_optimizer(model: Data2Vec, t: TrainConfig) -> torch.optim.Optimizer:
@@ -84,37 +91,66 @@ def _agree_on_health(model: Data2Vec, out, step: int, rank: int, world: int) -> 
         raise health_error(code, value, step, c.min_target_var, c.min_pred_var, where)
 
 
+def sample_size(counts: list[float], device, world: int) -> float:
+    """The step's global count (loss positions, or samples) from this rank's micro-batches."""
+    total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    return max(float(total), 1.0)
+
+
+def global_mean(values: list[float], device, world: int) -> list[float]:
+    """Sums of this rank's micro-batches → sums over every rank (for the step's logged metrics)."""
+    x = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(x)
+    return x.tolist()
+
+
 def train_step(model: Data2Vec, net: torch.nn.Module, opt: torch.optim.Optimizer,
                micro: list[tuple[dict, torch.Tensor]], step: int, t: TrainConfig, *,
                lr_scale: float = 1.0, autocast: Callable[[], object] = nullcontext, rank: int = 0,
                world: int = 1, poison: bool = False) -> dict:
-    """Run one optimizer step over the micro-batches of one accumulation group.
+    """Run one optimizer step over this rank's micro-batches of the step.
 
     `model` is the Data2Vec module; `net` is what runs forward (the model itself, or its DDP
-    wrapper). Every micro-batch's loss is divided by the group size, so a group of k micro-batches
-    of b samples is the same step as one batch of k·b samples with the same masks. `poison` makes
-    this step's loss NaN (tests of the health guard). Returns the step's metrics."""
+    wrapper). The loss is each micro-batch's sum over its loss positions divided by the step's
+    global count G (all ranks, all micro-batches), × world for DDP's average: the gradient is
+    that of the global batch's mean, for any cut of it. The image 2.0 CLS term keeps fairseq's
+    weight at the recipe's per-GPU batch b (cls_loss × the sum over a b·C-row batch of the
+    per-row loss, train.batch_size, which the memory fit never changes): cls_loss × b·C × its
+    mean over the step's rows. `poison` makes this step's loss NaN (tests of the health guard).
+    Returns the step's metrics (loss: the global batch's; target/pred variance: averaged over
+    the loss positions of every rank)."""
     lr = lr_at(step, t) * lr_scale
     for g in opt.param_groups:
         g["lr"] = lr
-    loss = tv = pv = 0.0
+    device = micro[0][1].device
+    G = sample_size([model.loss_positions(x, m).sum().item() for x, m in micro], device, world)
+    cls_weight = model.cfg.decoder.cls_loss * t.batch_size / t.effective_batch  # × cls_sum: b·C × the rows' mean
+    loss = tv = pv = n = 0.0
     for i, (inputs, mask) in enumerate(micro):
         last = i == len(micro) - 1
         # A fresh no_sync() per micro-batch: DDP all-reduces gradients only on the group's last.
         with (net.no_sync() if world > 1 and not last else nullcontext()):
             with autocast():
                 out = net(inputs, mask)
+            piece = out.sum / G + cls_weight * out.cls_sum  # this micro-batch's part of the step's loss
             if poison:
+                piece = piece * float("nan")
                 out.loss = out.loss * float("nan")
             _agree_on_health(model, out, step, rank, world)
-            (out.loss / len(micro)).backward()
-        loss += float(out.loss.detach()) / len(micro)
-        tv += float(out.target_var) / len(micro)
-        pv += float(out.pred_var) / len(micro)
+            (piece * world).backward()
+        loss += float(piece.detach())
+        tv += float(out.target_var) * out.count
+        pv += float(out.pred_var) * out.count
+        n += out.count
+    loss, tv, pv, n = global_mean([loss, tv, pv, n], device, world)
     grad_norm = float("nan")
     if t.clip_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.student_parameters(), t.clip_norm))
     opt.step()
     opt.zero_grad(set_to_none=True)
     decay = model.ema_step(step)
-    return {"loss": loss, "target_var": tv, "pred_var": pv, "lr": lr, "ema_decay": decay, "grad_norm": grad_norm}
+    return {"loss": loss, "target_var": tv / max(n, 1), "pred_var": pv / max(n, 1), "lr": lr, "ema_decay": decay,
+            "grad_norm": grad_norm}

@@ -4,19 +4,23 @@
       rows of one row group: the shuffle unit; row groups themselves are sized by bytes)
       epoch e's global order: the chunks in a seeded random order, then a seeded shuffle inside
       consecutive windows of `window` rows ─► rows 0 … N−1 of the epoch
-      ─► the rows still to read (`rest`, intervals of that order) cut into `world` equal shares
-      ─► rank r's share read by Ray Data: at most READ_BLOCKS tasks, each reading a run of windows
-         one after the other (a row group once per window, each file's footer once per process),
-         decoding + augmenting images (augment.py), handing on ~1 MB blocks as it goes
-      ─► batches of `batch_size` rows, grad_accum of them per optimizer step
+      ─► the rows still to read (`rest`, intervals of that order), E at a time (E = the effective
+         batch): optimizer step s trains on rows [s·E, (s+1)·E) of `rest`, whatever the world size
+      ─► each step's E rows sorted by where they lie in the chunks (before the window shuffle) and
+         cut into `world` shares that differ by at most one row (config.step_layout): rank r's
+         share is its slice of that sorted list, so a rank reads about 1/world of a window's chunks
+      ─► rank r's shares read by Ray Data: at most READ_BLOCKS tasks, each reading a run of steps'
+         shares one after the other (a row group once per unit, each file's footer once per
+         process), decoding + augmenting images (augment.py), handing on ~1 MB blocks as it goes
+      ─► the share cut into micro-batches (train/loop.py)
 
 A class-sorted folder (all cats, then all dogs) thus arrives mixed, differently every epoch.
-Because the order does not depend on the number of workers, the run position is global: the
-epoch and the intervals of its order not yet read. A restart with another world size (an
-elastic run that lost or gained a node) cuts what is left into new shares: no row of the epoch is
-skipped or read twice, counting from the checkpoint. Only the windows a share touches are read
-(a resume re-reads at most one window per share edge). Planning is a prefix sum over the epoch's
-chunk order and a binary search per window: O(N log N) in the chunks, never a walk per window.
+Because neither the order nor a step's rows depend on the number of workers, the run position is
+global (the epoch and the intervals of its order not yet read) and a step's global batch is the
+same on any number of workers: a restart with another world size (an elastic run that lost or
+gained a node) cuts the same steps into new shares; no row of the epoch is skipped or read twice,
+counting from the checkpoint. Planning is a prefix sum over the epoch's chunk order and binary
+searches per step: O(N log N) in the chunks, never a walk over the epoch.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import dataclasses
 import gc
 import json
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.train.background import Background
+from pipeline.train.elastic import reader_options, watch_first_block
 
 CHUNK_ROWS = 64  # the shuffle unit: a chunk is at most this many consecutive rows of one row group
 READ_BLOCKS = 32  # Ray tasks per epoch read of one rank (each covers consecutive read units)
@@ -199,26 +205,65 @@ def merge(iv: list) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Plan:
-    """How `world` ranks read the rows `rest` of an epoch, `step_rows` (batch_size × grad_accum)
-    each per optimizer step: rank r's share is rows [r·n, (r+1)·n) of `rest`, n = steps ×
-    step_rows; the remainder (fewer rows than one step of all ranks) is left for the epoch's end."""
+    """How the rows `rest` of an epoch are trained on: `step_rows` (the effective batch) per
+    optimizer step, in order — step s is rows [s·E, (s+1)·E) of `rest`, on every world size; the
+    remainder (fewer rows than one step) is left for the epoch's end."""
     rest: list
-    world: int
     step_rows: int
 
     @property
     def steps(self) -> int:
-        return interval_rows(self.rest) // (self.world * self.step_rows)
+        return interval_rows(self.rest) // self.step_rows
 
-    def share(self, rank: int) -> list:
-        n = self.steps * self.step_rows
-        return take(self.rest, rank * n, (rank + 1) * n)
+    def step(self, s: int) -> list:
+        """The rows of step s (intervals of the epoch's order)."""
+        return take(self.rest, s * self.step_rows, (s + 1) * self.step_rows)
 
     def left_after(self, steps: int) -> list:
-        """The rows not yet read after every rank made `steps` steps of this plan."""
-        n, done = self.steps * self.step_rows, steps * self.step_rows
-        parts = [take(self.rest, r * n + done, (r + 1) * n) for r in range(self.world)]
-        return merge([x for p in parts for x in p] + take(self.rest, self.world * n, interval_rows(self.rest)))
+        """The rows not yet read after `steps` steps of this plan."""
+        return take(self.rest, steps * self.step_rows, interval_rows(self.rest))
+
+
+def expand(iv: list) -> np.ndarray:
+    """Intervals → the row numbers they hold, in order."""
+    return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in iv]) if iv else np.zeros(0, np.int64)
+
+
+class EpochOrder:
+    """Epoch `epoch`'s order as a function: the row at position p is row q(p) of the chunks in the
+    epoch's chunk order (`table`, a permuted _Table), q = the window shuffle undone. Built where
+    needed (on a worker, in a read task) from (seed, epoch, window); window permutations are
+    computed once each."""
+
+    def __init__(self, table: "_Table", seed: int, epoch: int, window: int, shuffle: bool):
+        self.table, self.seed, self.epoch, self.window, self.shuffle = table, seed, epoch, window, shuffle
+        self.total = int(table.starts[-1])
+        self._perms: dict[int, np.ndarray] = {}
+
+    def window_order(self, j: int) -> np.ndarray:
+        """Window j's shuffle: position i of the window holds its row perm[i] as read."""
+        if j not in self._perms:
+            n = min(self.window, self.total - j * self.window)
+            if len(self._perms) > 256:
+                self._perms.clear()
+            self._perms[j] = (np.random.default_rng([self.seed, self.epoch, j, 104729]).permutation(n)
+                              if self.shuffle else np.arange(n))
+        return self._perms[j]
+
+    def unshuffled(self, p: np.ndarray) -> np.ndarray:
+        """Positions p of the epoch's order → their places q in the chunk order."""
+        w = self.window
+        j = p // w
+        q = np.empty_like(p)
+        for jj in np.unique(j):
+            at = j == jj
+            q[at] = jj * w + self.window_order(int(jj))[p[at] - jj * w]
+        return q
+
+    def share(self, plan: Plan, s: int, lo: int, n: int) -> np.ndarray:
+        """Step s's share [lo, lo + n) of its rows sorted by chunk place: the places q, ascending."""
+        q = np.sort(self.unshuffled(expand(plan.step(s))))
+        return q[lo: lo + n]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -308,15 +353,48 @@ def tasks_dataset(tasks: list[list[Chunk]], columns: list[str], epoch: int = 0, 
 
     items = [{"chunks": json.dumps([dataclasses.astuple(c) for c in cs]), "epoch": epoch} for cs in tasks]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_task, fn_kwargs={"columns": columns, "view": view}, batch_size=1, batch_format="numpy")
+        read_task, fn_kwargs={"columns": columns, "view": view}, batch_size=1, batch_format="numpy", **reader_options())
 
 
 _PLANS: dict = {}  # the last plans a read-task process fetched, by object id
+_GROUPS: "OrderedDict[tuple, pa.Table]" = OrderedDict()  # row groups a read-task process read last
+_GROUP_BYTES = 64 << 20  # … up to this many bytes (consecutive units of a share revisit row groups)
+
+
+def _row_group(path: str, group: int, columns: list[str]) -> pa.Table:
+    key = (path, group, tuple(columns))
+    if key in _GROUPS:
+        _GROUPS.move_to_end(key)
+        return _GROUPS[key]
+    t = _parquet(path).read_row_group(group, columns=columns)
+    _GROUPS[key] = t
+    while len(_GROUPS) > 1 and sum(x.nbytes for x in _GROUPS.values()) > _GROUP_BYTES:
+        _GROUPS.popitem(last=False)
+    return t
+
+
+def read_places(table: "_Table", q: np.ndarray, columns: list[str]) -> pa.Table:
+    """The rows at places `q` of a chunk order (EpochOrder.unshuffled), in the order of `q`, with
+    each row's stable id (ROW_ID): every row group they touch is read once."""
+    i = np.searchsorted(table.starts, q, side="right") - 1
+    k = table.perm[i]
+    off = q - table.starts[i]
+    files, groups, rows, ids = table.file[k], table.group[k], table.start[k] + off, table.id0[k] + off
+    parts, where = [], []
+    for f, g in dict.fromkeys(zip(files.tolist(), groups.tolist())):
+        at = np.flatnonzero((files == f) & (groups == g))
+        parts.append(_row_group(table.paths[f], g, columns).take(pa.array(rows[at])))
+        where.append(at)
+    if not parts:
+        return pa.table({**{c: [] for c in columns}, ROW_ID: pa.array([], pa.int64())})
+    t = pa.concat_tables(parts)
+    t = t.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))  # back into the order of q
+    return t.append_column(ROW_ID, pa.array(ids, pa.int64()))
 
 
 def read_planned(batch: dict, plan_ref) -> pa.Table:
-    """Ray Data map task: read task i of a RankStream.read plan (fetched once per process from the
-    object store) → the rows of its windows, in order, images as views."""
+    """Ray Data map task: read unit i of a RankStream.read plan (fetched once per process from the
+    object store) → this rank's shares of the unit's steps, in order, images as views."""
     import ray
 
     key = plan_ref.hex()
@@ -324,12 +402,12 @@ def read_planned(batch: dict, plan_ref) -> pa.Table:
         _PLANS.clear()
         _PLANS[key] = ray.get(plan_ref)
     plan = _PLANS[key]
-    order, w = plan["order"], plan["window"]
+    order, steps = plan["order"], plan["plan"]
     tables = []
-    for i in batch["id"]:  # window number i of the share
-        j = int(plan["windows"][int(i)])
-        chunks = order.slice(j * w, (j + 1) * w)
-        tables.append(_with_views(read_chunk_table(chunks, plan["columns"]), plan["view"], plan["epoch"]))
+    for i in batch["id"]:
+        s0, s1 = (int(x) for x in plan["units"][int(i)])
+        q = np.concatenate([order.share(steps, s, plan["lo"], plan["n"]) for s in range(s0, s1)])
+        tables.append(_with_views(read_places(order.table, q, plan["columns"]), plan["view"], order.epoch))
     return pa.concat_tables(tables)
 
 
@@ -399,73 +477,43 @@ def warm_up(chunks: dict, columns: list[str], view: dict | None = None) -> threa
 
 
 class RankStream:
-    """Batches (numpy dicts, plus ROW_ID) of one rank of `world`, epoch after epoch, from any
-    global position. `view` (augment.view_spec plus "seed"): images arrive as (B, size, size, 3)
-    uint8 training views drawn in the read tasks; None leaves the stored bytes."""
+    """This rank's share of every optimizer step (numpy dicts, plus ROW_ID), epoch after epoch,
+    from any global position. `shares`: samples per rank per step (config.step_layout; their sum
+    is the effective batch). `view` (augment.view_spec plus "seed"): images arrive as (B, size,
+    size, 3) uint8 training views drawn in the read tasks; None leaves the stored bytes."""
 
-    def __init__(self, chunks: list[Chunk] | dict, columns: list[str], batch_size: int, window: int, seed: int,
-                 rank: int, world: int, view: dict | None = None):
+    def __init__(self, chunks: list[Chunk] | dict, columns: list[str], shares: list[int], window: int, seed: int,
+                 rank: int, view: dict | None = None):
         self.table = _Table.of(chunks)  # list[Chunk] or pack_chunks' columns
         self.total = int(self.table.starts[-1])
-        self.columns, self.batch_size = columns, batch_size
+        self.columns = columns
+        self.step_rows, self.lo, self.n = sum(shares), sum(shares[:rank]), shares[rank]
         self.shuffle = window > 0
-        self.window = window if window > 0 else batch_size  # without shuffling: windows are just read units
-        self.seed, self.rank, self.world = seed, rank, world
+        self.window = window if window > 0 else self.step_rows  # without shuffling: windows are just read units
+        self.seed, self.rank, self.world = seed, rank, len(shares)
         self.view = None if view is None else {**view, "seed": seed}
-        self._order: tuple[int, _Table] | None = None
+        self._order: EpochOrder | None = None
 
-    def plan(self, rest: list | None, grad_accum: int) -> Plan:
+    def plan(self, rest: list | None) -> Plan:
         """The plan for the rows `rest` of an epoch (None: the whole epoch)."""
-        return Plan([[0, self.total]] if rest is None else rest, self.world, self.batch_size * grad_accum)
+        return Plan([[0, self.total]] if rest is None else rest, self.step_rows)
 
-    def order(self, epoch: int) -> _Table:
-        """The epoch's chunks in their seeded order (the global order before the window shuffle)."""
-        if self._order is None or self._order[0] != epoch:
+    def order(self, epoch: int) -> EpochOrder:
+        """The epoch's order (chunks in their seeded order, window shuffles on demand)."""
+        if self._order is None or self._order.epoch != epoch:
             perm = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.table))
-            self._order = (epoch, self.table.permuted(perm))
-        return self._order[1]
+            self._order = EpochOrder(self.table.permuted(perm), self.seed, epoch, self.window, self.shuffle)
+        return self._order
 
-    def _window_rows(self, j: int) -> int:
-        return min(self.window, self.total - j * self.window)
+    def units(self, plan: Plan) -> np.ndarray:
+        """The plan's steps in read units of about a window of global rows: (first, end) pairs."""
+        per = max(1, -(-self.window // self.step_rows))
+        starts = np.arange(0, plan.steps, per, dtype=np.int64)
+        return np.stack([starts, np.minimum(starts + per, plan.steps)], 1)
 
-    def _window_order(self, epoch: int, j: int) -> np.ndarray:
-        n = self._window_rows(j)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, j, 104729]).permutation(n)
-
-    def _needs(self, epoch: int, rows: list) -> Iterator[tuple[int, np.ndarray]]:
-        """(window, positions in that window) for the rows `rows` of the epoch's order, in order,
-        one window at a time (nothing is computed for windows not yet reached)."""
-        w, pending = self.window, None
-        for lo, hi in rows:
-            for j in range(lo // w, (hi - 1) // w + 1):
-                picks = self._window_order(epoch, j)[max(lo, j * w) - j * w: min(hi, (j + 1) * w) - j * w]
-                if pending is not None and pending[0] == j:
-                    pending = (j, np.concatenate([pending[1], picks]))
-                    continue
-                if pending is not None:
-                    yield pending
-                pending = (j, picks)
-        if pending is not None:
-            yield pending
-
-    def _windows(self, rows: list) -> list[int]:
-        """The windows the rows `rows` of an epoch's order touch, in order (each once)."""
-        w, out = self.window, []
-        for lo, hi in rows:
-            for j in range(lo // w, (hi - 1) // w + 1):
-                if not out or out[-1] != j:
-                    out.append(j)
-        return out
-
-    def rows_to_read(self, epoch: int, rows: list) -> int:
-        """Rows Ray Data reads to produce `rows` (whole windows)."""
-        return sum(self._window_rows(j) for j in self._windows(rows))
-
-    def dataset(self, epoch: int, windows: list[int]):
-        """The Ray dataset of the windows `windows` of the epoch's order, in order (each window's
-        rows as read, before its shuffle; images as this stream's views)."""
+    def dataset(self, epoch: int, plan: Plan):
+        """The Ray dataset of this rank's shares of the plan's steps, in order (images as this
+        stream's views)."""
         import ray
 
         from pipeline.raycluster import quiet_ray_data
@@ -479,69 +527,67 @@ class RankStream:
         # One reader per worker and epoch (every few seconds on a small data set): its progress
         # (logged: a worker has no terminal) and execution lines would flood the driver's console.
         quiet_ray_data(worker=True)
-        # The read tasks find each window's chunks in the plan (a binary search per window), so
-        # nothing here grows with the data but the windows' numbers.
-        plan = ray.put({"order": self.order(epoch), "window": self.window, "windows": np.asarray(windows, np.int64),
-                        "epoch": epoch, "columns": self.columns, "view": self.view})
-        n = len(windows)
+        # The read tasks compute each step's share from the plan (binary searches per step), so
+        # nothing here grows with the data but the units' numbers.
+        units = self.units(plan)
+        ref = ray.put({"order": self.order(epoch), "plan": plan, "units": units, "lo": self.lo, "n": self.n,
+                       "columns": self.columns, "view": self.view})
+        n = len(units)
         # At most READ_BLOCKS Ray tasks, each reading its read units one after the other (streamed
         # out block by block): Ray Data spends ~25 ms per task, so 1 221 one-unit tasks (a 10 M-row
         # epoch) cost 30 s and 2 s before the first block; 32 tasks 1.2 s and 0.55 s (measured here).
-        return ray.data.range(n, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
-            read_planned, fn_kwargs={"plan_ref": plan}, batch_size=1, batch_format="numpy")
+        # from_items, not range: range's read tasks take a CPU of their own, from_items has none;
+        # the map tasks run on the worker's own CPUs (elastic.reader_options).
+        ids = [{"id": i} for i in range(n)]
+        return ray.data.from_items(ids, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
+            read_planned, fn_kwargs={"plan_ref": ref}, batch_size=1, batch_format="numpy", **reader_options())
 
-    def read(self, epoch: int, rows: list) -> Iterator[dict]:
-        """The rows `rows` (intervals) of the epoch's order, in order, as batches of batch_size."""
-        windows = self._windows(rows)
-        if not windows:
+    def read(self, epoch: int, plan: Plan) -> Iterator[dict]:
+        """This rank's share of each step of `plan`, in order: one numpy dict of `n` rows per step."""
+        if plan.steps == 0:
             return
-        ds = self.dataset(epoch, windows)
-        needs = self._needs(epoch, rows)
         cols = self.columns + [ROW_ID]
-        pending, have, out = [], 0, []
-        nxt = next(needs, None)
-        for t in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
+        pending, have = [], 0
+        for t in watch_first_block(  # a read that gets no CPU fails instead of hanging (elastic.py)
+                self.dataset(epoch, plan).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)):
             pending.append(t)
             have += t.num_rows
-            while nxt is not None and have >= (n := self._window_rows(nxt[0])):
-                window, pending = _split(pa.concat_tables(pending), n)
-                have -= n
-                out.append(window.take(pa.array(nxt[1])))
-                nxt = next(needs, None)
-                ready = pa.concat_tables(out)
-                for a in range(0, ready.num_rows - self.batch_size + 1, self.batch_size):
-                    b = ready.slice(a, self.batch_size)
-                    yield {c: to_numpy(b.column(c)) for c in cols}
-                rest = ready.num_rows % self.batch_size
-                out = [ready.slice(ready.num_rows - rest)] if rest else []
+            if have < self.n:
+                continue
+            ready = pa.concat_tables(pending)
+            a = 0
+            for a in range(0, ready.num_rows - self.n + 1, self.n):
+                b = ready.slice(a, self.n)
+                yield {c: to_numpy(b.column(c)) for c in cols}
+            used = (ready.num_rows // self.n) * self.n
+            pending = [ready.slice(used)] if used < ready.num_rows else []
+            have = ready.num_rows - used
 
-    def groups(self, epoch: int, rest: list | None, grad_accum: int) -> Iterator[list[dict]]:
-        """Optimizer steps' micro-batch groups (grad_accum batches each) of this rank from (epoch,
-        rest) on, across epoch boundaries. Each epoch is read in a background thread that runs up to
-        a window of batches ahead; the next epoch's reader starts as soon as that thread has read
-        the last window, so its first window is read while the last one is trained on. An epoch
-        ends at its last full step."""
-        ahead = self.window // self.batch_size + grad_accum
+    def groups(self, epoch: int, rest: list | None, micro: list[int]) -> Iterator[list[dict]]:
+        """Optimizer steps' micro-batches (of sizes `micro`, summing to this rank's share) from
+        (epoch, rest) on, across epoch boundaries. Each epoch is read in a background thread that
+        runs up to a read unit of steps ahead; the next epoch's reader starts as soon as that thread
+        has read the last unit, so its first unit is read while the last one is trained on. An
+        epoch ends at its last full step."""
+        assert sum(micro) == self.n, (micro, self.n)
+        cuts = np.cumsum([0] + list(micro))
+        ahead = max(2, -(-self.window // self.step_rows) + 1)
         reader = nxt = None
         try:
             while True:
-                plan = self.plan(rest, grad_accum)
+                plan = self.plan(rest)
                 if plan.steps == 0 and rest is None:
                     return
-                reader, nxt = nxt or Background(self.read(epoch, plan.share(self.rank)), ahead, "epoch-reader"), None
-                whole = self.plan(None, grad_accum)
+                reader, nxt = nxt or Background(self.read(epoch, plan), ahead, "epoch-reader"), None
+                whole = self.plan(None)
                 for _ in range(plan.steps):
                     if nxt is None and reader.done() and whole.steps:
-                        nxt = Background(self.read(epoch + 1, whole.share(self.rank)), ahead, "epoch-reader")
-                    yield [reader.next() for _ in range(grad_accum)]
+                        nxt = Background(self.read(epoch + 1, whole), ahead, "epoch-reader")
+                    share = reader.next()
+                    yield [{c: v[a:b] for c, v in share.items()} for a, b in zip(cuts[:-1], cuts[1:])]
                 reader.close()
                 epoch, rest = epoch + 1, None
         finally:  # closed (end of run, rollback): stop the readers still running
             for r in (reader, nxt):
                 if r is not None:
                     r.close()
-
-
-def _split(t: pa.Table, n: int) -> tuple[pa.Table, list[pa.Table]]:
-    rest = t.slice(n)
-    return t.slice(0, n), ([rest] if rest.num_rows else [])

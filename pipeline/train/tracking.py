@@ -11,14 +11,26 @@ class NullSink:
     run_id = None
 
     def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def log_event(self, metrics: dict, step: int) -> None: ...
+    def commit(self, step: int) -> None: ...
+    def discard_after(self, step: int) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def tag(self, name: str) -> str | None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
 class MLflowSink(NullSink):
     """One MLflow run per RUN_DIR: its id is stored in RUN_DIR/mlflow_run_id so a resumed run keeps
-    logging into the same MLflow run."""
+    logging into the same MLflow run.
+
+    The metric history is the committed one: `log_metrics` holds a step's values until a checkpoint
+    at or after that step is written (`commit`, called by the loop at every checkpoint) or the run
+    ends; a restart (crash, lost node, resize) or a rollback re-runs only uncommitted steps, whose
+    held values die with the process or are dropped (`discard_after`), so every step has one value.
+    MLflow trails the run by at most one checkpoint interval (train.checkpoint_every_s); the run's
+    `progress` tag and the console show the live step. `log_event` (rollbacks, restarts) goes out
+    at once."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_dir: str, run_name: str, params: dict,
                  parent_run_id: str | None = None):
@@ -42,8 +54,24 @@ class MLflowSink(NullSink):
             for i in range(0, len(items), 100):  # MLflow caps params per call
                 mlflow.log_params(dict(items[i: i + 100]))
 
+        self.pending: list[tuple[int, dict]] = []
+
     def log_metrics(self, metrics, step):
+        self.pending.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def log_event(self, metrics, step):
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def commit(self, step):
+        now, self.pending = [x for x in self.pending if x[0] <= step], [x for x in self.pending if x[0] > step]
+        for s, m in now:
+            self.mlflow.log_metrics(m, step=s)
+
+    def discard_after(self, step):
+        self.pending = [x for x in self.pending if x[0] <= step]
+
+    def tag(self, name):
+        return self.mlflow.get_run(self.run_id).data.tags.get(name)
 
     def log_artifact(self, path, artifact_path=None):
         self.mlflow.log_artifact(path, artifact_path)
@@ -52,6 +80,8 @@ class MLflowSink(NullSink):
         self.mlflow.set_tags(tags)
 
     def close(self, status="FINISHED"):
+        if status == "FINISHED":  # the run ended where it meant to: everything it logged stands
+            self.commit(1 << 62)
         self.mlflow.end_run(status=status)
 
 
