@@ -173,13 +173,19 @@ def test_finetune_each_modality_on_two_workers(demo_shards, tmp_path, capsys, mo
 def test_a_step_too_big_for_a_worker_runs_in_smaller_micro_batches(demo_shards, tmp_path, capsys):
     """Fit, don't refuse: audio from scratch (its CNN trains: the largest estimate) at 16 clips of
     up to 20 s per worker does not fit 4 GiB; the run goes on with the largest micro-batch that fits
-    (train.micro_batch), the effective batch unchanged, and says so (console and MLflow)."""
+    (train.micro_batch), the effective batch unchanged, and says so (console and MLflow) — unless
+    the head standardizes over its micro-batch (finetune.feature_bn, the demo's classify recipe):
+    that is refused before Ray starts, naming it."""
     d = demo_shards
     out = str(tmp_path / "ft")
-    assert finetune(["--task", "classify", "--modality", "audio", "--init", "scratch", "--train-data", d["audio_train"],
-                     "--val-data", d["audio_test"], "--test-data", d["audio_test"], "--output", out,
-                     "--max-steps", "2", "--num-workers", "2", "--set", "train.batch_size=16",
-                     "--set", "train.worker_memory_gb=4", "--set", "train.log_every=1"]) == 0
+    args = ["--task", "classify", "--modality", "audio", "--init", "scratch", "--train-data", d["audio_train"],
+            "--val-data", d["audio_test"], "--test-data", d["audio_test"], "--output", out,
+            "--max-steps", "2", "--num-workers", "2", "--set", "train.batch_size=16",
+            "--set", "train.worker_memory_gb=4", "--set", "train.log_every=1"]
+    assert finetune(args + ["--set", "finetune.feature_bn=true"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.feature_bn=false (its BatchNorm standardizes over a micro-batch of train.batch_size=16" in err
+    assert finetune(args + ["--set", "finetune.feature_bn=false"]) == 0
     text = capsys.readouterr().out
     line = next(x for x in text.splitlines() if x.startswith("memory: "))
     assert line.startswith("memory: micro-batches of at most ") and "of 4.0" in line, line
