@@ -41,14 +41,17 @@ class ReadersStarved(RuntimeError):
 def reader_options() -> dict:
     """Ray Data map_batches arguments of this process's read tasks: inside a Ray Train worker (a
     placement group holds it), 0 CPUs on its own node, as many at once as its share of the node's
-    cores; elsewhere none (Ray Data's defaults)."""
+    cores; elsewhere Ray Data's 1 CPU each, as many at once as the cluster has CPUs."""
     import os
 
     import ray
     import ray.data
 
     if ray.util.get_current_placement_group() is None:
-        return {}
+        # At most as many at once as the cluster has CPUs: with preserve_order the first block
+        # comes from the first task, which 32 submitted at once may leave queued (a 1 M-row epoch's
+        # first block: 2.3 s unbounded, 0.6 s bounded to 2 CPUs, measured here).
+        return {"compute": ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))}
     ctx = ray.get_runtime_context()
     held = int(ctx.get_assigned_resources().get("CPU", 1.0))
     try:

@@ -357,8 +357,8 @@ def tasks_dataset(tasks: list[list[Chunk]], columns: list[str], epoch: int = 0, 
 
 
 _PLANS: dict = {}  # the last plans a read-task process fetched, by object id
-_GROUPS: "OrderedDict[tuple, pa.Table]" = OrderedDict()  # row groups a read-task process read last
-_GROUP_BYTES = 64 << 20  # … up to this many bytes (consecutive units of a share revisit row groups)
+_GROUPS: "OrderedDict[tuple, pa.Table]" = OrderedDict()  # the row groups a read-task process read last
+_GROUPS_KEPT = 16  # a read unit's step straddling two windows reads a group again at most this far back
 
 
 def _row_group(path: str, group: int, columns: list[str]) -> pa.Table:
@@ -368,7 +368,7 @@ def _row_group(path: str, group: int, columns: list[str]) -> pa.Table:
         return _GROUPS[key]
     t = _parquet(path).read_row_group(group, columns=columns)
     _GROUPS[key] = t
-    while len(_GROUPS) > 1 and sum(x.nbytes for x in _GROUPS.values()) > _GROUP_BYTES:
+    if len(_GROUPS) > _GROUPS_KEPT:
         _GROUPS.popitem(last=False)
     return t
 
