@@ -38,10 +38,11 @@ class ReadersStarved(RuntimeError):
     """Ray Data read tasks cannot get the CPUs they need: a configuration error, not retried."""
 
 
-def reader_options() -> dict:
+def reader_options(tasks: int | None = None) -> dict:
     """Ray Data map_batches arguments of this process's read tasks: inside a Ray Train worker (a
     placement group holds it), 0 CPUs on its own node, as many at once as its share of the node's
-    cores; elsewhere Ray Data's 1 CPU each, as many at once as the cluster has CPUs."""
+    cores; elsewhere Ray Data's 1 CPU each, as many at once as the cluster has CPUs. Never more at
+    once than the read has `tasks` (Ray Data warns on the console otherwise)."""
     import os
 
     import ray
@@ -51,7 +52,8 @@ def reader_options() -> dict:
         # At most as many at once as the cluster has CPUs: with preserve_order the first block
         # comes from the first task, which 32 submitted at once may leave queued (a 1 M-row epoch's
         # first block: 2.3 s unbounded, 0.6 s bounded to 2 CPUs, measured here).
-        return {"compute": ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))}
+        size = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return {"compute": ray.data.TaskPoolStrategy(size=min(size, tasks or size))}
     ctx = ray.get_runtime_context()
     held = int(ctx.get_assigned_resources().get("CPU", 1.0))
     try:
@@ -61,8 +63,9 @@ def reader_options() -> dict:
     except Exception:  # not a Ray Train worker
         here = 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    size = max(1, held, cores // max(1, here))
     return {"num_cpus": 0, "label_selector": {NODE_LABEL: ctx.get_node_id()},
-            "compute": ray.data.TaskPoolStrategy(size=max(1, held, cores // max(1, here)))}
+            "compute": ray.data.TaskPoolStrategy(size=min(size, tasks or size))}
 
 
 def watch_first_block(batches: Iterator, starved_s: float | None = None) -> Iterator:

@@ -353,7 +353,8 @@ def tasks_dataset(tasks: list[list[Chunk]], columns: list[str], epoch: int = 0, 
 
     items = [{"chunks": json.dumps([dataclasses.astuple(c) for c in cs]), "epoch": epoch} for cs in tasks]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_task, fn_kwargs={"columns": columns, "view": view}, batch_size=1, batch_format="numpy", **reader_options())
+        read_task, fn_kwargs={"columns": columns, "view": view}, batch_size=1, batch_format="numpy",
+        **reader_options(len(items)))
 
 
 _PLANS: dict = {}  # the last plans a read-task process fetched, by object id
@@ -537,10 +538,11 @@ class RankStream:
         # out block by block): Ray Data spends ~25 ms per task, so 1 221 one-unit tasks (a 10 M-row
         # epoch) cost 30 s and 2 s before the first block; 32 tasks 1.2 s and 0.55 s (measured here).
         # from_items, not range: range's read tasks take a CPU of their own, from_items has none;
-        # the map tasks run on the worker's own CPUs (elastic.reader_options).
+        # the map tasks run beside the worker with no CPU of their own (elastic.reader_options).
         ids = [{"id": i} for i in range(n)]
         return ray.data.from_items(ids, override_num_blocks=min(n, READ_BLOCKS)).map_batches(
-            read_planned, fn_kwargs={"plan_ref": ref}, batch_size=1, batch_format="numpy", **reader_options())
+            read_planned, fn_kwargs={"plan_ref": ref}, batch_size=1, batch_format="numpy",
+            **reader_options(min(n, READ_BLOCKS)))
 
     def read(self, epoch: int, plan: Plan) -> Iterator[dict]:
         """This rank's share of each step of `plan`, in order: one numpy dict of `n` rows per step."""
