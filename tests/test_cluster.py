@@ -63,6 +63,18 @@ def _preempt(cluster, nodes: dict, node) -> None:
                 pass
 
 
+def _elastic_cluster(monkeypatch, trainer: bool = True):
+    """A head and two one-CPU worker nodes for elastic runs (with the `trainer` resource or not).
+    After a node is lost Ray Train first retries the old size on the dead node's stale resources;
+    the timeout set here bounds that wait (60 s by default) — the controller inherits it from the
+    raylets."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+    cluster, nodes = _cluster(monkeypatch), {}
+    for i in range(2):
+        _add_worker_node(cluster, nodes, f"n{i}", core=i, trainer=trainer)
+    return cluster, nodes
+
+
 @pytest.mark.slow
 def test_a_lost_node_is_replaced_and_the_run_ends_as_an_uninterrupted_one(demo_shards, tmp_path, monkeypatch):
     cluster, nodes = _cluster(monkeypatch), {}
@@ -124,12 +136,7 @@ def test_an_elastic_run_shrinks_grows_back_and_reads_each_row_once(demo_shards, 
     run to float rounding (the normalization's promise; the 2.0 decoder's per-process noise is off)."""
     import mlflow
 
-    # After a node is lost Ray Train first retries the old size on the dead node's stale resources;
-    # this bounds that wait (60 s by default) — the controller inherits it from the raylets.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
-    cluster, nodes = _cluster(monkeypatch), {}
-    for i in range(2):
-        _add_worker_node(cluster, nodes, f"n{i}", core=i)
+    cluster, nodes = _elastic_cluster(monkeypatch)
     log, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "elastic")
     try:
         cluster.wait_for_nodes()
@@ -212,13 +219,10 @@ def test_an_elastic_run_without_custom_resources_keeps_its_readers_fed_after_a_n
                                                                                        monkeypatch):
     """--num-workers 1-2 on a head and two one-CPU nodes, no `trainer` resource: after a worker's
     node is lost, Ray Train restarts the group on 2 workers, one on the head, and every CPU is held
-    by a training worker. Each worker's Ray Data readers run on its own CPU (pipeline/train/
-    elastic.py), so the run reads on; the node loss does not count as a failure (max_failures 0);
+    by a training worker. Each worker's Ray Data readers run beside it with no CPU of their own
+    (pipeline/train/elastic.py), so the run reads on; the node loss does not count as a failure (max_failures 0);
     a node joins later; the run ends, each row read once."""
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
-    cluster, nodes = _cluster(monkeypatch), {}
-    for i in range(2):
-        _add_worker_node(cluster, nodes, f"n{i}", core=i, trainer=False)
+    cluster, nodes = _elastic_cluster(monkeypatch, trainer=False)
     log, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "elastic")
     try:
         cluster.wait_for_nodes()
