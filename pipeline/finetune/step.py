@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from pipeline.finetune.tasks import loss_fn
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import adamw, lr_at
+from pipeline.train.step import adamw, global_sum, lr_at
 
 
 def build_finetune_optimizer(model, t: TrainConfig, layer_decay: float = 1.0) -> torch.optim.Optimizer:
@@ -64,10 +64,7 @@ def finetune_step(model, net: torch.nn.Module, opt: torch.optim.Optimizer, micro
         for name, p in model.named_parameters():
             if not name.startswith(("head", "mask_emb")):
                 p.grad = None
-    if world > 1:  # the global batch's loss, for the log
-        x = torch.tensor([total], dtype=torch.float64, device=next(model.parameters()).device)
-        dist.all_reduce(x)
-        total = float(x)
+    total, = global_sum([total], next(model.parameters()).device, world)  # the global batch's loss, for the log
     grad_norm = float("nan")
     if t.clip_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],

@@ -214,7 +214,7 @@ def run_steps(task: Task, *, model, opt, pos: dict, t, rank: int, world: int, ch
     start_step, last = pos["step"], {}
     sample_log = os.environ.get(SAMPLE_LOG)
     plan, planned = None, 0  # this epoch's plan and the steps made since it was drawn
-    clock = Clock(t.checkpoint_every_s, world)
+    clock = Clock(t.checkpoint_every_s, world, next(model.parameters()).device)
 
     def prepare(pos: dict) -> Ahead:
         """The run's next steps from `pos`, collated in the background across epoch boundaries."""
@@ -284,8 +284,8 @@ class Clock:
     """Time-based checkpoints (train.checkpoint_every_s): every rank must checkpoint at the same
     step (a report is a barrier), so the ranks agree on the longest time since the last one."""
 
-    def __init__(self, every_s: float, world: int):
-        self.every_s, self.world = every_s, world
+    def __init__(self, every_s: float, world: int, device):
+        self.every_s, self.world, self.device = every_s, world, device  # NCCL reduces device tensors only
         self.reset()
 
     def reset(self) -> None:
@@ -294,7 +294,7 @@ class Clock:
     def due(self) -> bool:
         if self.every_s <= 0:
             return False
-        waited = torch.tensor([time.monotonic() - self.t0], dtype=torch.float64)
+        waited = torch.tensor([time.monotonic() - self.t0], dtype=torch.float64, device=self.device)
         if self.world > 1:
             import torch.distributed as dist
 

@@ -91,16 +91,9 @@ def _agree_on_health(model: Data2Vec, out, step: int, rank: int, world: int) -> 
         raise health_error(code, value, step, c.min_target_var, c.min_pred_var, where)
 
 
-def sample_size(counts: list[float], device, world: int) -> float:
-    """The step's global count (loss positions, or samples) from this rank's micro-batches."""
-    total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(total)
-    return max(float(total), 1.0)
-
-
-def global_mean(values: list[float], device, world: int) -> list[float]:
-    """Sums of this rank's micro-batches → sums over every rank (for the step's logged metrics)."""
+def global_sum(values: list[float], device, world: int) -> list[float]:
+    """Sums of this rank's micro-batches → sums over every rank (the step's sample size, its
+    logged metrics)."""
     x = torch.tensor(values, dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(x)
@@ -126,7 +119,7 @@ def train_step(model: Data2Vec, net: torch.nn.Module, opt: torch.optim.Optimizer
     for g in opt.param_groups:
         g["lr"] = lr
     device = micro[0][1].device
-    G = sample_size([model.loss_positions(x, m).sum().item() for x, m in micro], device, world)
+    G = max(global_sum([sum(model.loss_positions(x, m).sum().item() for x, m in micro)], device, world)[0], 1.0)
     cls_weight = model.cfg.decoder.cls_loss * t.batch_size / t.effective_batch  # × cls_sum: b·C × the rows' mean
     loss = tv = pv = n = 0.0
     for i, (inputs, mask) in enumerate(micro):
@@ -145,7 +138,7 @@ def train_step(model: Data2Vec, net: torch.nn.Module, opt: torch.optim.Optimizer
         tv += float(out.target_var) * out.count
         pv += float(out.pred_var) * out.count
         n += out.count
-    loss, tv, pv, n = global_mean([loss, tv, pv, n], device, world)
+    loss, tv, pv, n = global_sum([loss, tv, pv, n], device, world)
     grad_norm = float("nan")
     if t.clip_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.student_parameters(), t.clip_norm))

@@ -557,7 +557,6 @@ class RankStream:
             if have < self.n:
                 continue
             ready = pa.concat_tables(pending)
-            a = 0
             for a in range(0, ready.num_rows - self.n + 1, self.n):
                 b = ready.slice(a, self.n)
                 yield {c: to_numpy(b.column(c)) for c in cols}
