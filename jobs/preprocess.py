@@ -10,6 +10,16 @@ or DIR/transcripts.jsonl ({"path": ..., "transcript": ...} per line). They are n
 (counts.read counts audio inputs only; counts.transcript_files counts them). A clip cut into several
 crops keeps no transcript (counts.transcripts_dropped_cropped); counts.transcripts = rows with one.
 A bad line in transcripts.tsv/.jsonl stops the job before Ray starts, naming the file and line.
+
+Speech corpora need no converting (manifest.json's "layout" says which was found):
+    python -m jobs.preprocess --modality audio --input LibriSpeech/train-clean-100 --output OUT --crop-seconds 35
+        <speaker>/<chapter>/*.flac + <speaker>-<chapter>.trans.txt; label = speaker. --input LibriSpeech/
+        (the folder above the parts) reads every part in it.
+    python -m jobs.preprocess --modality audio --input cv-corpus-XX/en --split dev --output OUT
+        clips/*.mp3 + <split>.tsv: only the clips listed in <split>.tsv, each with its `sentence`;
+        --split defaults to train (validated when there is no train.tsv).
+LibriSpeech utterances last up to ~35 s: at the default --crop-seconds 15 the longer ones are cut into
+crops and keep no transcript (counts.transcripts_dropped_cropped).
 """
 from __future__ import annotations
 
@@ -37,6 +47,9 @@ def parse_args(argv=None) -> PreprocessConfig:
     g = p.add_argument_group("audio")
     g.add_argument("--crop-seconds", type=float, default=15.0, help="cut long files into crops of this length")
     g.add_argument("--min-seconds", type=float, default=0.25, help="reject clips (and drop tails) shorter than this")
+    g.add_argument("--split", default=None, metavar="NAME",
+                   help="Common Voice folders: preprocess the clips listed in NAME.tsv (train, dev, test, "
+                        "validated, ...; default train, else validated)")
     g = p.add_argument_group("text")
     g.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json (e.g. the pretraining data's)")
     g.add_argument("--text-unit", default="line", help="'line' or 'paragraph' samples for .txt files")
@@ -48,7 +61,7 @@ def parse_args(argv=None) -> PreprocessConfig:
     a = p.parse_args(argv)
     cfg = PreprocessConfig(
         modality=a.modality, input=a.input, output=a.output, tokenizer=a.tokenizer,
-        overwrite=a.overwrite, rows_per_file=a.rows_per_file,
+        overwrite=a.overwrite, rows_per_file=a.rows_per_file, split=a.split,
         image=ImageSettings(size=a.image_size, min_side=a.min_image_side),
         audio=AudioSettings(crop_seconds=a.crop_seconds, min_seconds=a.min_seconds),
         text=TextSettings(unit=a.text_unit, max_length=a.max_length, pack=a.pack,
@@ -73,8 +86,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = manifest["counts"]
-    print(f"{cfg.modality}: read {c['read']} files, wrote {c['written']} rows to {cfg.output}/shards, "
-          f"rejected {c['rejected']} (see {cfg.output}/rejected.jsonl) in {manifest['seconds']} s")
+    layout = manifest.get("layout", {"name": "plain"})
+    shown = {"librispeech": " (LibriSpeech)", "common_voice": f" (Common Voice, split {layout.get('split')})"}
+    print(f"{cfg.modality}{shown.get(layout['name'], '')}: read {c['read']} files, wrote {c['written']} rows "
+          f"to {cfg.output}/shards, rejected {c['rejected']} (see {cfg.output}/rejected.jsonl) "
+          f"in {manifest['seconds']} s")
+    if c.get("transcripts_dropped_cropped"):
+        print(f"note: {c['transcripts_dropped_cropped']} clip(s) longer than --crop-seconds "
+              f"{cfg.audio.crop_seconds:g} were cut into crops and kept no transcript; raise --crop-seconds "
+              f"to keep them for CTC fine-tuning")
     print_result({"manifest": storage.join(cfg.output, "manifest.json"), **c})
     return 0
 

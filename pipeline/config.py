@@ -183,6 +183,9 @@ class PreprocessConfig:
     image: ImageSettings = field(default_factory=ImageSettings)
     audio: AudioSettings = field(default_factory=AudioSettings)
     text: TextSettings = field(default_factory=TextSettings)
+    split: str | None = None
+    """Audio, Common Voice folders only: preprocess the clips listed in INPUT/<split>.tsv (default
+    train.tsv, else validated.tsv; see pipeline/ingest.py)."""
 
     def __post_init__(self) -> None:
         _check(self.modality in MODALITIES, "modality",
@@ -192,6 +195,11 @@ class PreprocessConfig:
         _check(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
         _check(self.tokenizer is None or self.modality == "text", "tokenizer",
                "only applies to --modality text")
+        _check(self.split is None or self.modality == "audio", "split",
+               "--split only applies to --modality audio (a Common Voice folder)")
+        _check(self.split is None or (bool(self.split) and "/" not in self.split
+                                      and not self.split.endswith(".tsv")), "split",
+               f"--split takes a TSV's name without .tsv (train, dev, test, validated, ...), got {self.split!r}")
 
     def settings(self) -> dict:
         """The settings recorded in manifest.json (only those of this modality)."""

@@ -22,6 +22,24 @@ ConfigError naming the file and line. Side `.txt` files are read by the map task
 unreadable, non-UTF-8 or empty one is recorded in rejected.jsonl and its clip gets no transcript.
 A transcript describes the whole file, so it is kept only when the file yields exactly one crop.
 
+Speech corpora preprocess as they are downloaded (`detect_layout` tells them apart; manifest.json
+records {"layout": {"name", ...}}):
+    LibriSpeech    DIR = a part (train-clean-100/) or the LibriSpeech/ folder above its parts:
+                   <speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac and one
+                   <speaker>-<chapter>.trans.txt per chapter, lines `<utterance-id> <TRANSCRIPT>`.
+                   Each clip gets its line's transcript and its speaker folder as label; the
+                   .trans.txt files count as transcript files, BOOKS.TXT, SPEAKERS.TXT, ... as
+                   counts.corpus_files.
+    Common Voice   DIR = cv-corpus-XX/<lang>/: clips/*.mp3 and <split>.tsv (train, dev, test,
+                   validated, ...; tab-separated with a header; `path` names a file in clips/,
+                   `sentence` is its transcript; quotes are text). Only the clips that the chosen
+                   split's TSV lists are read (--split; default train, else validated), with no
+                   label; the other clips count as counts.not_in_split, the other TSVs as
+                   counts.corpus_files.
+Their transcript files are read on the driver before any Ray work and follow the manifests' rules:
+a bad line, an utterance id or TSV row naming no clip, or a clip given a transcript twice raises
+ConfigError naming the file and line.
+
 Bad files never raise out of a map task: each decoder raises `Rejected` per file, the batch
 function catches it, keeps the good rows and writes the reason to OUT/_rejected/ (merged into
 rejected.jsonl at the end, duplicates from task retries removed).
@@ -110,16 +128,18 @@ def image_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files)
 
 
 def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files) -> pa.Table:
-    """{"path"[, "transcript", "transcript_file"]} → one row per 16 kHz crop:
+    """{"path"[, "transcript", "transcript_file", "label"]} → one row per 16 kHz crop:
     {"audio", "num_samples", "offset", "label", "path", "transcript"}.
 
-    `transcript` (from a top-level manifest) and `transcript_file` (a side .txt to read) are ""
-    when the clip has none; the row's transcript is set only when the file yields one crop.
+    `transcript` (from a manifest or a corpus layout's transcripts) and `transcript_file` (a side
+    .txt to read) are "" when the clip has none; the row's transcript is set only when the file
+    yields one crop. `label` is the driver's label ("" = none; without the column: ROOT/<class>/...).
     """
     cols = {k: [] for k in ("audio", "num_samples", "offset", "label", "path", "transcript")}
     n = len(batch["path"])
+    labels = batch["label"] if "label" in batch else [storage.label_of(root, p) or "" for p in batch["path"]]
     known = dict(zip(batch["path"], zip(batch.get("transcript", [""] * n),
-                                        batch.get("transcript_file", [""] * n))))
+                                        batch.get("transcript_file", [""] * n), labels)))
     rejected = []
     for path, data in files.read(batch["path"], rejected):
         try:
@@ -127,8 +147,8 @@ def audio_batch(batch: dict, *, cfg: PreprocessConfig, root: str, files: _Files)
         except Rejected as e:
             rejected.append((path, str(e)))
             continue
-        label = storage.label_of(root, path)
-        text, side = known.get(path, ("", ""))
+        text, side, label = known.get(path, ("", "", ""))
+        label = label or None
         if len(crops) != 1 or crops[0][1].shape[0] >= cfg.audio.crop_samples:
             # Several crops, or one full-length crop whose short tail may have been dropped: the
             # transcript of the whole file fits none of them.
@@ -179,27 +199,53 @@ class AudioInputs:
     """An audio input folder's files, split into audio and transcripts (see the module doc)."""
 
     audio: list[str]
-    """Files to decode as audio (everything that is not a transcript file), sorted."""
+    """Files to decode as audio (everything that is not a transcript or corpus file), sorted."""
     transcripts: dict[str, str] = field(default_factory=dict)
-    """Audio path → stripped transcript, from transcripts.tsv / transcripts.jsonl."""
+    """Audio path → stripped transcript, from transcripts.tsv / .jsonl or the layout's transcripts."""
     sidecars: dict[str, str] = field(default_factory=dict)
     """Audio path → path of its side <stem>.txt (read by the map tasks)."""
     transcript_files: list[str] = field(default_factory=list)
-    """Every transcript file found (manifests and side .txt files)."""
+    """Every transcript file found (manifests, side .txt, *.trans.txt, the split's TSV)."""
+    labels: dict[str, str | None] = field(default_factory=dict)
+    """Audio path → label where the layout names it (LibriSpeech: the speaker folder, Common Voice:
+    none); other files are labeled by storage.label_of (ROOT/<class>/...)."""
+    layout: dict = field(default_factory=lambda: {"name": "plain"})
+    """manifest.json's "layout": {"name": one of LAYOUTS, ...} (see detect_layout)."""
+    not_in_split: list[str] = field(default_factory=list)
+    """Common Voice: files under clips/ that the split's TSV does not list (not read, not rejected)."""
+    corpus_files: list[str] = field(default_factory=list)
+    """The layout's other files, neither audio nor transcripts (not read, not rejected): a Common
+    Voice folder's other TSVs, LibriSpeech's SPEAKERS.TXT, CHAPTERS.TXT, ..."""
+
+    def label(self, root: str, path: str) -> str | None:
+        return self.labels[path] if path in self.labels else storage.label_of(root, path)
 
 
-def audio_inputs(fs, root: str, files: list[str], shown: str | None = None) -> AudioInputs:
-    """Split the listing of an audio input folder into audio files and transcripts.
+def audio_inputs(fs, root: str, files: list[str], shown: str | None = None,
+                 split: str | None = None) -> AudioInputs:
+    """Split the listing of an audio input folder into audio files and transcripts, by its layout
+    (detect_layout).
 
-    Reads the top-level manifests (small) here on the driver; raises ConfigError naming the
-    file and line for a malformed line, an empty transcript, a path that is not an audio file
-    of the folder, or a clip given a transcript twice. `shown` is how the folder is named in
-    messages (default: `root`).
+    Reads the transcript files (small) here on the driver; raises ConfigError naming the file and
+    line for a malformed line, an empty transcript, a path or utterance id that is not an audio
+    file of the folder, or a clip given a transcript twice; and naming --split when `split` is
+    given for a folder that is not Common Voice, or names no TSV of it. `shown` is how the folder
+    is named in messages (default: `root`).
     """
     shown = (shown or root).rstrip("/")
+    layout = detect_layout(root, files)
+    if split is not None and layout != "common_voice":
+        what = "a LibriSpeech folder" if layout == "librispeech" else "not a Common Voice folder"
+        raise ConfigError(f"split: --split {split} needs a Common Voice folder (clips/ and {split}.tsv); "
+                          f"{shown} is {what}")
+    if layout == "common_voice":
+        return _common_voice_inputs(fs, root, files, shown, split)
     listed = set(files)
     manifests = [f"{root}/{n}" for n in TRANSCRIPT_MANIFESTS if f"{root}/{n}" in listed]
-    rest = [f for f in files if f not in manifests]
+    chapters = [f for f in files if f.endswith(LIBRISPEECH_TRANSCRIPTS)] if layout == "librispeech" else []
+    corpus_files = [f for f in files if posixpath.basename(f) in LIBRISPEECH_FILES] if chapters else []
+    not_audio = set(manifests) | set(chapters) | set(corpus_files)
+    rest = [f for f in files if f not in not_audio]
     by_stem: dict[tuple[str, str], list[str]] = {}
     for f in rest:
         d, name = posixpath.split(f)
@@ -215,6 +261,15 @@ def audio_inputs(fs, root: str, files: list[str], shown: str | None = None) -> A
     audio_set = set(audio)
     transcripts: dict[str, str] = {}
     where: dict[str, str] = {}
+
+    def give(p: str, text: str, loc: str, name: str) -> None:  # one transcript per clip, from anywhere
+        if p in where:
+            raise ConfigError(f"transcripts: {loc}: {name!r} already has a transcript ({where[p]})")
+        if p in sidecars:
+            raise ConfigError(f"transcripts: {loc}: {name!r} already has a transcript "
+                              f"(its side file {shown}/{sidecars[p][len(root) + 1:]})")
+        transcripts[p], where[p] = text, loc
+
     for m in manifests:
         with fs.open_input_stream(m) as fh:
             data = fh.read()
@@ -226,17 +281,17 @@ def audio_inputs(fs, root: str, files: list[str], shown: str | None = None) -> A
                 raise ConfigError(f"transcripts: {loc}: path {rel!r} must be relative to the input folder")
             p = f"{root}/{norm}"
             if p not in audio_set:
-                what = "is a transcript file, not audio" if p in side_files or p in manifests else \
+                what = "is a corpus file, not audio" if p in corpus_files else \
+                    "is a transcript file, not audio" if p in side_files or p in not_audio else \
                     "does not exist under the input folder"
                 raise ConfigError(f"transcripts: {loc}: {rel!r} {what}")
-            if p in where:
-                raise ConfigError(f"transcripts: {loc}: {rel!r} already has a transcript ({where[p]})")
-            if p in sidecars:
-                raise ConfigError(f"transcripts: {loc}: {rel!r} already has a transcript "
-                                  f"(its side file {shown}/{sidecars[p][len(root) + 1:]})")
-            transcripts[p], where[p] = text, loc
-    return AudioInputs(audio=audio, transcripts=transcripts, sidecars=sidecars,
-                       transcript_files=sorted(manifests + sorted(side_files)))
+            give(p, text, loc, rel)
+    out = AudioInputs(audio=audio, transcripts=transcripts, sidecars=sidecars,
+                      transcript_files=sorted(manifests + sorted(side_files) + chapters),
+                      corpus_files=corpus_files)
+    if chapters:
+        _add_librispeech(out, fs, root, chapters, shown, give)
+    return out
 
 
 def _parse_manifest(data: bytes, name: str):
@@ -244,16 +299,9 @@ def _parse_manifest(data: bytes, name: str):
     raises ConfigError("transcripts: <name> line N: why") on a bad line."""
     tsv = name.endswith(".tsv")
     first = True
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    for lineno, line in _lines(data, name):
         def bad(why):
             return ConfigError(f"transcripts: {name} line {lineno}: {why}")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise bad(f"not UTF-8 text (byte {e.start})") from None
-        line = line.lstrip("\ufeff").rstrip("\r")
-        if not line.strip():
-            continue
         if tsv:
             parts = line.split("\t")
             if first and [x.strip().lower() for x in parts] == ["path", "transcript"]:
@@ -277,6 +325,173 @@ def _parse_manifest(data: bytes, name: str):
             raise bad("empty path")
         if not text:
             raise bad(f"empty transcript for {rel!r}")
+        yield lineno, rel, text
+
+
+def _lines(data: bytes, name: str):
+    """A transcript file's bytes → (line number, line) for each non-blank line, without a BOM or
+    trailing CR; raises ConfigError("transcripts: <name> line N: not UTF-8 text ...")."""
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"transcripts: {name} line {lineno}: not UTF-8 text (byte {e.start})") from None
+        line = line.lstrip("\ufeff").rstrip("\r")
+        if line.strip():
+            yield lineno, line
+
+
+def _read_all(fs, paths: list[str]) -> list[bytes]:
+    """Small files' bytes, in order, read by 16 threads (a LibriSpeech part has hundreds to
+    thousands of chapter transcripts; on an object store each read is a round trip)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path: str) -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(one, paths))
+
+
+# ------------------------------------------------------------------ speech corpus layouts (driver)
+LAYOUTS = ("plain", "librispeech", "common_voice")
+LIBRISPEECH_TRANSCRIPTS = ".trans.txt"  # <speaker>-<chapter>.trans.txt in each chapter folder
+LIBRISPEECH_FILES = ("BOOKS.TXT", "CHAPTERS.TXT", "LICENSE.TXT", "README.TXT", "SPEAKERS.TXT")
+COMMON_VOICE_CLIPS = "clips"
+COMMON_VOICE_DEFAULT_SPLITS = ("train", "validated")  # without --split: the first TSV of these present
+
+
+def detect_layout(root: str, files: list[str]) -> str:
+    """The input folder's speech corpus layout, from its listing alone (one of LAYOUTS):
+
+        "common_voice"  ROOT/clips/ holds files and ROOT/ a *.tsv other than transcripts.tsv
+                        (a Common Voice language folder, cv-corpus-XX/<lang>/);
+        "librispeech"   some file is named *.trans.txt, at any depth (a LibriSpeech part such as
+                        train-clean-100/, or the LibriSpeech/ folder above its parts);
+        "plain"         anything else: side .txt files and transcripts.tsv/.jsonl (module doc).
+    """
+    clips = f"{root}/{COMMON_VOICE_CLIPS}/"
+    tsvs = [f for f in files if posixpath.dirname(f) == root and f.endswith(".tsv")
+            and posixpath.basename(f) not in TRANSCRIPT_MANIFESTS]
+    if tsvs and any(f.startswith(clips) for f in files):
+        return "common_voice"
+    if any(f.endswith(LIBRISPEECH_TRANSCRIPTS) for f in files):
+        return "librispeech"
+    return "plain"
+
+
+def _add_librispeech(out: AudioInputs, fs, root: str, chapters: list[str], shown: str, give) -> None:
+    """Read each chapter's <speaker>-<chapter>.trans.txt (lines `<utterance-id> <TRANSCRIPT>`) and
+    give each line's transcript to the clip <utterance-id>.* beside it (`give` refuses a second
+    transcript). Clips of a chapter folder are labeled by their speaker folder; out.layout records
+    the chapter count and, when ROOT is the folder above the parts, the parts (LibriSpeech's
+    "subsets") found."""
+    by_folder: dict[str, dict[str, list[str]]] = {}  # chapter folder → stem → audio files
+    for f in out.audio:
+        d, name = posixpath.split(f)
+        by_folder.setdefault(d, {}).setdefault(os.path.splitext(name)[0], []).append(f)
+    subsets = set()
+    for t, data in zip(chapters, _read_all(fs, chapters)):
+        folder = posixpath.dirname(t)
+        shown_t = f"{shown}/{t[len(root) + 1:]}"
+        stems = by_folder.get(folder, {})
+        for lineno, utt, text in _parse_librispeech(data, shown_t):
+            clips = stems.get(utt)
+            if not clips:
+                raise ConfigError(f"transcripts: {shown_t} line {lineno}: utterance {utt!r} names no audio "
+                                  f"file in its folder (expected {utt}.flac beside the .trans.txt)")
+            for p in clips:
+                give(p, text, f"{shown_t} line {lineno}", utt)
+        rel = folder[len(root) + 1:].split("/") if folder != root else []  # [..., <part>,] speaker, chapter
+        if len(rel) >= 2:
+            out.labels.update((p, rel[-2]) for group in stems.values() for p in group)
+        if len(rel) >= 3:
+            subsets.add(rel[-3])
+    out.layout = {"name": "librispeech", "chapters": len(chapters), **({"subsets": sorted(subsets)} if subsets else {})}
+
+
+def _parse_librispeech(data: bytes, name: str):
+    """A LibriSpeech .trans.txt's bytes → (line number, utterance id, stripped transcript);
+    raises ConfigError("transcripts: <name> line N: why") on a bad line."""
+    for lineno, line in _lines(data, name):
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[1].strip():
+            raise ConfigError(f"transcripts: {name} line {lineno}: expected '<utterance-id> <transcript>', "
+                              f"got {line[:80]!r}")
+        yield lineno, parts[0], parts[1].strip()
+
+
+def _common_voice_inputs(fs, root: str, files: list[str], shown: str, split: str | None) -> AudioInputs:
+    """A Common Voice language folder (clips/*.mp3 and one TSV per split) → the clips its
+    <split>.tsv lists, each with its `sentence` (default split: COMMON_VOICE_DEFAULT_SPLITS). Every
+    other file is left out and counted (not_in_split, corpus_files)."""
+    listed = set(files)
+    tsvs = {posixpath.basename(f)[:-len(".tsv")]: f for f in files
+            if posixpath.dirname(f) == root and f.endswith(".tsv")}
+    for n in TRANSCRIPT_MANIFESTS:
+        if f"{root}/{n}" in listed:
+            raise ConfigError(f"transcripts: {shown}/{n}: a Common Voice folder's transcripts come from its "
+                              f"<split>.tsv; move {n} out of {shown}")
+    names = ", ".join(sorted(tsvs))
+    if split is None:
+        split = next((n for n in COMMON_VOICE_DEFAULT_SPLITS if n in tsvs), None)
+        if split is None:
+            raise ConfigError(f"split: {shown} is a Common Voice folder without train.tsv or validated.tsv; "
+                              f"choose one of its TSVs with --split: {names}")
+    elif split not in tsvs:
+        raise ConfigError(f"split: --split {split}: {shown}/{split}.tsv does not exist; "
+                          f"this Common Voice folder has: {names}")
+    tsv, shown_t = tsvs[split], f"{shown}/{split}.tsv"
+    clips = f"{root}/{COMMON_VOICE_CLIPS}"
+    transcripts: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for lineno, rel, text in _parse_common_voice(_read_all(fs, [tsv])[0], shown_t):
+        loc = f"{shown_t} line {lineno}"
+        norm = posixpath.normpath(rel)
+        if rel.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise ConfigError(f"transcripts: {loc}: path {rel!r} must name a file inside clips/")
+        p = f"{clips}/{norm}"
+        if p not in listed and f"{p}.mp3" in listed:
+            p += ".mp3"  # the first releases named clips without their extension
+        if p not in listed:
+            raise ConfigError(f"transcripts: {loc}: clip {rel!r} does not exist under {shown}/{COMMON_VOICE_CLIPS}")
+        if p in where:
+            raise ConfigError(f"transcripts: {loc}: clip {rel!r} already has a transcript ({where[p]})")
+        transcripts[p], where[p] = text, loc
+    if not transcripts:
+        raise ConfigError(f"split: {shown_t} lists no clips; choose another split with --split ({names})")
+    audio = sorted(transcripts)
+    return AudioInputs(
+        audio=audio, transcripts=transcripts, transcript_files=[tsv],
+        labels=dict.fromkeys(audio),  # every clip is under clips/: no class folder
+        layout={"name": "common_voice", "split": split, "tsv": f"{split}.tsv"},
+        not_in_split=[f for f in files if f.startswith(clips + "/") and f not in transcripts],
+        corpus_files=[f for f in files if f != tsv and not f.startswith(clips + "/")])
+
+
+def _parse_common_voice(data: bytes, name: str):
+    """A Common Voice <split>.tsv's bytes → (line number, path inside clips/, stripped sentence).
+    Tab-separated with a header row naming the columns (`path` and `sentence` are used); quotes
+    are part of the text, never CSV quoting. Raises ConfigError naming the file and line."""
+    header: list[str] | None = None
+    for lineno, line in _lines(data, name):
+        parts = line.split("\t")
+        if header is None:
+            header = [c.strip() for c in parts]
+            if "path" not in header or "sentence" not in header:
+                raise ConfigError(f"split: {name} is not a Common Voice clip list (its header has no 'path' "
+                                  f"and 'sentence' columns); choose another split with --split")
+            i_path, i_text = header.index("path"), header.index("sentence")
+            continue
+        if len(parts) != len(header):
+            raise ConfigError(f"transcripts: {name} line {lineno}: expected {len(header)} tab-separated "
+                              f"columns (as in the header), got {len(parts)}")
+        rel, text = parts[i_path].strip(), parts[i_text].strip()
+        if not rel:
+            raise ConfigError(f"transcripts: {name} line {lineno}: empty path")
+        if not text:
+            raise ConfigError(f"transcripts: {name} line {lineno}: empty sentence for {rel!r}")
         yield lineno, rel, text
 
 
@@ -352,7 +567,13 @@ class TextTokenize:
 
 # ------------------------------------------------------------------ driver
 def check_paths(cfg: PreprocessConfig):
-    """Validate input/output before any Ray work; returns (in_fs, in_root, out_fs, out_root)."""
+    """Validate input/output (for audio also the folder's transcripts, layout and --split) before
+    any Ray work; returns (in_fs, in_root, out_fs, out_root)."""
+    return _checked(cfg)[:4]
+
+
+def _checked(cfg: PreprocessConfig):
+    """check_paths, plus the audio folder's AudioInputs (None for other modalities or no files)."""
     in_fs, in_root = storage.resolve(cfg.input)
     out_fs, out_root = storage.resolve(cfg.output)
     if not storage.is_dir(in_fs, in_root):
@@ -371,29 +592,30 @@ def check_paths(cfg: PreprocessConfig):
         tfs, tpath = storage.resolve(cfg.tokenizer)
         if not storage.exists(tfs, tpath):
             raise ConfigError(f"tokenizer: {cfg.tokenizer!r} does not exist")
-    if cfg.modality == "audio" and any(storage.exists(in_fs, f"{in_root}/{n}") for n in TRANSCRIPT_MANIFESTS):
-        # Small: parse and check transcripts.tsv/.jsonl here, so a bad line fails before Ray starts.
-        audio_inputs(in_fs, in_root, storage.list_files(in_fs, in_root), cfg.input)
-    return in_fs, in_root, out_fs, out_root
+    audio_in = None
+    if cfg.modality == "audio":
+        # Small: the listing and the transcript files are read and checked here, so a bad line, a
+        # bad --split or a missing clip fails before Ray starts.
+        files = storage.list_files(in_fs, in_root)
+        audio_in = audio_inputs(in_fs, in_root, files, cfg.input, cfg.split) if files else None
+    return in_fs, in_root, out_fs, out_root, audio_in
 
 
 def run(cfg: PreprocessConfig) -> dict:
     """Run the whole preprocessing job on the current Ray cluster; returns the manifest."""
     t0 = time.time()
-    in_fs, in_root, out_fs, out_root = check_paths(cfg)
-    files = storage.list_files(in_fs, in_root)
-    if not files:
+    in_fs, in_root, out_fs, out_root, audio_in = _checked(cfg)
+    files = audio_in.audio if audio_in is not None else storage.list_files(in_fs, in_root)
+    if audio_in is None and not files:
         raise ConfigError(f"input: no files under {cfg.input!r}")
-    audio_in = None
     items = [{"path": p} for p in files]
-    if cfg.modality == "audio":
-        audio_in = audio_inputs(in_fs, in_root, files, cfg.input)
-        files = audio_in.audio
+    if audio_in is not None:
         if not files:
             raise ConfigError(f"input: no audio files under {cfg.input!r} (only transcripts)")
         # "" = none: a column of one type in every block (None would make all-null blocks).
         items = [{"path": p, "transcript": audio_in.transcripts.get(p, ""),
-                  "transcript_file": audio_in.sidecars.get(p, "")} for p in files]
+                  "transcript_file": audio_in.sidecars.get(p, ""),
+                  "label": audio_in.label(in_root, p) or ""} for p in files]
 
     tokenizer_json, mask_id = None, None
     if cfg.tokenizer is not None:  # read before --overwrite may delete OUT/tokenizer.json
@@ -474,6 +696,10 @@ def run(cfg: PreprocessConfig) -> dict:
             # does a single full-length crop whose tail may have been dropped; not counted here).
             "transcripts_dropped_cropped": sum(rows_of[p] > 1 for p in
                                                set(audio_in.transcripts) | set(audio_in.sidecars)),
+            # Files the corpus layout leaves out (neither read nor rejected): Common Voice clips
+            # that the split does not list, and the layout's other files (other TSVs, SPEAKERS.TXT, ...).
+            "not_in_split": len(audio_in.not_in_split),
+            "corpus_files": len(audio_in.corpus_files),
         }
     manifest = {
         "modality": cfg.modality,
@@ -488,6 +714,7 @@ def run(cfg: PreprocessConfig) -> dict:
     }
     if cfg.modality == "audio":
         manifest["settings"]["sample_rate"] = SAMPLE_RATE
+        manifest["layout"] = audio_in.layout
     if cfg.modality == "image":  # what the shards hold: bytes per image (files on disk) and formats
         size = sum(out_fs.get_file_info(f).size for f in shards.files)
         manifest["stored"] = {"bytes": size, "bytes_per_image": round(size / max(written, 1)),
