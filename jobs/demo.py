@@ -22,15 +22,15 @@ import os
 import sys
 import time
 
-from pipeline import demo
+from pipeline import demo, storage
 from pipeline.demo import CTC_STEPS, DEMO_STEPS
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="demo_data", help="raw demo files (prepared here if missing)")
-    p.add_argument("--output", default="runs/demo", help="preprocessed data, runs and mlflow.db")
+    p.add_argument("--data", type=storage.path_arg, default="demo_data", help="raw demo files (prepared here if missing)")
+    p.add_argument("--output", type=storage.path_arg, default="runs/demo", help="preprocessed data, runs and mlflow.db")
     p.add_argument("--modalities", default="image,audio,text")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every pretraining budget")
     p.add_argument("--mode", default="d2v2", help="d2v2 (default, learns fast) or d2v1")

@@ -21,9 +21,9 @@ from pipeline.config import ConfigError
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="RUN_DIR/final of a pretraining run (path or URI)")
-    p.add_argument("--train-data", required=True, help="labeled preprocessed folder for fitting the probe")
-    p.add_argument("--test-data", required=True, help="labeled preprocessed folder for scoring it")
+    p.add_argument("--checkpoint", type=storage.path_arg, default=None, help="RUN_DIR/final of a pretraining run (path or URI)")
+    p.add_argument("--train-data", type=storage.path_arg, required=True, help="labeled preprocessed folder for fitting the probe")
+    p.add_argument("--test-data", type=storage.path_arg, required=True, help="labeled preprocessed folder for scoring it")
     p.add_argument("--random-init", action="store_true", help="probe the same architecture at random init")
     p.add_argument("--classical", action="store_true", help="raw-input baseline instead of an encoder")
     p.add_argument("--layers", default="-1", help="comma-separated block indices to average; -1 = final")
@@ -86,7 +86,8 @@ def check_compatible(dirs: dict[str, str], config: dict | None) -> str:
         for key, have in frontend_from_manifest(m).items():
             if have != fe.get(key, 4 if key == "mask_id" else None):  # configs before mask_id had <mask> = 4
                 raise ConfigError(f"{name}: " + _MISMATCH[key].format(have=have, want=fe[key]))
-        ours, theirs = (storage.join(d, "tokenizer.json") for d in (dirs[name], config.get("data", "")))
+        pretrained_on = storage.reattach(config.get("data", ""), *dirs.values())  # written with ***
+        ours, theirs = (storage.join(d, "tokenizer.json") for d in (dirs[name], pretrained_on))
         if modality == "text" and config.get("data") and storage.is_file(ours) and storage.is_file(theirs) \
                 and storage.read_bytes(ours) != storage.read_bytes(theirs):
             raise ConfigError(f"{name}: tokenized with another tokenizer than the pretraining data's "

@@ -23,8 +23,8 @@ from pipeline import storage
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.export_hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/final (pretraining) or FT_DIR/final (fine-tuning)")
-    p.add_argument("--output", required=True)
+    p.add_argument("--checkpoint", type=storage.path_arg, required=True, help="RUN_DIR/final (pretraining) or FT_DIR/final (fine-tuning)")
+    p.add_argument("--output", type=storage.path_arg, required=True)
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher's encoder")
     a = p.parse_args(argv)
     if not storage.is_file(storage.join(a.checkpoint, "model.safetensors")):
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         if cfg["modality"] == "text":  # the data's tokenizer, as a local file for transformers
             tok = os.path.join(tmp, "tokenizer.json")
             with open(tok, "wb") as f:
-                f.write(storage.read_bytes(storage.read_json(storage.join(data, "manifest.json"))["settings"]["tokenizer"]))
+                f.write(storage.read_bytes(storage.join(storage.reattach(data, a.checkpoint), "tokenizer.json")))
         local = storage.local_path(a.output) or os.path.join(tmp, "export")
         try:
             if task:  # a jobs.finetune FT_DIR/final

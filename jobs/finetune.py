@@ -28,18 +28,24 @@ from pipeline.raycluster import print_result
 from pipeline.config import ConfigError
 
 
+
+def init_arg(text: str) -> str:
+    """--init: `scratch`, or a path/URI (storage.path_arg)."""
+    return text if text == "scratch" else storage.path_arg(text)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=["classify", "ctc"])
     p.add_argument("--modality", required=True, help="image, audio or text")
-    p.add_argument("--init", required=True, help="RUN_DIR/final, a Hugging Face Data2Vec* folder, or scratch")
-    p.add_argument("--train-data", required=True, help="labeled jobs.preprocess folder")
-    p.add_argument("--val-data", required=True, help="labeled folder for model selection / early stopping")
-    p.add_argument("--test-data", required=True, help="labeled folder, scored once at the end")
-    p.add_argument("--output", required=True, help="FT_DIR: checkpoints, final/, mlflow.db")
+    p.add_argument("--init", required=True, type=init_arg, help="RUN_DIR/final, a Hugging Face Data2Vec* folder, or scratch")
+    p.add_argument("--train-data", type=storage.path_arg, required=True, help="labeled jobs.preprocess folder")
+    p.add_argument("--val-data", type=storage.path_arg, required=True, help="labeled folder for model selection / early stopping")
+    p.add_argument("--test-data", type=storage.path_arg, required=True, help="labeled folder, scored once at the end")
+    p.add_argument("--output", type=storage.path_arg, required=True, help="FT_DIR: checkpoints, final/, mlflow.db")
     p.add_argument("--preset", default="demo", help="demo (minutes on a laptop), base or large")
-    p.add_argument("--config", default=None, help="YAML with model:/train:/finetune: sections")
+    p.add_argument("--config", type=storage.path_arg, default=None, help="YAML with model:/train:/finetune: sections")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint at this step and exit")

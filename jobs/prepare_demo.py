@@ -40,6 +40,8 @@ import tempfile
 
 import numpy as np
 
+from pipeline import storage
+
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ACCENTS = ["en-gb", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
            "en-029", "en-us-nyc"]
@@ -249,7 +251,7 @@ def prepare_text(out: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.prepare_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="folder to write image/, audio/, text/, ctc/, langid/ into")
+    p.add_argument("--output", type=storage.path_arg, required=True, help="folder to write image/, audio/, text/, ctc/, langid/ into")
     p.add_argument("--modalities", default="image,audio,text",
                    help="comma-separated subset of image,audio,text,ctc,langid, or 'all'")
     p.add_argument("--image-limit", type=int, default=None, help="use only this many MNIST digits")

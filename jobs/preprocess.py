@@ -36,8 +36,8 @@ def parse_args(argv=None) -> PreprocessConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, help=f"one of {', '.join(MODALITIES)}")
-    p.add_argument("--input", required=True, help="folder (or URI) of raw files; DIR/<class>/<file> gives labels")
-    p.add_argument("--output", required=True, help="folder (or URI) for shards/, manifest.json, rejected.jsonl")
+    p.add_argument("--input", type=storage.path_arg, required=True, help="folder (or URI) of raw files; DIR/<class>/<file> gives labels")
+    p.add_argument("--output", type=storage.path_arg, required=True, help="folder (or URI) for shards/, manifest.json, rejected.jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace existing preprocessed data in --output")
     p.add_argument("--rows-per-file", type=int, default=2000, help="target rows per Parquet shard")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster (default: all)")
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> PreprocessConfig:
                    help="Common Voice folders: preprocess the clips listed in NAME.tsv (train, dev, test, "
                         "validated, ...; default train, else validated)")
     g = p.add_argument_group("text")
-    g.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json (e.g. the pretraining data's)")
+    g.add_argument("--tokenizer", type=storage.path_arg, default=None, help="reuse this tokenizer.json (e.g. the pretraining data's)")
     g.add_argument("--text-unit", default="line", help="'line' or 'paragraph' samples for .txt files")
     g.add_argument("--max-length", type=int, default=512, help="tokens per row incl. <s> and </s>")
     g.add_argument("--pack", action="store_true", help="pack consecutive short samples of a file into one row")

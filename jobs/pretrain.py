@@ -39,10 +39,10 @@ def build_config(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, help="image, audio or text")
-    p.add_argument("--data", help="output folder of jobs.preprocess (shards/ + manifest.json); a path or URI")
-    p.add_argument("--output", help="run folder: checkpoints, final/ model, mlflow.db; a path or URI")
+    p.add_argument("--data", type=storage.path_arg, help="output folder of jobs.preprocess (shards/ + manifest.json); a path or URI")
+    p.add_argument("--output", type=storage.path_arg, help="run folder: checkpoints, final/ model, mlflow.db; a path or URI")
     p.add_argument("--preset", default="demo", help="demo (minutes on a laptop), base or large (the paper's)")
-    p.add_argument("--config", default=None, help="YAML file with `model:` and `train:` sections")
+    p.add_argument("--config", type=storage.path_arg, default=None, help="YAML file with `model:` and `train:` sections")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. train.lr=5e-4 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps of the run")
@@ -55,10 +55,10 @@ def build_config(argv=None):
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the schedule-relevant config differs from the checkpoint's")
-    p.add_argument("--val-data", default=None, help="preprocessed folder for the validation-loss curve")
-    p.add_argument("--probe-train", default=None, help="labeled preprocessed folder: online probe's training rows")
-    p.add_argument("--probe-test", default=None, help="labeled preprocessed folder: online probe's test rows")
-    p.add_argument("--init", default=None, help="start from RUN_DIR/final or a Hugging Face Data2Vec*Model folder")
+    p.add_argument("--val-data", type=storage.path_arg, default=None, help="preprocessed folder for the validation-loss curve")
+    p.add_argument("--probe-train", type=storage.path_arg, default=None, help="labeled preprocessed folder: online probe's training rows")
+    p.add_argument("--probe-test", type=storage.path_arg, default=None, help="labeled preprocessed folder: online probe's test rows")
+    p.add_argument("--init", type=storage.path_arg, default=None, help="start from RUN_DIR/final or a Hugging Face Data2Vec*Model folder")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///RUN_DIR/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: data2vec)")
     a = p.parse_args(argv)

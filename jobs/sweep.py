@@ -43,17 +43,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True)
-    p.add_argument("--data", required=True, help="preprocessed pretraining data")
-    p.add_argument("--probe-train", required=True, help="labeled preprocessed data to fit the probe")
-    p.add_argument("--probe-val", default=None,
+    p.add_argument("--data", type=storage.path_arg, required=True, help="preprocessed pretraining data")
+    p.add_argument("--probe-train", type=storage.path_arg, required=True, help="labeled preprocessed data to fit the probe")
+    p.add_argument("--probe-val", type=storage.path_arg, default=None,
                    help="labeled preprocessed data the trials are judged on (default: 25%% of --probe-train)")
-    p.add_argument("--probe-test", required=True, help="labeled preprocessed data scored once, for the best config")
+    p.add_argument("--probe-test", type=storage.path_arg, required=True, help="labeled preprocessed data scored once, for the best config")
     p.add_argument("--num-samples", type=int, required=True, help="number of trials")
     p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs allow")
-    p.add_argument("--search-space", default=None, help="YAML file (see above); default: EMA decay, mask ratio, top-K")
-    p.add_argument("--output", default="runs/sweep", help="sweep folder (trials, Tune state, mlflow.db)")
+    p.add_argument("--search-space", type=storage.path_arg, default=None, help="YAML file (see above); default: EMA decay, mask ratio, top-K")
+    p.add_argument("--output", type=storage.path_arg, default="runs/sweep", help="sweep folder (trials, Tune state, mlflow.db)")
     p.add_argument("--preset", default="demo")
-    p.add_argument("--config", default=None, help="YAML config applied to every trial")
+    p.add_argument("--config", type=storage.path_arg, default=None, help="YAML config applied to every trial")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rounds", type=int, default=2, help="probe/report points per trial (ASHA rungs)")
     p.add_argument("--steps-per-round", type=int, default=100)
@@ -68,9 +68,9 @@ def main(argv=None) -> int:
         from pipeline.train.launch import frontend_from_manifest, read_manifest
         spec = DEFAULT_SPACE
         if a.search_space:
-            if not os.path.isfile(a.search_space):
-                raise ConfigError(f"search-space: {a.search_space!r} does not exist")
-            spec = load_yaml(open(a.search_space).read())
+            if not storage.is_file(a.search_space):
+                raise ConfigError(f"search-space: {storage.shown(a.search_space)!r} does not exist")
+            spec = load_yaml(storage.read_text(*storage.resolve(a.search_space)))
         if a.num_samples < 1 or a.rounds < 1 or a.steps_per_round < 1:
             raise ConfigError("num-samples, rounds and steps-per-round must be >= 1")
         sets = parse_sets(a.sets)

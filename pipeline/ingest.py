@@ -102,7 +102,7 @@ class _Files:
 
     def flush(self, rejected: list) -> None:
         if rejected:
-            body = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejected)
+            body = "".join(json.dumps(storage.redact({"path": p, "reason": r})) + "\n" for p, r in rejected)
             storage.write_text(self.out_fs, f"{self.out_root}/{REJECTS}/{uuid.uuid4().hex}.jsonl", body)
 
 
@@ -720,8 +720,8 @@ def run(cfg: PreprocessConfig) -> dict:
         manifest["stored"] = {"bytes": size, "bytes_per_image": round(size / max(written, 1)),
                               "formats": dict(collections.Counter(meta.column("format").to_pylist()))}
     storage.write_text(out_fs, f"{out_root}/rejected.jsonl",
-                       "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejected))
-    storage.write_text(out_fs, f"{out_root}/manifest.json", json.dumps(manifest, indent=2) + "\n")
+                       "".join(json.dumps(storage.redact({"path": p, "reason": r})) + "\n" for p, r in rejected))
+    storage.write_json(out_fs, f"{out_root}/manifest.json", manifest)  # URI credentials as ***
     return manifest
 
 

@@ -38,8 +38,10 @@ def tune_space(spec: dict):
 METRIC = "val_probe_accuracy"  # what Tune and ASHA rank trials by
 
 
-def trial(config: dict, tracking_uri: str) -> None:
-    """One Tune trial: pretraining in rounds (each round resumes the same run dir), probe after each."""
+def trial(config: dict, tracking_uri: str, static: dict | None = None) -> None:
+    """One Tune trial: pretraining in rounds (each round resumes the same run dir), probe after each.
+    `static`: the sweep's paths and settings, passed beside the search space (Tune writes the space
+    into its state files; paths may carry URI credentials)."""
     import ray.tune
     from mlflow.tracking import MlflowClient
 
@@ -47,7 +49,8 @@ def trial(config: dict, tracking_uri: str) -> None:
     from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest
     from pipeline.pretrain.launch import run_pretraining
 
-    s = config["_static"]
+    storage.guard_console()
+    s = static or config["_static"]  # "_static": sweeps started before it moved out of the space
     params = {k: v for k, v in config.items() if k != "_static"}
     if "model.ema.decay" in params:  # keep the anneal monotone: end decay ≥ start decay
         params.setdefault("model.ema.end_decay", max(params["model.ema.decay"], 0.9999))
@@ -78,7 +81,7 @@ def trial(config: dict, tracking_uri: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             json.dump({"round": r}, open(os.path.join(d, "round.json"), "w"))
             ray.tune.report({"val_probe_accuracy": res["probe_accuracy"], "val_knn_accuracy": res["knn_accuracy"],
-                             "step": step, "mlflow_run_id": run_id, "final": final},
+                             "step": step, "mlflow_run_id": run_id, "final": storage.shown(final)},
                             checkpoint=ray.tune.Checkpoint.from_directory(d))
 
 
@@ -145,10 +148,10 @@ def run_sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, pe
     parent = mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{a.modality}")
     if not parent_id:
         storage.write_text(*storage.resolve(parent_file), parent.info.run_id)
-        mlflow.log_params({"modality": a.modality, "num_samples": a.num_samples, "rounds": a.rounds,
+        mlflow.log_params(storage.redact({"modality": a.modality, "num_samples": a.num_samples, "rounds": a.rounds,
                            "steps_per_round": a.steps_per_round, "search_space": json.dumps(spec),
                            "preset": a.preset, "sets": json.dumps(sets), "trial_resources": json.dumps(per_trial),
-                           "max_concurrent_trials": concurrent})
+                           "max_concurrent_trials": concurrent}))
     static = {"modality": a.modality, "data": storage.absolute(a.data), "probe_train": storage.absolute(a.probe_train),
               "probe_val": storage.absolute(a.probe_val) if a.probe_val else None, "output": out,
               "preset": a.preset, "config": a.config, "sets": sets, "rounds": a.rounds,
@@ -157,13 +160,13 @@ def run_sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, pe
     tune_fs, tune_dir = storage.resolve(storage.join(out, "tune"))
     # The tracking URI is a parameter, not part of the (restored) search space: a resumed sweep's
     # server listens on another port.
-    trainable = tune.with_resources(tune.with_parameters(trial, tracking_uri=uri), {"CPU": 1})
+    trainable = tune.with_resources(tune.with_parameters(trial, tracking_uri=uri, static=static), {"CPU": 1})
     if tune.Tuner.can_restore(f"{tune_dir}/sweep", storage_filesystem=tune_fs):
         tuner = tune.Tuner.restore(f"{tune_dir}/sweep", trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
-            trainable, param_space={**space, "_static": static},
+            trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=a.num_samples, max_concurrent_trials=concurrent,
                 scheduler=ASHAScheduler(max_t=a.rounds, grace_period=1, reduction_factor=2)),
@@ -197,7 +200,8 @@ def choose(a, spec: dict, grid, t0: float, browse: str, parent_id: str) -> int:
     best_params = {k: v for k, v in best.config.items() if k != "_static"}
     # The test split, once: the chosen configuration's final encoder, its probe fitted on all of
     # --probe-train.
-    (xtr, ytr), (xte, yte) = probe.extract([a.probe_train, a.probe_test], best.metrics["final"], a.modality)
+    (xtr, ytr), (xte, yte) = probe.extract([a.probe_train, a.probe_test], storage.reattach(best.metrics["final"], a.output),
+                                               a.modality)
     test = probe.fit_probes(xtr, ytr, xte, yte)
     keys = list(spec)
     mlflow.log_dict(best_params, "best_config.json")

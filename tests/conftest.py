@@ -63,10 +63,14 @@ def demo_shards(ray_local, demo_raw, tmp_path_factory):
 def image_encoder(demo_shards, tmp_path_factory):
     """A data2vec 2.0 image run of 120 steps on the demo digits, 1 worker → its folder (final/,
     mlflow.db): enough pretraining to lift the linear probe over random init (the quality bar),
-    and the pretrained encoder the tests that fine-tune or benchmark from one share."""
+    and the pretrained encoder the tests that fine-tune or benchmark from one share. Its folder
+    has a space, named as a file:// URI (`…/image%20encoder/run`) as a user may: the run must land in
+    the one folder every later job looks in."""
+    import pathlib
+
     from jobs.pretrain import main
-    out = str(tmp_path_factory.mktemp("image_encoder") / "run")
-    assert main(["--modality", "image", "--data", demo_shards["image"], "--output", out,
+    out = str(tmp_path_factory.mktemp("runs") / "image encoder" / "run")
+    assert main(["--modality", "image", "--data", demo_shards["image"], "--output", pathlib.Path(out).as_uri(),
                  "--max-steps", "120", "--num-workers", "1", "--set", "train.log_every=20"]) == 0
     return out
 

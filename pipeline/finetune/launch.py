@@ -155,7 +155,7 @@ def run_finetuning(cfg: FineTuneConfig, chunks: list | None = None, tags: dict |
     chunks = training_chunks(cfg) if chunks is None else chunks
     fs, out = storage.resolve(cfg.output)
     fs.create_dir(out, recursive=True)
-    storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    storage.write_json(fs, f"{out}/config.json", cfg.to_dict(), sort_keys=True)
     if cfg.tracking_uri:
         prepare_experiment(cfg.tracking_uri, cfg.experiment)
     return fit(finetune_loop_per_worker, "finetune", cfg.train, cfg.output,

@@ -240,6 +240,6 @@ def write_fraction(src: str, dst: str, column: str, fraction: float, seed: int, 
              "subset_of": {"data": src, "fraction": fraction if out == dst else 1 - fraction, "seed": seed,
                            "stratified": stratified, "rows_with_target": len(values),
                            "part": "picked" if out == dst else "rest"}}
-        storage.write_text(ofs, f"{oroot}/manifest.json", json.dumps(m, indent=2) + "\n")
+        storage.write_json(ofs, f"{oroot}/manifest.json", m)
         out_manifest = out_manifest or m
     return out_manifest

@@ -11,7 +11,6 @@ adds:
 """
 from __future__ import annotations
 
-import json
 import tempfile
 
 import torch
@@ -188,7 +187,7 @@ def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, si
     final = storage.join(cfg.output, "final")
     save_final(final, model, saved)
     fs, root = storage.resolve(final)
-    storage.write_text(fs, f"{root}/metrics.json", json.dumps(metrics, indent=2) + "\n")
+    storage.write_json(fs, f"{root}/metrics.json", metrics)
     logged = {("best_" + k if k.startswith("val_") else k): float(v) for k, v in metrics.items()
               if isinstance(v, (int, float))}  # val_* stays the curve; the chosen point is best_val_*
     sink.log_metrics(logged, pos["step"])

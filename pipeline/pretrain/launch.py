@@ -3,7 +3,6 @@ chunks, run the TorchTrainer with pretraining's worker loop (worker.py). Paths m
 folders or URIs (pyarrow.fs)."""
 from __future__ import annotations
 
-import json
 
 from pipeline import storage
 from pipeline.config import ConfigError
@@ -52,7 +51,7 @@ def run_pretraining(cfg: RunConfig, fault: dict | None = None, tags: dict | None
 
     fs, out = storage.resolve(cfg.output)
     fs.create_dir(out, recursive=True)
-    storage.write_text(fs, f"{out}/config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    storage.write_json(fs, f"{out}/config.json", cfg.to_dict(), sort_keys=True)
     if cfg.tracking_uri:
         prepare_experiment(cfg.tracking_uri, cfg.experiment)  # absolute artifact location, chosen here
     # Each worker streams its own seeded share of these chunks with Ray Data (stream.py): only

@@ -17,13 +17,15 @@ STATE = "state.pt"
 
 def save_state(path: str, *, model, optimizer, config: dict, **position) -> None:
     """`position`: step, epoch, step_in_epoch and the task's own fields (loop.py) — where to resume."""
+    from pipeline import storage
+
     os.makedirs(path, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **position}
     tmp = os.path.join(path, STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(path, STATE))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        json.dump(storage.redact(config), f, indent=2, sort_keys=True)
 
 
 def load_state(path: str) -> dict:
@@ -49,7 +51,7 @@ def save_final(path: str, model, config: dict) -> None:
         os.makedirs(tmp)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+            json.dump(storage.redact(config), f, indent=2, sort_keys=True)
         if local:
             shutil.rmtree(local, ignore_errors=True)
             os.replace(tmp, local)

@@ -92,7 +92,7 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> Non
     if not storage.exists(fs, f"{root}/config.json") or not storage.exists(fs, f"{root}/ray/{name}"):
         return  # nothing to resume
     before = flatten(json.loads(storage.read_text(fs, f"{root}/config.json")))
-    now = flatten(cfg.to_dict())
+    now = flatten(storage.redact(cfg.to_dict()))  # as written: URI credentials are ***
     for k in REMOVED_FIELDS:  # an older config.json has them; they no longer change what is trained
         before.pop(f"train.{k}", None)
     for k, v in ADDED_FIELDS.items():  # an older config.json lacks them, and meant these values
@@ -101,13 +101,13 @@ def check_resume(cfg, allow_change: bool = False, name: str = "pretrain") -> Non
     if before.get("tracking_uri") is None:  # written before the driver fixed the default store
         before["tracking_uri"] = default_tracking_uri(cfg.output)
     for k in ("data", "output", "train_data", "val_data", "test_data"):  # the same place written two ways
-        if before.get(k) and now.get(k) and storage.resolve(before[k])[1] == storage.resolve(now[k])[1]:
+        if before.get(k) and now.get(k) and storage.place(before[k]) == storage.place(now[k]):
             before[k] = now[k]
     diff = sorted(k for k in set(before) | set(now)
                   if before.get(k) != now.get(k) and not resumable(k, RESUMABLE[name]))
     if diff and not allow_change:
         shown = ", ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:6])
-        raise ConfigError(f"{diff[0]}: {cfg.output!r} holds a run started with another config ({shown}"
+        raise ConfigError(f"{diff[0]}: {storage.shown(cfg.output)!r} holds a run started with another config ({shown}"
                           f"{', …' if len(diff) > 6 else ''}); resuming would change its schedule. Use a new "
                           f"--output, or pass --allow-config-change to resume anyway")
 

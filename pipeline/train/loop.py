@@ -101,6 +101,9 @@ def worker_context(use_gpu: bool, log_level: str = "INFO"):
     import ray.train
     import ray.train.torch
 
+    from pipeline import storage
+
+    storage.guard_console()  # this worker's lines (its log file, the job's console): no URI credentials
     logging.getLogger("ray.train").setLevel(log_level)
     from ray.train.v2._internal.execution import context as train_context
 

@@ -274,24 +274,10 @@ def _open(uri: str):
     """(file system, path inside it) of a chunk's file; the client is made once per process."""
     from pipeline import storage
 
-    if "://" not in uri:
-        key = ""
-    else:
-        scheme, rest = uri.split("://", 1)
-        key = f"{scheme}://{rest.split('/', 1)[0]}?{uri.partition('?')[2]}"
+    key, path = storage.split(uri)
     if key not in _FILESYSTEMS:
         _FILESYSTEMS[key] = storage.resolve(uri)[0]
-    return _FILESYSTEMS[key], (storage.resolve(uri)[1] if key == "" else _fs_path(uri))
-
-
-def _fs_path(uri: str) -> str:
-    """s3://b/x/y.parquet?q → b/x/y.parquet; file:///x/a%20b → /x/a b (what pyarrow's from_uri
-    gives, percent-decoding included)."""
-    from urllib.parse import unquote
-
-    base = uri.partition("?")[0]
-    scheme, rest = base.split("://", 1)
-    return unquote(rest if scheme != "file" else "/" + rest.lstrip("/"))
+    return _FILESYSTEMS[key], path
 
 
 _PARQUET: dict = {}  # open Parquet files of this process (footer read once), by chunk path

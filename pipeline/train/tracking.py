@@ -45,11 +45,11 @@ class MLflowSink(NullSink):
         id_file = f"{root}/mlflow_run_id"
         run_id = storage.read_text(fs, id_file).strip() if storage.exists(fs, id_file) else None
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else storage.shown(run_name), tags=tags)
         self.run_id = self.run.info.run_id
         if run_id is None:
             storage.write_text(fs, id_file, self.run_id)
-            flat = flatten(params)
+            flat = storage.redact(flatten(params))  # no URI credentials in MLflow
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps params per call
                 mlflow.log_params(dict(items[i: i + 100]))
@@ -77,7 +77,9 @@ class MLflowSink(NullSink):
         self.mlflow.log_artifact(path, artifact_path)
 
     def set_tags(self, tags):
-        self.mlflow.set_tags(tags)
+        from pipeline import storage
+
+        self.mlflow.set_tags(storage.redact(tags))
 
     def close(self, status="FINISHED"):
         if status == "FINISHED":  # the run ended where it meant to: everything it logged stands
