@@ -2,6 +2,7 @@
 equal logits, and jobs.finetune on real local Ray (2 workers) for every modality, resumable."""
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -341,9 +342,10 @@ def test_ctc_learns_digit_strings(ctc_shards, tmp_path, capsys):
     below 1 (all blanks = CER 1) within a short run; the export is a working Data2VecAudioForCTC.
     The CNN stays frozen (as with a pretrained init) to keep the test short: even a random CNN's
     features are enough to learn the digit strings."""
-    c, out = ctc_shards, str(tmp_path / "ft")
+    c, out = ctc_shards, str(tmp_path / "ft dir")  # named as a file:// URI (…/ft%20dir), as a user may
     assert finetune(["--task", "ctc", "--modality", "audio", "--init", "scratch", "--train-data", c["train"],
-                     "--val-data", c["val"], "--test-data", c["test"], "--output", out, "--max-steps", "300",
+                     "--val-data", c["val"], "--test-data", c["test"], "--output", pathlib.Path(out).as_uri(),
+                     "--max-steps", "300",
                      "--set", "train.eval_every=100", "--set", "finetune.freeze_feature_encoder=true"]) == 0
     s = last_json(capsys)
     assert set(s) >= {"test_cer", "test_wer", "init", "label_fraction"}
@@ -356,10 +358,12 @@ def test_ctc_learns_digit_strings(ctc_shards, tmp_path, capsys):
     cer = [m.value for m in client.get_metric_history(run_id, "val_cer")]
     assert len(cer) == 3 and cer[-1] < 0.8
     from jobs.export_hf import main as export
-    assert export(["--checkpoint", os.path.join(out, "final"), "--output", str(tmp_path / "hf")]) == 0
+    hf = tmp_path / "hf model"
+    assert export(["--checkpoint", pathlib.Path(out, "final").as_uri(), "--output", hf.as_uri()]) == 0
     from transformers import Data2VecAudioForCTC, Wav2Vec2Processor
-    assert isinstance(Data2VecAudioForCTC.from_pretrained(str(tmp_path / "hf")), Data2VecAudioForCTC)
-    assert Wav2Vec2Processor.from_pretrained(str(tmp_path / "hf")).tokenizer.pad_token_id == 0
+    assert isinstance(Data2VecAudioForCTC.from_pretrained(str(hf)), Data2VecAudioForCTC)
+    assert Wav2Vec2Processor.from_pretrained(str(hf)).tokenizer.pad_token_id == 0
+    assert not [p for p in tmp_path.rglob("*") if "%20" in p.name]
 
 
 def test_feature_bn_is_refused_for_ctc():
