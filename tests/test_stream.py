@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.train.config import split_evenly
-from pipeline.train.stream import (ROW_ID, EpochOrder, Plan, RankStream, _fs_path, _Table, _uri, expand,
+from pipeline.train.stream import (ROW_ID, EpochOrder, Plan, RankStream, _Table, _uri, expand,
                                    interval_rows, list_chunks)
 
 
@@ -130,8 +130,10 @@ def test_chunk_paths_keep_the_uri_scheme_host_and_query():
             == "s3://b/prep/shards/a.parquet?endpoint_override=minio:9000")
     assert _uri("hdfs://nn:8020/prep", "/prep", "/prep/shards/a.parquet") == "hdfs://nn:8020/prep/shards/a.parquet"
     import pyarrow.fs as pafs
-    for uri in ("file:///data/a%20b/shards/p.parquet", "s3://b/a%20b/p.parquet?endpoint_override=h:1&scheme=http"):
-        assert _fs_path(uri) == pafs.FileSystem.from_uri(uri)[1]  # the read tasks open what pyarrow would
+    from pipeline import storage
+    for uri in ("file:///data/a%20b/shards/p.parquet", "s3://b/a%20b/p.parquet?endpoint_override=h:1&scheme=http",
+                "s3://KEY:SECRET@b/a%20b/p.parquet?region=us-east-1"):
+        assert storage.split(uri)[1] == pafs.FileSystem.from_uri(uri)[1]  # the read tasks open what pyarrow would
 
 
 def test_ahead_prepares_steps_in_order_off_the_training_thread():
