@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from tests.servers import gcs_fs, gcs_server
+from tests.servers import ROOT, gcs_fs, gcs_server
 
 
 def test_local_paths_and_file_uris_are_one_absolute_path(tmp_path, monkeypatch):
@@ -51,7 +51,7 @@ def test_credentials_are_shown_as_stars_and_reattached_from_what_the_user_typed(
     assert storage.reattach("s3://b/x", uri) == "s3://b/x"
 
 
-def test_the_console_of_a_job_shows_no_credentials(capsys):
+def test_the_console_of_a_job_shows_no_credentials():
     import io
     import sys
 
@@ -60,8 +60,12 @@ def test_the_console_of_a_job_shows_no_credentials(capsys):
     print("wrote s3://AKID:SECRET@b/run/final and mail@example.org", file=guarded)
     assert buf.getvalue() == "wrote s3://***@b/run/final and mail@example.org\n"
     assert guarded.getvalue() == buf.getvalue()  # everything else passes through
-    import jobs  # noqa: F401 - importing the package guards this process's streams
-    assert isinstance(sys.stdout, storage._Guarded) and isinstance(sys.stderr, storage._Guarded)
+    # A job's process: importing the jobs package guards its streams, its loggers' included.
+    import subprocess
+    code = ("import jobs, logging, sys; print('out s3://K:S@b/x'); logging.getLogger('x').warning('log s3://K:S@b/y');"
+            " sys.stderr.write('err s3://K:S@b/z\\n')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert r.stdout == "out s3://***@b/x\n" and r.stderr == "log s3://***@b/y\nerr s3://***@b/z\n"
 
 
 def test_gs_uris_reach_an_emulator_from_the_environment_or_the_query(monkeypatch):
