@@ -9,8 +9,10 @@
 4. probes each encoder (linear probe on frozen features) against the same network at random init
    and against the classical raw-input baseline (pixels / MFCC statistics / TF-IDF + logistic regression),
    and logs the results into that modality's run,
-5. writes a parent "demo" run (the summary table as Markdown/CSV, a bar chart), prints the table
-   and how to open the MLflow UI.
+5. writes a parent "demo" run (the summary table as Markdown/CSV, a bar chart; its description on
+   the run's Overview tab is the table and the chart's link, kept current as each modality ends or
+   fails; each modality's run describes what it trained and its probe result), prints the table and
+   how to open the MLflow UI.
 With --ctc (about 5 more minutes), the pretrained audio encoder is then fine-tuned with CTC on
 spoken digit strings ("three one four") and scored on voices it never heard (CER, WER).
 Re-running skips finished steps (preprocessed folders, finished runs).

@@ -89,9 +89,75 @@ def parent_run(uri: str, output: str) -> str:
     return run.info.run_id
 
 
-def log_summary(uri: str, parent_id: str, rows: list[dict], total_s: float) -> None:
-    """The parent run gets every modality's numbers, the table (Markdown + CSV) and a bar chart of
-    random init vs pretrained vs classical."""
+NOTE = "mlflow.note.content"  # a run's description: the MLflow UI renders it (Markdown) on the run's Overview tab
+CHART = "probe_accuracy.png"
+MODES = {"d2v1": "data2vec 1.0", "d2v2": "data2vec 2.0"}
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The summary table (one row per modality, the columns the printed table has) as Markdown."""
+    cols = list(rows[0]) if rows else []
+    return ("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+            + "".join("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows))
+
+
+def code_block(text: str) -> str:
+    """Text (an error message) shown as it is in Markdown."""
+    return "```\n" + text.strip().replace("```", "'''") + "\n```"
+
+
+def note_parent(uri: str, parent_id: str, rows: list[dict], *, todo=(), failed: str | None = None,
+                ctc: dict | None = None, total_s: float | None = None) -> None:
+    """The 'demo' run's description: what is still running or what failed, the summary table as far
+    as it is known, the probe chart's link (once logged), then what the columns mean."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parts = []  # the Overview tab shows a description's first lines until "Show more": the table first
+    if failed:
+        parts.append("**Failed**, the demo stopped:\n\n" + code_block(failed))
+    elif todo:
+        parts.append("Still running: " + ", ".join(todo) + ".")
+    if rows:
+        parts.append(table_markdown(rows))
+    if ctc:
+        parts.append(f"Speech recognition (CTC) from the pretrained audio encoder: CER {ctc['test_cer']:.3f}, "
+                     f"WER {ctc['test_wer']:.3f} on unheard voices ({ctc['steps']} steps).")
+    if total_s is not None:
+        exp = client.get_run(parent_id).info.experiment_id
+        parts.append(f"[Probe accuracy chart](#/experiments/{exp}/runs/{parent_id}/artifacts/{CHART}) "
+                     f"(artifact `{CHART}`; the table as `summary.md` and `summary.csv`). "
+                     f"Total wall time {total_s:.0f} s.")
+    parts.append("Probe accuracy: a linear probe on frozen features, test split, at random init (`probe_random`), "
+                 "after pretraining (`probe_pretrained`), and of a classical raw-input baseline "
+                 "(`probe_classical`). One child run per modality holds its learning curves.")
+    client.set_tag(parent_id, NOTE, "\n\n".join(parts))
+
+
+def note_child(uri: str, run_id: str, cfg, row: dict | None, acc: dict | None, data_rows: int,
+               error: str | None = None) -> None:
+    """A modality's run description: what it trained, and its probe result (random init → pretrained)."""
+    from mlflow.tracking import MlflowClient
+
+    e = cfg.model.encoder
+    what = (f"**{cfg.modality}** pretraining, {MODES.get(cfg.model.mode, cfg.model.mode)} (`{cfg.model.mode}`), "
+            f"recipe `{cfg.preset}` ({e.dim}-dim encoder, {e.depth} layers, {e.heads} heads), "
+            f"on {data_rows:,} preprocessed rows")
+    if error:
+        text = f"{what}: **failed**:\n\n" + code_block(error)
+    else:
+        steps, batch = row["steps"] or 0, cfg.train.effective_batch
+        text = (f"{what}: {steps} step{'s' * (steps != 1)} × {batch} = {steps * batch:,} samples "
+                f"in {row['pretrain_s']:.0f} s.\n\n"
+                f"Linear probe on frozen features (test split): **{acc['random']:.3f} → {acc['pretrained']:.3f}** "
+                f"(random init → pretrained); kNN {acc['random_knn']:.3f} → {acc['pretrained_knn']:.3f}; "
+                f"classical raw-input baseline {acc['classical']:.3f}.")
+    MlflowClient(uri).set_tag(run_id, NOTE, text)
+
+
+def log_summary(uri: str, parent_id: str, rows: list[dict], total_s: float, ctc: dict | None = None) -> None:
+    """The parent run gets every modality's numbers, the table (Markdown + CSV), a bar chart of
+    random init vs pretrained vs classical, and its description with the table and the chart's link."""
     import tempfile
 
     import matplotlib
@@ -109,9 +175,7 @@ def log_summary(uri: str, parent_id: str, rows: list[dict], total_s: float) -> N
         with open(os.path.join(d, "summary.csv"), "w") as f:
             f.write(",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows))
         with open(os.path.join(d, "summary.md"), "w") as f:
-            f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-            f.write("".join("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows))
-            f.write(f"\nTotal wall time {total_s:.0f} s.\n")
+            f.write(table_markdown(rows) + f"\nTotal wall time {total_s:.0f} s.\n")
         fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(rows), 3.4))
         w = 0.26
         for i, (key, label) in enumerate((("probe_random", "random init"), ("probe_pretrained", "data2vec"),
@@ -123,10 +187,11 @@ def log_summary(uri: str, parent_id: str, rows: list[dict], total_s: float) -> N
         ax.set_ylim(0, 1)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(d, "probe_accuracy.png"), dpi=100)
+        fig.savefig(os.path.join(d, CHART), dpi=100)
         plt.close(fig)
-        for f in ("summary.csv", "summary.md", "probe_accuracy.png"):
+        for f in ("summary.csv", "summary.md", CHART):
             client.log_artifact(parent_id, os.path.join(d, f))
+    note_parent(uri, parent_id, rows, ctc=ctc, total_s=total_s)
     client.set_terminated(parent_id)
 
 
@@ -138,58 +203,31 @@ def end_parent(uri: str, parent_id: str, status: str) -> None:
 
 def run_demo(a, mods: list[str], uri: str, parent_id: str, t_start: float) -> int:
     """Every modality's preprocess → pretraining → probe, then the summary; 0, or the exit code
-    of the first failure (its message printed)."""
-    from pipeline.train.config import resolve
-    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest
-    from pipeline.pretrain.launch import run_pretraining
-
+    of the first failure (its message printed). The 'demo' run's description follows along: the
+    table so far after each modality, or what failed."""
     rows = []
-    for mod in mods:
-        dirs = preprocess_all(mod, a.data, os.path.join(a.output, "data"))
-        pre, ptr, pte = (dirs[s] for s in SPLITS[mod])
+    note_parent(uri, parent_id, rows, todo=mods + (["CTC fine-tuning"] if a.ctc else []))
+    for i, mod in enumerate(mods):
         try:
-            # Learning curves in MLflow: validation loss on 5% of the pretraining rows held out, and
-            # the online probe on the labeled splits.
-            steps = max(1, int(DEMO_STEPS[mod] * a.steps_scale))
-            cfg = resolve(mod, pre, os.path.join(a.output, f"{mod}-{a.mode}"), "demo", None,
-                          {"train.max_steps": steps, "model.mode": a.mode, "train.val_fraction": 0.05,
-                           **curve_settings(mod, steps)},
-                          model_frontend=frontend_from_manifest(read_manifest(pre, mod)),
-                          tracking_uri=uri, experiment=EXPERIMENT, parent_run_id=parent_id,
-                          probe_train=ptr, probe_test=pte)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        t0 = time.time()
-        result, error = fit_error(lambda: run_pretraining(cfg))
-        if error:
-            print(f"error: {mod} pretraining failed: {error}", file=sys.stderr)
-            return 1
-        wall = time.time() - t0
-        acc = probe_modality(mod, os.path.join(cfg.output, "final"), ptr, pte)
-        m = result.metrics or {}
-        rows.append({"modality": mod, "mode": a.mode, "steps": m.get("step"), "pretrain_s": round(wall, 1),
-                     "samples_per_s": round(m.get("run_samples_per_s", 0.0), 1),
-                     "data_wait": round(m.get("run_data_wait_fraction", 0.0), 4),
-                     "probe_random": round(acc["random"], 3), "probe_pretrained": round(acc["pretrained"], 3),
-                     "probe_classical": round(acc["classical"], 3)})
-        from mlflow.tracking import MlflowClient
-        run_id = open(os.path.join(cfg.output, "mlflow_run_id")).read().strip()
-        MlflowClient(uri).log_batch(run_id, metrics=_metrics({
-            "final_probe.linear_random_init": acc["random"], "final_probe.linear_pretrained": acc["pretrained"],
-            "final_probe.knn_random_init": acc["random_knn"], "final_probe.knn_pretrained": acc["pretrained_knn"],
-            "final_probe.linear_classical": acc["classical"]}, m.get("step") or 0))
-        print(f"[demo] {mod}: probe accuracy {acc['random']:.3f} (random init) → {acc['pretrained']:.3f} "
-              f"(pretrained, {m.get('step')} steps, {wall:.0f} s); classical baseline {acc['classical']:.3f}",
-              flush=True)
+            row, failure = run_modality(a, mod, uri, parent_id)
+        except Exception as e:
+            note_parent(uri, parent_id, rows, failed=f"{mod}: {type(e).__name__}: {e}")
+            raise
+        if failure:
+            code, what = failure
+            note_parent(uri, parent_id, rows, failed=what)
+            return code
+        rows.append(row)
+        note_parent(uri, parent_id, rows, todo=mods[i + 1:] + (["CTC fine-tuning"] if a.ctc else []))
 
     ctc = None
     if a.ctc:
         ctc = finetune_ctc(a, uri, parent_id)
         if isinstance(ctc, int):
+            note_parent(uri, parent_id, rows, failed=f"CTC fine-tuning (exit code {ctc}; its error is on the console)")
             return ctc
     total = time.time() - t_start
-    log_summary(uri, parent_id, rows, total)
+    log_summary(uri, parent_id, rows, total, ctc)
     print("\nmodality  mode  steps  pretrain_s  samples/s  data_wait  probe_random  probe_pretrained  classical")
     for r in rows:
         print(f"{r['modality']:9} {r['mode']:5} {r['steps']:5}  {r['pretrain_s']:10.1f}  {r['samples_per_s']:9.1f}  "
@@ -204,6 +242,61 @@ def run_demo(a, mods: list[str], uri: str, parent_id: str, t_start: float) -> in
     print_result({"demo": rows, "total_s": round(total, 1), "mlflow_parent_run_id": parent_id, "mlflow_ui": url,
                   "mlflow_ui_demo_run": parent_url, **({"ctc": ctc} if ctc else {})})
     return 0
+
+
+def run_modality(a, mod: str, uri: str, parent_id: str) -> tuple[dict | None, tuple[int, str] | None]:
+    """One modality's preprocess → pretraining (a child run of the demo's) → probe: (its summary-table
+    row, None), or (None, (exit code, what failed)), the error printed (and in the child run's
+    description when the run started)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.config import resolve
+    from pipeline.train.launch import fit_error, frontend_from_manifest, read_manifest
+    from pipeline.pretrain.launch import run_pretraining
+
+    dirs = preprocess_all(mod, a.data, os.path.join(a.output, "data"))
+    pre, ptr, pte = (dirs[s] for s in SPLITS[mod])
+    try:
+        # Learning curves in MLflow: validation loss on 5% of the pretraining rows held out, and
+        # the online probe on the labeled splits.
+        steps = max(1, int(DEMO_STEPS[mod] * a.steps_scale))
+        manifest = read_manifest(pre, mod)
+        cfg = resolve(mod, pre, os.path.join(a.output, f"{mod}-{a.mode}"), "demo", None,
+                      {"train.max_steps": steps, "model.mode": a.mode, "train.val_fraction": 0.05,
+                       **curve_settings(mod, steps)},
+                      model_frontend=frontend_from_manifest(manifest),
+                      tracking_uri=uri, experiment=EXPERIMENT, parent_run_id=parent_id,
+                      probe_train=ptr, probe_test=pte)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, (2, f"{mod} configuration: {e}")
+    data_rows = manifest["counts"]["written"]
+    id_file = os.path.join(cfg.output, "mlflow_run_id")
+    t0 = time.time()
+    result, error = fit_error(lambda: run_pretraining(cfg))
+    if error:
+        print(f"error: {mod} pretraining failed: {error}", file=sys.stderr)
+        if os.path.exists(id_file):
+            note_child(uri, open(id_file).read().strip(), cfg, None, None, data_rows, error=str(error))
+        return None, (1, f"{mod} pretraining: {error}")
+    wall = time.time() - t0
+    acc = probe_modality(mod, os.path.join(cfg.output, "final"), ptr, pte)
+    m = result.metrics or {}
+    row = {"modality": mod, "mode": a.mode, "steps": m.get("step"), "pretrain_s": round(wall, 1),
+           "samples_per_s": round(m.get("run_samples_per_s", 0.0), 1),
+           "data_wait": round(m.get("run_data_wait_fraction", 0.0), 4),
+           "probe_random": round(acc["random"], 3), "probe_pretrained": round(acc["pretrained"], 3),
+           "probe_classical": round(acc["classical"], 3)}
+    run_id = open(id_file).read().strip()
+    MlflowClient(uri).log_batch(run_id, metrics=_metrics({
+        "final_probe.linear_random_init": acc["random"], "final_probe.linear_pretrained": acc["pretrained"],
+        "final_probe.knn_random_init": acc["random_knn"], "final_probe.knn_pretrained": acc["pretrained_knn"],
+        "final_probe.linear_classical": acc["classical"]}, m.get("step") or 0))
+    note_child(uri, run_id, cfg, row, acc, data_rows)
+    print(f"[demo] {mod}: probe accuracy {acc['random']:.3f} (random init) → {acc['pretrained']:.3f} "
+          f"(pretrained, {m.get('step')} steps, {wall:.0f} s); classical baseline {acc['classical']:.3f}",
+          flush=True)
+    return row, None
 
 
 CTC_STEPS = 300

@@ -515,17 +515,31 @@ def int32_lists(rows: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-class TextTokenize:
-    """Actor-pool UDF: loads the tokenizer once, then files → framed/chunked token-id rows."""
+_TOKENIZERS: dict = {}  # (tokenizer file, sha256 of its JSON) → Tokenizer, per worker process
 
-    def __init__(self, tokenizer_file: str, cfg: PreprocessConfig, root: str, files: _Files):
-        import os
-        # One actor holds one CPU: keep the Rust tokenizer from spawning a thread per core.
+
+def text_batch(batch: dict, *, tokenizer_file: str, tokenizer_sha: str, cfg: PreprocessConfig, root: str,
+               files: _Files) -> pa.Table:
+    """Map task: files → framed/chunked token-id rows (TextTokenize), the tokenizer read once per
+    worker process (keyed by content: a re-run may rewrite the file). Tasks, not an actor pool: Ray
+    Data passes a pool's actors their UDF through the object store and lets them restart, which
+    Ray's core worker reports on the driver's console as an error-level line."""
+    key = (tokenizer_file, tokenizer_sha)
+    if key not in _TOKENIZERS:
+        # One task holds one CPU: keep the Rust tokenizer from spawning a thread per core.
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(storage.read_text(*storage.resolve(tokenizer_file)))
-        self.cfg, self.root, self.files = cfg, root, files
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = Tokenizer.from_str(storage.read_text(*storage.resolve(tokenizer_file)))
+    return TextTokenize(_TOKENIZERS[key], cfg, root, files)(batch)
+
+
+class TextTokenize:
+    """A loaded tokenizer's files → framed/chunked token-id rows."""
+
+    def __init__(self, tok, cfg: PreprocessConfig, root: str, files: _Files):
+        self.tok, self.cfg, self.root, self.files = tok, cfg, root, files
 
     def __call__(self, batch: dict) -> pa.Table:
         tcfg = self.cfg.text
@@ -668,12 +682,13 @@ def run(cfg: PreprocessConfig) -> dict:
         extra_settings["vocab_size"] = Tokenizer.from_str(tokenizer_json).get_vocab_size()
         extra_settings["tokenizer"] = storage.join(cfg.output, "tokenizer.json")
         extra_settings["special_ids"] = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": mask_id}
-        # The actors read the tokenizer from the file just written (a vocabulary is hundreds of KB;
-        # the constructor arguments stay small).
+        # The tasks read the tokenizer from the file just written (a vocabulary is hundreds of KB;
+        # the task arguments stay small).
+        import hashlib
+        sha = hashlib.sha256(tokenizer_json.encode()).hexdigest()
         ds = source().map_batches(
-            TextTokenize, fn_constructor_kwargs=dict(tokenizer_file=extra_settings["tokenizer"], **common),
-            batch_size=bs, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n_cpus))
+            text_batch, fn_kwargs=dict(tokenizer_file=extra_settings["tokenizer"], tokenizer_sha=sha, **common),
+            batch_size=bs, batch_format="numpy")
     # Small row groups: training reads (and shuffles) shards row group by row group.
     ds.write_parquet(f"{out_root}/{SHARDS}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file,
                      row_group_size=ROW_GROUP_ROWS[cfg.modality])

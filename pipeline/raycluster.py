@@ -27,6 +27,13 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         # (an actor per run, whose start logs an error-level line about its arguments) has nothing
         # to watch. The cluster's processes inherit this environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if "RAY_AUTH_MODE" not in os.environ:
+            # Ray (2.59+) turns token authentication on for a new local cluster when RAY_AUTH_MODE
+            # is unset, with a console WARNING that it did; the job makes the same choice itself.
+            # Ray read its config at import: it re-reads it here, as its own switch to token does.
+            os.environ["RAY_AUTH_MODE"] = "token"
+            from ray._raylet import Config
+            Config.initialize("")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                  configure_logging=True, logging_level="warning")
     if not on_terminal():

@@ -17,28 +17,37 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
 
     from jobs.demo import main
     from pipeline.demo import EXPERIMENT
+    NOTE = "mlflow.note.content"  # a run's description, Markdown on the run's Overview tab
     out = str(tmp_path / "demo")
     # As a user runs it, with its own local Ray cluster, its console going to a file.
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
-    for k in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS"):  # the test session's settings, not a user's
+    # The test session's settings, not a user's (ray.init set RAY_AUTH_MODE when it turned token
+    # authentication on for the session's cluster).
+    for k in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_AUTH_MODE"):
         env.pop(k, None)
     with open(tmp_path / "console.txt", "w+") as console, alone_on_this_machine():
         r = subprocess.run([sys.executable, "-m", "jobs.demo", "--data", demo_raw, "--output", out, "--modalities",
-                            "image", "--steps-scale", "0.05"], cwd=ROOT, env=env, stdout=console,
+                            "image,text", "--steps-scale", "0.05"], cwd=ROOT, env=env, stdout=console,
                            stderr=subprocess.STDOUT, timeout=900)
         console.seek(0)
         lines = console.read().splitlines()
     text = "\n".join(lines)
     assert r.returncode == 0, text[-4000:]
     # The story, not Ray's plumbing: no progress blocks of Ray Data, no start-up and report lines
-    # of Ray Train, no error-level lines from a normal run.
-    assert len(lines) <= 25, text  # one modality of the ~40 lines the whole demo prints
-    for noise in ("logging_progress", "Reporting training result", "Failed to kill actor", " E ", "Traceback"):
+    # of Ray Train, no error-level lines from a normal run; not Ray's notice that it turned token
+    # authentication on (the job turns it on itself), nor its error-level line about an actor pool's
+    # constructor arguments in the object store (text is tokenized by tasks). Ray's own rare
+    # "[mutex.cc : 452] RAW: Lock blocking" from an exiting worker process is a race inside Ray 2.60
+    # that no job setting reaches (README, under the demo), so it is not asserted on here.
+    assert len(lines) <= 28, text  # two modalities: 22 lines on 2026-12-07
+    for noise in ("logging_progress", "Reporting training result", "Failed to kill actor", " E ", "Traceback",
+                  "Token authentication", "core_worker.cc", "constructor arguments in the object store"):
         assert noise not in text, (noise, text)
     assert "[demo] image: preprocessed" in text and "step 6/6 loss" in text and "then open http" in text
+    assert "[demo] text: preprocessed" in text and "[demo] text: probe accuracy" in text
     last = json.loads(lines[-1])
-    row = last["demo"][0]
-    assert row["modality"] == "image" and row["steps"] == 6
+    row, text_row = last["demo"]
+    assert row["modality"] == "image" and row["steps"] == 6 and text_row["modality"] == "text"
     assert row["samples_per_s"] > 0 and 0 <= row["data_wait"] < 1  # whole-run figures
 
     client = MlflowClient("sqlite:///" + os.path.join(out, "mlflow.db"))
@@ -51,20 +60,40 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "summary.csv", "probe_accuracy.png"} <= arts
     table = open(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))).read().splitlines()
-    assert table[0].startswith("modality,") and table[1].startswith("image,")
+    assert table[0].startswith("modality,") and table[1].startswith("image,") and table[2].startswith("text,")
+    # The run's description (its note, Markdown): the summary table, the chart's link.
+    note = parent.data.tags[NOTE]
+    assert "| modality | mode | steps |" in note and "| image | d2v2 | 6 |" in note and "| text | d2v2 |" in note
+    assert f"runs/{parent.info.run_id}/artifacts/probe_accuracy.png)" in note and "Still running" not in note
 
-    child, = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = {r.info.run_name: r for r in
+                client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(children) == {"image-d2v2-demo", "text-d2v2-demo"}
+    child = children["image-d2v2-demo"]
+    # Each modality's run says what it trained and its probe result, random init → pretrained.
+    child_note = child.data.tags[NOTE]
+    assert child_note.startswith("**image** pretraining, data2vec 2.0 (`d2v2`), recipe `demo`"), child_note
+    assert "6 steps × 32 = 192 samples" in child_note, child_note
+    assert f"**{row['probe_random']:.3f} → {row['probe_pretrained']:.3f}**" in child_note, child_note
 
     # The MLflow UI at the URLs the demo printed (served here on a free port), in headless Chromium.
     with mlflow_ui(f"sqlite:///{out}/mlflow.db") as base:
         demo_run = on_port(last["mlflow_ui_demo_run"], base)
         assert parent.info.run_id in demo_run
-        runs, files, curves = page_text(on_port(last["mlflow_ui"], base), artifact_page(demo_run, "probe_accuracy.png"),
-                                        demo_run.replace(parent.info.run_id, child.info.run_id))
-        # The runs table: the 'demo' run, its pretraining run nested (collapsed) under it.
-        assert "2 matching runs" in runs and " demo " in runs, runs[-3000:]
+        runs, overview, files, curves = page_text(
+            on_port(last["mlflow_ui"], base), demo_run, artifact_page(demo_run, "probe_accuracy.png"),
+            demo_run.replace(parent.info.run_id, child.info.run_id))
+        # The runs table: the 'demo' run, its pretraining runs nested (collapsed) under it.
+        assert "3 matching runs" in runs and " demo " in runs, runs[-3000:]
+        # The 'demo' run's Overview tab: its description is the summary table, rendered (no Markdown
+        # pipes left), and the chart's link.
+        assert "No description" not in overview and "| modality |" not in overview, overview[-3000:]
+        assert (" modality mode steps pretrain_s samples_per_s data_wait probe_random probe_pretrained "
+                f"probe_classical image d2v2 6 {row['pretrain_s']} ") in overview, overview[-3000:]
+        assert " Probe accuracy chart " in overview, overview[-3000:]
         assert "probe_accuracy.png" in files and "summary.md" in files, files[-3000:]
         assert "val_loss" in curves and "image-d2v2-demo" in curves, curves[-3000:]
+        assert "image pretraining, data2vec 2.0" in curves and "(random init → pretrained)" in curves, curves[-3000:]
     m = child.data.metrics
     assert m["final_probe.linear_pretrained"] == pytest.approx(row["probe_pretrained"], abs=1e-3)
     for k in ("final_probe.linear_random_init", "final_probe.linear_classical", "final_probe.knn_pretrained"):
@@ -89,8 +118,11 @@ def test_demo_logs_probes_curves_and_a_summary_run_to_mlflow(demo_raw, ray_local
     err = capsys.readouterr().err
     assert "error: image pretraining failed: " in err and "NonFiniteLoss" in err, err[-2000:]
     client = MlflowClient("sqlite:///" + os.path.join(bad, "mlflow.db"))
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert {r.info.run_name: r.info.status for r in runs} == {"demo": "FAILED", "image-d2v2-demo": "FAILED"}
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
+    assert {name: r.info.status for name, r in runs.items()} == {"demo": "FAILED", "image-d2v2-demo": "FAILED"}
+    # Both descriptions say so.
+    assert "**Failed**" in runs["demo"].data.tags[NOTE] and "NonFiniteLoss" in runs["demo"].data.tags[NOTE]
+    assert "**failed**" in runs["image-d2v2-demo"].data.tags[NOTE]
 
 
 def test_demo_refuses_arguments_that_cannot_work(tmp_path, capsys):

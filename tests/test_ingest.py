@@ -345,3 +345,29 @@ def test_int32_lists_equal_arrows_own_conversion():
     rows = [np.array([0, 5, 9, 2], np.int32), np.zeros(0, np.int32), np.array([0, 2], np.int32)]
     assert int32_lists(rows).equals(pa.array(rows, pa.list_(pa.int32())))
     assert int32_lists([]).equals(pa.array([], pa.list_(pa.int32())))
+
+
+def test_text_tasks_reload_a_tokenizer_rewritten_at_the_same_path(tmp_path):
+    """Text is tokenized by map tasks that keep the tokenizer loaded in their worker process: a re-run
+    that writes another tokenizer to the same path (--overwrite) must not get the old one's ids."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from pipeline.ingest import _Files, text_batch
+    from pipeline.tokenizer import train_tokenizer
+    write_bytes(str(tmp_path / "raw/a/x.txt"), b"zebra quartz zebra quartz\n")
+    cfg = PreprocessConfig(modality="text", input=str(tmp_path / "raw"), output=str(tmp_path / "out"),
+                           text=TextSettings(max_length=64, vocab_size=300))
+    fs = pafs.LocalFileSystem()
+    files = _Files(fs, fs, str(tmp_path / "out"))
+    path = str(tmp_path / "tokenizer.json")
+    ids = []
+    for corpus in (["zebra quartz"] * 50, ["quite different words"] * 50):
+        tok_json = train_tokenizer(corpus, vocab_size=300).to_str()
+        open(path, "w").write(tok_json)
+        out = text_batch({"path": [str(tmp_path / "raw/a/x.txt")]}, tokenizer_file=path,
+                         tokenizer_sha=hashlib.sha256(tok_json.encode()).hexdigest(), cfg=cfg,
+                         root=str(tmp_path / "raw"), files=files)
+        ids.append(out.column("input_ids").to_pylist())
+    assert ids[0] != ids[1] and len(ids[0][0]) < len(ids[1][0])  # the first tokenizer has "zebra" merged
