@@ -524,3 +524,29 @@ def test_base_image_recipe_on_three_workers_fits_and_trains_exactly_2048(ray_loc
         assert len(rows) == len(set(rows)) == 2048
     client, run = mlflow_metrics(out)
     assert {m.value for m in client.get_metric_history(run.info.run_id, "effective_batch")} == {2048.0}
+
+
+def test_a_restart_from_an_older_checkpoint_does_not_log_committed_steps_again(tmp_path):
+    """A node lost right after a checkpoint's report, before Ray Train registered it: the restart
+    resumes from the checkpoint before and re-runs steps whose values MLflow already holds. Each
+    step keeps one value (the restart's are the same rows and values)."""
+    import mlflow
+
+    from pipeline.train.tracking import MLflowSink, prepare_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    prepare_experiment(uri, "x")
+    (tmp_path / "run").mkdir()
+    first = MLflowSink(uri, "x", str(tmp_path / "run"), "run", {"a": 1})
+    for step in range(1, 7):
+        first.log_metrics({"loss": step}, step)
+        if step % 2 == 0:
+            first.commit(step)  # checkpoints at 2, 4, 6: the history holds steps 1-6
+    mlflow.end_run(status="FAILED")  # the attempt dies; Ray Train registered only step 4's checkpoint
+    again = MLflowSink(uri, "x", str(tmp_path / "run"), "run", {"a": 1})
+    assert again.run_id == first.run_id and again.committed == 6
+    for step in range(5, 9):  # re-runs 5 and 6, then goes on
+        again.log_metrics({"loss": step}, step)
+    again.close()
+    history = mlflow.MlflowClient(uri).get_metric_history(first.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))

@@ -20,6 +20,9 @@ class NullSink:
     def close(self, status: str = "FINISHED") -> None: ...
 
 
+COMMITTED = "progress.committed_step"  # MLflowSink: the history holds every logged step up to it
+
+
 class MLflowSink(NullSink):
     """One MLflow run per RUN_DIR: its id is stored in RUN_DIR/mlflow_run_id so a resumed run keeps
     logging into the same MLflow run.
@@ -55,9 +58,15 @@ class MLflowSink(NullSink):
                 mlflow.log_params(dict(items[i: i + 100]))
 
         self.pending: list[tuple[int, dict]] = []
+        # The last step whose values are in the history. A restart can resume from a checkpoint
+        # older than the last one committed here (a node lost right after its report, before Ray
+        # Train registered that checkpoint): the steps it re-runs — the same rows, the same values
+        # (exact resume) — are not logged a second time.
+        self.committed = int(self.tag(COMMITTED) or -1) if run_id else -1
 
     def log_metrics(self, metrics, step):
-        self.pending.append((step, {k: float(v) for k, v in metrics.items()}))
+        if step > self.committed:
+            self.pending.append((step, {k: float(v) for k, v in metrics.items()}))
 
     def log_event(self, metrics, step):
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -66,6 +75,9 @@ class MLflowSink(NullSink):
         now, self.pending = [x for x in self.pending if x[0] <= step], [x for x in self.pending if x[0] > step]
         for s, m in now:
             self.mlflow.log_metrics(m, step=s)
+        if now:
+            self.committed = max(self.committed, now[-1][0])
+            self.mlflow.set_tag(COMMITTED, self.committed)
 
     def discard_after(self, step):
         self.pending = [x for x in self.pending if x[0] <= step]
