@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     from pipeline.raycluster import init_ray
     from pipeline.train.tracking import LocalTrackingServer
 
-    out = storage.absolute(a.output)
+    out = storage.canonical(a.output)
     out_fs, out_root = storage.resolve(out)
     out_fs.create_dir(out_root, recursive=True)
     tw = check.train

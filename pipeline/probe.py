@@ -90,7 +90,7 @@ def extract_splits(data_dirs: list[str], checkpoint: str, modality: str, *,
 
     from pipeline import storage
 
-    checkpoint = storage.absolute(checkpoint)
+    checkpoint = storage.canonical(checkpoint)
     parts = [read_shards(d, modality).map_batches(tag, fn_kwargs={"src": i}, batch_format="pyarrow")
              for i, d in enumerate(data_dirs)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -1,5 +1,5 @@
 """Every path the product reads or writes, in one place: what a user typed → (file system, path
-inside it, the form shown to people).
+inside it) by `resolve`, and the form shown to people by `shown`.
 
     /data/run, runs/x, ~/x, file:///data/a%20b, s3://bucket/run, gs://bucket/run,
     s3://bucket/run?endpoint_override=HOST:PORT&scheme=http   (pyarrow's own query options)
@@ -24,7 +24,6 @@ written file the credentials of a URI the user typed now.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -36,13 +35,6 @@ OBJECT_STORES = ("s3", "gs", "gcs")
 # scheme://USERINFO@ — the user-info of any URI (S3 keys, an MLflow server's basic auth, …).
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"?#]+)@")
 HIDDEN = "***"
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-    fs: pafs.FileSystem
-    path: str    # inside fs, no trailing '/': "/data/run", "bucket/run"
-    shown: str   # for people: the canonical form, credentials as ***
 
 
 def is_uri(path: str) -> bool:
@@ -80,18 +72,6 @@ def path_arg(text: str) -> str:
         return canonical(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def locate(text: str) -> Location:
-    """What a user typed (or a file recorded) → where it is. The only place a file system is made."""
-    uri = canonical(text)
-    if not is_uri(uri):
-        return Location(pafs.LocalFileSystem(), uri.rstrip("/") or "/", uri)
-    if _scheme(uri) in ("gs", "gcs"):
-        fs, path = _gcs(uri)
-    else:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    return Location(fs, path.rstrip("/"), shown(uri))
 
 
 def _gcs(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -137,14 +117,13 @@ def split(uri: str) -> tuple[str, str]:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """'s3://b/k', 'gs://b/k', 'file:///x' or a plain (relative) path → (filesystem, path inside it)."""
-    loc = locate(uri)
-    return loc.fs, loc.path
-
-
-def absolute(path: str) -> str:
-    """The canonical form (kept under its old name): an absolute local path, or the URI."""
-    return canonical(path)
+    """What a user typed (or a file recorded) → (file system, path inside it, no trailing '/'); the
+    only place a file system is made. 's3://b/k', 'gs://b/k', 'file:///x' or a plain path."""
+    uri = canonical(uri)
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), uri.rstrip("/") or "/"
+    fs, path = _gcs(uri) if _scheme(uri) in ("gs", "gcs") else pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
 
 
 # ----------------------------------------------------------------------------- secrets

@@ -152,8 +152,8 @@ def run_sweep(a, spec: dict, sets: dict, out: str, uri: str, concurrent: int, pe
                            "steps_per_round": a.steps_per_round, "search_space": json.dumps(spec),
                            "preset": a.preset, "sets": json.dumps(sets), "trial_resources": json.dumps(per_trial),
                            "max_concurrent_trials": concurrent}))
-    static = {"modality": a.modality, "data": storage.absolute(a.data), "probe_train": storage.absolute(a.probe_train),
-              "probe_val": storage.absolute(a.probe_val) if a.probe_val else None, "output": out,
+    static = {"modality": a.modality, "data": storage.canonical(a.data), "probe_train": storage.canonical(a.probe_train),
+              "probe_val": storage.canonical(a.probe_val) if a.probe_val else None, "output": out,
               "preset": a.preset, "config": a.config, "sets": sets, "rounds": a.rounds,
               "steps_per_round": a.steps_per_round, "experiment": a.experiment, "parent_run_id": parent.info.run_id}
     t0 = time.time()

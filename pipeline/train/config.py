@@ -375,7 +375,7 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     if modality not in ("image", "audio", "text"):
         raise ConfigError(f"modality: must be image, audio or text, got {modality!r}")
     # Workers run with another cwd (and on other nodes): local paths must be absolute.
-    data, output = (_absolute(p) for p in (data, output))
+    data, output = (storage.canonical(p) for p in (data, output))
     mode = "d2v2"
     if overrides and "model.mode" in overrides:
         mode = overrides["model.mode"]
@@ -393,7 +393,7 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
     d.update({k: v for k, v in top.items() if v is not None})
     for k in ("val_data", "probe_train", "probe_test", "init"):
         if d[k]:
-            d[k] = _absolute(d[k])
+            d[k] = storage.canonical(d[k])
     # The tracking store is fixed here, on the driver (a relative sqlite path would resolve in a
     # Ray worker's folder); an object-store --output with no --tracking-uri leaves it None.
     d["tracking_uri"] = absolute_tracking_uri(d["tracking_uri"]) if d["tracking_uri"] else \
@@ -418,10 +418,6 @@ def _check_accumulation(train: dict, overrides: dict | None) -> None:
         raise ConfigError(f"train.grad_accum: derived from train.reference_batch={train['reference_batch']} "
                           f"(the recipe's effective batch) and the worker count; set train.reference_batch=null "
                           f"to choose grad_accum yourself")
-
-
-def _absolute(p: str) -> str:
-    return storage.absolute(p)
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -513,12 +509,12 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
     enc = dataclasses.replace(model.encoder, dropout=r.dropout,
                               attn_dropout=r.dropout if r.attn_dropout is None else r.attn_dropout)
     model = dataclasses.replace(model, encoder=enc)
-    paths = {k: _absolute(v) if v else v for k, v in
+    paths = {k: storage.canonical(v) if v else v for k, v in
              dict(train_data=train_data, val_data=val_data, test_data=test_data, output=output).items()}
     task_cfg = {**dataclasses.asdict(TaskConfig()), **r.task}
     if init == "scratch":  # the baseline trains every layer at the full LR, from step 0 (finetune_recipe)
         task_cfg.update(freeze_feature_encoder=False, layer_decay=1.0, freeze_encoder_steps=0)
-    d = {"modality": modality, "init": init if init == "scratch" else _absolute(init), **paths, "labels": list(labels),
+    d = {"modality": modality, "init": init if init == "scratch" else storage.canonical(init), **paths, "labels": list(labels),
          "preset": preset_name, "tracking_uri": None, "experiment": "data2vec-finetune", "parent_run_id": None,
          "model": model.to_dict(), "train": {**dataclasses.asdict(TrainConfig()), **r.train}, "finetune": task_cfg}
     fixed = {k: d[k] for k in ("modality", "init", "train_data", "val_data", "test_data", "output", "labels", "preset")}
