@@ -547,6 +547,9 @@ def test_a_restart_from_an_older_checkpoint_does_not_log_committed_steps_again(t
     assert again.run_id == first.run_id and again.committed == 6
     for step in range(5, 9):  # re-runs 5 and 6, then goes on
         again.log_metrics({"loss": step}, step)
+    again.commit(8)  # the last checkpoint; a fine-tune's test metrics come after it, at the same step
+    again.log_event({"test_accuracy": 0.5}, 8)
     again.close()
-    history = mlflow.MlflowClient(uri).get_metric_history(first.run_id, "loss")
-    assert sorted(m.step for m in history) == list(range(1, 9))
+    client = mlflow.MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "loss")) == list(range(1, 9))
+    assert client.get_run(first.run_id).data.metrics["test_accuracy"] == 0.5

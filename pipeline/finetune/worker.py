@@ -190,7 +190,8 @@ def _finish(cfg: FineTuneConfig, model, best, pos, targets, device, autocast, si
     storage.write_json(fs, f"{root}/metrics.json", metrics)
     logged = {("best_" + k if k.startswith("val_") else k): float(v) for k, v in metrics.items()
               if isinstance(v, (int, float))}  # val_* stays the curve; the chosen point is best_val_*
-    sink.log_metrics(logged, pos["step"])
+    # After the last checkpoint: held values at this step would be dropped as already committed.
+    sink.log_event(logged, pos["step"])
     with tempfile.TemporaryDirectory() as tmp:
         for local in copy_to_local(fs, root, ("config.json", "model.safetensors", "metrics.json"), tmp):
             sink.log_artifact(local, "final")

@@ -32,8 +32,8 @@ class MLflowSink(NullSink):
     ends; a restart (crash, lost node, resize) or a rollback re-runs only uncommitted steps, whose
     held values die with the process or are dropped (`discard_after`), so every step has one value.
     MLflow trails the run by at most one checkpoint interval (train.checkpoint_every_s); the run's
-    `progress` tag and the console show the live step. `log_event` (rollbacks, restarts) goes out
-    at once."""
+    `progress` tag and the console show the live step. `log_event` (rollbacks, restarts,
+    a fine-tune's final test metrics) goes out at once."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_dir: str, run_name: str, params: dict,
                  parent_run_id: str | None = None):
