@@ -10,6 +10,7 @@ the pretraining run in MLflow (RUN_DIR/mlflow_run_id) unless --no-mlflow.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -120,8 +121,10 @@ def log_to_mlflow(a, res: dict) -> None:
     from pipeline.train.tracking import default_tracking_uri
     uri = a.tracking_uri
     if uri is None:
-        uri = storage.read_json(storage.join(run_dir, "config.json")).get("tracking_uri") \
-            or default_tracking_uri(run_dir)
+        # Written with its credentials as ***: those of MLFLOW_TRACKING_URI for the same server, or
+        # none (MLflow then reads MLFLOW_TRACKING_USERNAME / _PASSWORD from the environment).
+        uri = storage.reattach(storage.read_json(storage.join(run_dir, "config.json")).get("tracking_uri") or "",
+                               os.environ.get("MLFLOW_TRACKING_URI")) or default_tracking_uri(run_dir)
     if uri is None:
         return  # an object-store run with no tracking server named: nothing to log into
     mlflow.set_tracking_uri(uri)

@@ -49,6 +49,9 @@ def test_credentials_are_shown_as_stars_and_reattached_from_what_the_user_typed(
     assert storage.reattach(stored, "gs://K2:S2@bucket/x", uri) == storage.join(uri, "final")
     assert storage.reattach(stored, "s3://K2:S2@other/x") == "s3://bucket/run/final?endpoint_override=h:9000&scheme=http"
     assert storage.reattach("s3://b/x", uri) == "s3://b/x"
+    # A tracking server's URI read back by evaluate: MLFLOW_TRACKING_URI's password for that server.
+    assert storage.reattach(written["mlflow"], "http://admin:pw@head:5000") == "http://admin:pw@head:5000"
+    assert storage.reattach(written["mlflow"], "http://admin:pw@other:5000") == "http://head:5000"
 
 
 def test_the_console_of_a_job_shows_no_credentials():
