@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     layout = manifest.get("layout", {"name": "plain"})
     shown = {"librispeech": " (LibriSpeech)", "common_voice": f" (Common Voice, split {layout.get('split')})"}
     print(f"{cfg.modality}{shown.get(layout['name'], '')}: read {c['read']} files, wrote {c['written']} rows "
-          f"to {cfg.output}/shards, rejected {c['rejected']} (see {cfg.output}/rejected.jsonl) "
+          f"to {storage.join(cfg.output, 'shards')}, rejected {c['rejected']} (see {storage.join(cfg.output, 'rejected.jsonl')}) "
           f"in {manifest['seconds']} s")
     if c.get("transcripts_dropped_cropped"):
         print(f"note: {c['transcripts_dropped_cropped']} clip(s) longer than --crop-seconds "

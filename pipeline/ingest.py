@@ -234,6 +234,10 @@ def audio_inputs(fs, root: str, files: list[str], shown: str | None = None,
     """
     shown = (shown or root).rstrip("/")
     layout = detect_layout(root, files)
+    languages = _common_voice_languages(root, files) if layout == "plain" else []
+    if languages:  # a release folder (cv-corpus-NN/) above its language folders: not one corpus
+        raise ConfigError(f"input: {shown} is a Common Voice release holding language folders "
+                          f"({', '.join(languages)}): pass one of them, e.g. --input {shown}/{languages[0]}")
     if split is not None and layout != "common_voice":
         what = "a LibriSpeech folder" if layout == "librispeech" else "not a Common Voice folder"
         raise ConfigError(f"split: --split {split} needs a Common Voice folder (clips/ and {split}.tsv); "
@@ -379,6 +383,18 @@ def detect_layout(root: str, files: list[str]) -> str:
     if any(f.endswith(LIBRISPEECH_TRANSCRIPTS) for f in files):
         return "librispeech"
     return "plain"
+
+
+def _common_voice_languages(root: str, files: list[str]) -> list[str]:
+    """The folders directly under ROOT that are Common Voice language folders (clips/ and a TSV)."""
+    clips, tsvs = set(), set()
+    for f in files:
+        parts = f[len(root) + 1:].split("/")
+        if len(parts) >= 3 and parts[1] == COMMON_VOICE_CLIPS:
+            clips.add(parts[0])
+        elif len(parts) == 2 and parts[1].endswith(".tsv") and parts[1] not in TRANSCRIPT_MANIFESTS:
+            tsvs.add(parts[0])
+    return sorted(clips & tsvs)
 
 
 def _add_librispeech(out: AudioInputs, fs, root: str, chapters: list[str], shown: str, give) -> None:

@@ -264,14 +264,21 @@ def test_common_voice_without_train_tsv_defaults_to_validated(tmp_path):
     ("plain", ["--split", "train"], "split: --split train needs a Common Voice folder (clips/ and train.tsv); "
                                     "{raw} is not a Common Voice folder"),
     ("librispeech", ["--split", "train"], "{raw} is a LibriSpeech folder"),
+    ("cv_release", [], "input: {raw} is a Common Voice release holding language folders (de, en): pass one "
+                       "of them, e.g. --input {raw}/de"),
 ], ids=["no-such-tsv", "not-a-clip-list", "empty-split", "tsv-suffix", "missing-clip", "duplicate-row",
-        "columns", "no-default-split", "plain-folder", "librispeech-folder"])
+        "columns", "no-default-split", "plain-folder", "librispeech-folder", "release-above-languages"])
 def test_bad_common_voice_input_fails_before_ray_naming_the_flag_or_line(tmp_path, capsys, case, args, needle):
     raw = tmp_path / "en"
     if case == "librispeech":
         _tiny_librispeech(raw, b"19-198-0000 HELLO\n")
     elif case == "plain":
         write_audio(str(raw / "a.wav"), tone(1.0, 16000), 16000)
+    elif case == "cv_release":  # cv-corpus-NN/ holding en/ and de/, each a language folder
+        for lang in ("en", "de"):
+            for n in CV_CLIPS:
+                write_bytes(str(raw / lang / "clips" / f"common_voice_{lang}_{n}.mp3"), b"x")
+            _cv_tsvs(raw / lang, CV_SPLITS)
     else:
         for n in CV_CLIPS:
             write_bytes(str(raw / "clips" / f"common_voice_en_{n}.mp3"), b"not decoded before Ray")

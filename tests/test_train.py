@@ -156,7 +156,15 @@ def test_config_errors_name_the_field(demo_shards, tmp_path, capsys):
              (["--set", "train.batch_size=1.5"], "train.batch_size: must be an integer, got 1.5"),
              (["--set", "model.encoder.pre_norm=3"], "model.encoder.pre_norm: must be true or false, got 3"),
              (["--set", "train.crop_scale=[0.2]"], "train.crop_scale: must be a list of 2 numbers"),
-             (["--set", "train.reference_batch=lots"], "train.reference_batch: must be an integer or null")]
+             (["--set", "train.reference_batch=lots"], "train.reference_batch: must be an integer or null"),
+             # a whole section given a value
+             (["--set", "model.encoder=5"], "model.encoder: a config section, must be a mapping of its fields"),
+             (["--set", "train=5"], "train: a config section"),
+             (["--config", str(tmp_path / "list.yaml")], "model: a config section, must be a mapping of its fields (e.g. "
+              "--set model.FIELD=VALUE), got [1, 2]"),
+             (["--config", str(tmp_path / "str.yaml")], "model.encoder: a config section")]
+    (tmp_path / "list.yaml").write_text("model: [1, 2]\n")
+    (tmp_path / "str.yaml").write_text("model: {encoder: abc}\n")
     for extra, needle in cases:
         rc, err = pretrain([*base, *extra]), capsys.readouterr().err
         assert rc == 2 and needle in err and err.count("\n") == 1, (extra, err)

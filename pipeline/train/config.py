@@ -331,7 +331,16 @@ def _set_path(d: dict, dotted: str, value) -> None:
         cur = cur[k]
     if keys[-1] not in cur:
         raise ConfigError(f"{dotted}: unknown field")
-    cur[keys[-1]] = value
+    if _is_section(cur[keys[-1]]):
+        _merge(cur, {keys[-1]: value}, ".".join(keys[:-1]) + "." if len(keys) > 1 else "")
+    else:
+        cur[keys[-1]] = value
+
+
+def _is_section(value) -> bool:
+    """A config section (model, train, model.encoder, …): a non-empty mapping of fields. An empty
+    mapping is a field's value (train.worker_resources)."""
+    return isinstance(value, dict) and bool(value)
 
 
 def _merge(base: dict, upd: dict, prefix: str = "") -> None:
@@ -339,7 +348,10 @@ def _merge(base: dict, upd: dict, prefix: str = "") -> None:
         name = f"{prefix}{k}"
         if k not in base:
             raise ConfigError(f"{name}: unknown field")
-        if isinstance(base[k], dict) and base[k] and isinstance(v, dict):  # a section ({} is a value: a mapping)
+        if _is_section(base[k]):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{name}: a config section, must be a mapping of its fields "
+                                  f"(e.g. --set {name}.FIELD=VALUE), got {v!r}")
             _merge(base[k], v, name + ".")
         else:
             base[k] = v
@@ -381,7 +393,8 @@ def resolve(modality: str, data: str, output: str, preset_name: str = "demo", co
         mode = overrides["model.mode"]
     file_cfg = read_config_file(config_file) if config_file else {}
     if config_file:
-        mode = file_cfg.get("model", {}).get("mode", mode) if "model.mode" not in (overrides or {}) else mode
+        file_model = file_cfg.get("model") if isinstance(file_cfg.get("model"), dict) else {}  # else refused by _merge
+        mode = file_model.get("mode", mode) if "model.mode" not in (overrides or {}) else mode
     if mode not in ("d2v1", "d2v2"):
         raise ConfigError(f"model.mode: must be 'd2v1' or 'd2v2', got {mode!r}")
     r = recipe(modality, mode, preset_name, **(model_frontend or {}))
@@ -541,5 +554,6 @@ def resolve_finetune(*, modality: str, task: str, init: str, model: ModelConfig,
         for name in ("mask_time_prob", "freeze_feature_encoder"):
             check(not getattr(f, name), f"finetune.{name}", f"applies to audio only, not {modality}")
     check(f.freeze_encoder_steps < t.max_steps, "finetune.freeze_encoder_steps",
-          f"must be < train.max_steps={t.max_steps} (else the encoder never trains)")
+          f"must be < train.max_steps={t.max_steps} (else the encoder never trains); for a short run "
+          f"lower it, e.g. --set finetune.freeze_encoder_steps={t.max_steps // 2}")
     return cfg

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 
 import numpy as np
@@ -156,7 +157,7 @@ def ui_hint(tracking_uri: str, experiment: str, run_id: str | None = None) -> tu
     url = ui_url(tracking_uri, exp.experiment_id if exp else "0", run_id)
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow UI: {url}", url
-    return (f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT}\n"
+    return (f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port {UI_PORT}\n"
             f"  then open {url}", url)
 
 
