@@ -561,3 +561,17 @@ def test_a_restart_from_an_older_checkpoint_does_not_log_committed_steps_again(t
     client = mlflow.MlflowClient(uri)
     assert sorted(m.step for m in client.get_metric_history(first.run_id, "loss")) == list(range(1, 9))
     assert client.get_run(first.run_id).data.metrics["test_accuracy"] == 0.5
+
+
+def test_the_printed_mlflow_ui_command_pastes_into_a_shell_with_a_space_in_the_store_path(tmp_path):
+    import shlex
+
+    from pipeline.train.tracking import prepare_experiment, ui_hint
+
+    db = tmp_path / "run dir" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    prepare_experiment(uri, "x")
+    hint, _ = ui_hint(uri, "x")
+    words = shlex.split(hint.splitlines()[0].removeprefix("MLflow UI: "))
+    assert words == [".venv/bin/mlflow", "ui", "--backend-store-uri", uri, "--port", "5000"]
